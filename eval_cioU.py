@@ -1,0 +1,63 @@
+"""eval_cioU.py - score localization maps with a named protocol, exactly as the official test scripts.
+
+    python eval_cioU.py --pred maps.npz --gt ROOT/annotations.json [--split ROOT/splits/test.txt]
+                        [--protocol median|median_strict|abs0.5|rel0.1] [--align-corners]
+                        [--per-sample out.csv] [--baselines] [--json summary.json] [--missing-out missing.txt]
+
+--pred: one float map per id (any size; what every method's `--eval --save-maps` writes).
+--gt:   the standard layout's annotations.json, the original vggss.json, or a folder of the original
+        Flickr-SoundNet XML files (consensus ground truth, C = 2).
+Printed: protocol, resize variant, N evaluated / N listed, cIoU@0.5 (the papers' "cIoU"), AUC, mean cIoU, and with
+--baselines the centred prior and the full image on the same samples. The --json summary uses the keys of the
+methods' results.json.
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import common as C
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred", required=True, help=".npz with one 2-D map per id")
+    p.add_argument("--gt", required=True, help="annotations json (VGG-SS format) or a Flickr XML folder")
+    p.add_argument("--split", help="test id list (one id per line or first csv column); default: the ids of --pred")
+    p.add_argument("--protocol", default="median", choices=list(C.PROTOCOLS), help="how a map becomes binary")
+    p.add_argument("--align-corners", action="store_true", help="bilinear resize with align_corners=True (EZ-VSL)")
+    p.add_argument("--per-sample", help="write id,ciou per sample to this csv")
+    p.add_argument("--baselines", action="store_true", help="also score the centred prior and the full image")
+    p.add_argument("--json", help="write the summary (results.json keys) to this file")
+    p.add_argument("--missing-out", help="where to list ids of the split without a prediction "
+                                         "(default: <pred>.missing.txt when any are missing)")
+    a = p.parse_args(argv)
+
+    maps = C.load_maps(a.pred)
+    ann = C.load_annotations(a.gt)
+    ids = C.read_split(a.split) if a.split else None
+    res = C.evaluate_maps(maps, ann, ids, a.protocol, a.align_corners, baselines=a.baselines)
+    print(C.format_report(res, title=Path(a.pred).name))
+    if res["missing"]:
+        out = Path(a.missing_out or f"{a.pred}.missing.txt")
+        out.write_text("\n".join(res["missing"]) + "\n")
+        print(f"[{Path(a.pred).name}] {len(res['missing'])} listed ids have no prediction; written to {out}")
+    if a.per_sample:
+        with open(a.per_sample, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "ciou"])
+            w.writerows([k, f"{v:.6f}"] for k, v in res["per_sample"].items())
+    if a.json:
+        C.write_json(a.json, {"data": str(a.gt), "split": a.split or "(ids of --pred)", "protocol": a.protocol,
+                              "resize": res["resize"], "n": res["n"], "n_listed": res["n_listed"],
+                              "test": res["test"], "baselines": res["baselines"],
+                              "missing": res["missing"], "empty_gt": res["empty_gt"]})
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except C.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,400 @@
+"""The test suite: python -m pytest test_all.py
+
+Numbers are checked against independent computations (scipy, numpy written from the definitions, torchaudio's
+filter banks, hand-worked examples); learning is checked by a score going up on the synthetic benchmark.
+Nothing here needs ../shared or the network.
+"""
+import json
+import subprocess
+import sys
+import urllib.error
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+
+import common as C
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_py(*args, cwd=HERE, check=True, env_extra=None, timeout=600):
+    import os
+    env = dict(os.environ, **(env_extra or {}))
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny synthetic dataset in the standard layout (shared by the data and smoke tests)."""
+    root = tmp_path_factory.mktemp("tiny")
+    C.make_synthetic(root, sizes=dict(train=24, val=8, test=8, cocktail_train=8, cocktail_test=6), log=lambda *a: None)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Audio front ends
+# ---------------------------------------------------------------------------------------------------------
+def test_log_spectrogram_matches_scipy():
+    rng = np.random.default_rng(1)
+    for n in (48000, 160000, 33075):  # 3 s / 10 s at 16 kHz, 3 s at 11.025 kHz
+        x = rng.normal(0, 0.3, n).astype(np.float32)
+        sr = 11025 if n == 33075 else 16000
+        _, _, s = scipy.signal.spectrogram(x.astype(np.float64), sr, nperseg=512, noverlap=274)
+        ref = np.log(s + 1e-7) / 12
+        ours = C.log_spectrogram(torch.from_numpy(x)[None], sr)[0, 0].numpy()
+        assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert C.log_spectrogram(torch.zeros(2, 48000), 16000).shape == (2, 1, 257, 200)
+    assert C.log_spectrogram(torch.zeros(1, 160000), 16000).shape == (1, 1, 257, 671)
+
+
+def _htk(f):
+    return 1127.0 * np.log(1.0 + f / 700.0)
+
+
+def test_vggish_examples_against_numpy_definition():
+    rng = np.random.default_rng(2)
+    t = np.arange(48000) / 16000
+    x = (0.5 * np.sin(2 * np.pi * 440 * t) + rng.normal(0, 0.05, t.size)).astype(np.float32)
+    # independent: framing by index arithmetic, scipy's periodic Hann, a per-band loop for the mel weights
+    frames = np.stack([x[i * 160:i * 160 + 400] for i in range(1 + (48000 - 400) // 160)]).astype(np.float64)
+    mag = np.abs(np.fft.rfft(frames * scipy.signal.get_window("hann", 400), 512))
+    bins = _htk(np.linspace(0, 8000, 257))
+    edges = np.linspace(_htk(125.0), _htk(7500.0), 66)
+    w = np.zeros((257, 64))
+    for i in range(64):
+        for k in range(1, 257):  # DC row stays zero
+            lo = (bins[k] - edges[i]) / (edges[i + 1] - edges[i])
+            hi = (edges[i + 2] - bins[k]) / (edges[i + 2] - edges[i + 1])
+            w[k, i] = max(0.0, min(lo, hi))
+    ref = np.log(mag @ w + 0.01)
+    assert ref.shape == (298, 64)
+    ours = C.vggish_examples(torch.from_numpy(x)[None])
+    assert ours.shape == (1, 3, 1, 96, 64)
+    np.testing.assert_allclose(ours[0, :, 0].reshape(288, 64).numpy(), ref[:288], atol=1e-4)
+
+
+def test_csol_log_mel_against_numpy_and_torchaudio_filterbank():
+    import torchaudio
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 0.2, 16000).astype(np.float32)
+    pad = np.pad(x.astype(np.float64), 80)
+    frames = np.stack([pad[i * 80:i * 80 + 160] for i in range(201)])
+    mag = np.abs(np.fft.rfft(frames * scipy.signal.get_window("hann", 160), axis=1))      # (201, 81)
+    fb = torchaudio.functional.melscale_fbanks(81, 0.0, 8000.0, 64, 16000, norm="slaney", mel_scale="slaney").double().numpy()
+    db = 10 * np.log10(np.maximum(mag @ fb, 1e-10))
+    ref = np.maximum(db, db.max() - 80)
+    ours = C.csol_log_mel(torch.from_numpy(x)[None])
+    assert ours.shape == (1, 1, 201, 64)
+    np.testing.assert_allclose(ours[0, 0].numpy(), ref, atol=2e-3)
+    np.testing.assert_allclose(C.slaney_mel_matrix(160, 16000, 64), fb, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoders and weights
+# ---------------------------------------------------------------------------------------------------------
+def test_encoder_output_shapes():
+    img = torch.zeros(1, 3, 224, 224)
+    assert C.ResNet18Trunk(3, stride=16)(img).shape == (1, 512, 14, 14)
+    assert C.ResNet18Trunk(3, stride=32)(img).shape == (1, 512, 7, 7)
+    assert C.ResNet18Trunk(1, stride=16)(torch.zeros(1, 1, 257, 200)).shape == (1, 512, 17, 13)  # LVS paper's 17x13
+    assert C.ResNet18Trunk(1, stride=32)(torch.zeros(1, 1, 257, 200)).shape == (1, 512, 9, 7)
+    assert C.ResNet18Trunk(1, stride=16)(torch.zeros(1, 1, 201, 64)).shape == (1, 512, 13, 4)    # CSOL audio
+    assert C.vgg16_conv5_3()(img).shape == (1, 512, 14, 14)
+    assert C.VGGish()(torch.zeros(3, 1, 96, 64)).shape == (3, 128)
+    assert C.SmallCNN(3, strides=(2, 2, 2, 1))(torch.zeros(1, 3, 112, 112)).shape == (1, 256, 14, 14)
+
+
+def test_weights_local_path_and_offline_error(tmp_path, monkeypatch):
+    import torchvision
+    ref = torchvision.models.resnet18(weights=None)
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "r18.pth")
+    trunk = C.ResNet18Trunk(3, stride=16)
+    missing = C.load_weights(trunk, str(tmp_path / "r18.pth"))
+    assert missing == []
+    assert torch.equal(trunk.layer4[0].conv1.weight, ref.layer4[0].conv1.weight)
+    audio = C.ResNet18Trunk(1, stride=16)   # the 3-channel stem is skipped for a 1-channel trunk
+    assert C.load_weights(audio, str(tmp_path / "r18.pth")) == ["conv1.weight"]
+    # VGG16 conv5_3 trunk from a torchvision VGG16 state dict with the 'features.' prefix
+    vgg = torchvision.models.vgg16(weights=None)
+    torch.save(vgg.state_dict(), tmp_path / "vgg.pth")
+    trunk = C.vgg16_conv5_3()
+    assert C.load_weights(trunk, str(tmp_path / "vgg.pth"), prefix="features.") == []
+    assert torch.equal(trunk[28].weight, vgg.features[28].weight)
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(C.UserError, match="--no-pretrained"):
+        C.load_weights(C.ResNet18Trunk(3), "imagenet")
+    with pytest.raises(C.UserError, match="not found"):
+        C.load_weights(C.ResNet18Trunk(3), str(tmp_path / "nope.pth"))
+
+
+def test_vggish_loads_torchvggish_parameter_names():
+    names = [f"features.{i}.{p}" for i in (0, 3, 6, 8, 11, 13) for p in ("weight", "bias")] + \
+            [f"embeddings.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")]
+    assert sorted(C.VGGish().state_dict()) == sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: WAV, layout, reader, synthetic benchmark
+# ---------------------------------------------------------------------------------------------------------
+def _write_pcm(path, data: np.ndarray, width: int, sr=16000, channels=1):
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels), f.setsampwidth(width), f.setframerate(sr)
+        if width == 3:
+            b = data.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3]
+            f.writeframes(b.tobytes())
+        else:
+            f.writeframes(data.astype({2: "<i2", 4: "<i4"}[width]).tobytes())
+
+
+def test_read_wav_pcm_widths_and_errors(tmp_path):
+    v16 = np.array([0, 16384, -32768, 32767])
+    _write_pcm(tmp_path / "a16.wav", v16, 2)
+    x, sr = C.read_wav(tmp_path / "a16.wav")
+    assert sr == 16000
+    np.testing.assert_allclose(x, [0, 0.5, -1, 32767 / 32768])
+    _write_pcm(tmp_path / "a24.wav", np.array([0, 1 << 22, -(1 << 23)]), 3)
+    np.testing.assert_allclose(C.read_wav(tmp_path / "a24.wav")[0], [0, 0.5, -1])
+    _write_pcm(tmp_path / "a32.wav", np.array([0, 1 << 30, -(1 << 31)]), 4)
+    np.testing.assert_allclose(C.read_wav(tmp_path / "a32.wav")[0], [0, 0.5, -1])
+    _write_pcm(tmp_path / "st.wav", np.array([16384, 0, 0, -16384]), 2, channels=2)   # interleaved L/R
+    np.testing.assert_allclose(C.read_wav(tmp_path / "st.wav")[0], [0.25, -0.25])
+    _write_pcm(tmp_path / "a8.wav", np.array([1, 2]), 2)
+    raw = (tmp_path / "a8.wav").read_bytes()
+    (tmp_path / "a8.wav").write_bytes(raw[:34] + (8).to_bytes(2, "little") + raw[36:])    # 8-bit header
+    with pytest.raises(C.UserError, match="8-bit"):
+        C.read_wav(tmp_path / "a8.wav")
+    fl = bytearray((tmp_path / "a16.wav").read_bytes())
+    fl[20:22] = (3).to_bytes(2, "little")                                                # IEEE float format tag
+    (tmp_path / "float.wav").write_bytes(bytes(fl))
+    with pytest.raises(C.UserError, match="data_prep"):
+        C.read_wav(tmp_path / "float.wav")
+    full = (tmp_path / "a16.wav").read_bytes()
+    (tmp_path / "trunc.wav").write_bytes(full[:-3])
+    with pytest.raises(C.UserError, match="truncated"):
+        C.read_wav(tmp_path / "trunc.wav")
+    _write_pcm(tmp_path / "empty.wav", np.array([], dtype=np.int16), 2)
+    with pytest.raises(C.UserError, match="no samples"):
+        C.read_wav(tmp_path / "empty.wav")
+    with pytest.raises(C.UserError, match="missing audio"):
+        C.read_wav(tmp_path / "nope.wav")
+
+
+def test_clip_window():
+    x = np.arange(10, dtype=np.float32)
+    np.testing.assert_array_equal(C.clip_window(x, 2, 2, "center"), [3, 4, 5, 6])
+    np.testing.assert_array_equal(C.clip_window(x, 2, 2, "start"), [0, 1, 2, 3])
+    np.testing.assert_array_equal(C.clip_window(x[:3], 2, 3, "center"), [0, 1, 2, 0, 1, 2])   # tiled when short
+
+
+def test_reader_on_tiny_dataset_and_bad_input(tiny, tmp_path):
+    ids = C.read_split(tiny / "splits" / "test.txt")
+    ds = C.AVDataset(tiny, ids, C.image_transform("squash", 96), seconds=3.0)
+    img, wav, vid = ds[0]
+    assert img.shape == (3, 96, 96) and wav.shape == (48000,) and vid == ids[0]
+    assert abs(float(wav.abs().max()) - 0.7) < 0.01
+    with pytest.raises(C.UserError, match="no frames"):
+        C.AVDataset(tiny, ids + ["not_there"], lambda im: im, 3.0)
+    # a corrupt JPEG and a wrong sample rate are errors that name the file
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    (bad / "frames" / f"{ids[0]}.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(C.UserError, match=f"{ids[0]}.jpg"):
+        C.AVDataset(bad, ids, lambda im: im, 3.0)[0]
+    C.write_wav(bad / "audio" / f"{ids[1]}.wav", np.zeros(100), 8000)
+    with pytest.raises(C.UserError, match="--sr 16000"):
+        C.AVDataset(bad, ids, lambda im: im, 3.0)[1]
+
+
+def test_synthetic_boxes_match_what_was_drawn(tiny):
+    from PIL import Image
+    ann = C.load_annotations(tiny / "annotations.json")
+    colors = {c[0]: np.array(c[1], float) for c in C.SYNTH_CLASSES}
+    checked = 0
+    for vid in C.read_split(tiny / "splits" / "test.txt") + C.read_split(tiny / "splits" / "cocktail_test.txt"):
+        img = np.asarray(Image.open(tiny / "frames" / f"{vid}.jpg"), float)
+        h, w = img.shape[:2]
+        for obj in ann[vid]["objects"]:
+            near = np.linalg.norm(img - colors[obj["class"]], axis=-1) < 70
+            ys, xs = np.nonzero(near)
+            found = np.array([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h])
+            if obj["sounding"] or vid.startswith("cocktail"):     # silent single-source objects may be occluded
+                np.testing.assert_allclose(found, obj["bbox"], atol=3 / w)
+                checked += 1
+        assert [o["bbox"] for o in ann[vid]["objects"] if o["sounding"]] == ann[vid]["bbox"]
+    assert checked >= 8 + 6 * 4
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    sizes = dict(train=3, test=2)
+    for d in ("a", "b"):
+        C.make_synthetic(tmp_path / d, seed=5, sizes=sizes, log=lambda *a: None)
+    assert (tmp_path / "a/annotations.json").read_text() == (tmp_path / "b/annotations.json").read_text()
+    assert (tmp_path / "a/audio/test_00001.wav").read_bytes() == (tmp_path / "b/audio/test_00001.wav").read_bytes()
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = torch.nn.Linear(3, 2)
+    C.save_checkpoint(tmp_path / "last.pt", {"model": m.state_dict(), "epoch": 4})
+    assert not list(tmp_path.glob("*.part"))
+    ck = C.load_checkpoint(tmp_path)   # a run folder resolves to its last.pt
+    m2 = torch.nn.Linear(3, 2)
+    m2.load_state_dict(ck["model"])
+    assert ck["epoch"] == 4 and torch.equal(m2.weight, m.weight)
+    with pytest.raises(C.UserError, match="not found"):
+        C.load_checkpoint(tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluator
+# ---------------------------------------------------------------------------------------------------------
+def _half_map():
+    m = np.zeros((224, 224))
+    m[:, :112] = 1.0           # the left half is 1
+    return m
+
+
+def test_ciou_hand_worked_both_protocols():
+    g = C.boxes_to_map([[0, 0, 0.5, 0.5]])                 # 112x112 = 12544 pixels
+    assert g.sum() == 12544
+    # P = left half (25088 px): inter 12544, union 12544 + 12544 -> 0.5
+    for proto in ("abs0.5", "median"):
+        assert C.ciou(C.binarize(_half_map(), proto), g) == pytest.approx(0.5)
+    # ties at the median: the 0/1 map's median is 1, so the strict rule predicts nothing
+    assert C.binarize(_half_map(), "median_strict").sum() == 0
+    # a quarter at 1, the rest tied at 0: '>=' keeps everything, '>' keeps the quarter, abs0.5 the quarter
+    q = np.zeros((224, 224))
+    q[:112, :112] = 1
+    assert C.binarize(q, "median").all()
+    assert C.ciou(C.binarize(q, "median_strict"), g) == 1.0
+    assert C.ciou(C.binarize(q, "abs0.5"), g) == 1.0
+    assert C.ciou(C.binarize(q, "median"), g) == pytest.approx(12544 / 50176)
+
+
+def test_consensus_gt_hand_worked():
+    # two annotators: A = [0, .5]^2, B = [.25, .75]^2; overlap 56x56 = 3136 px -> 1, the rest of A and B -> 0.5
+    g = C.boxes_to_map([[0, 0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75]], "consensus")
+    assert set(np.unique(g)) == {0.0, 0.5, 1.0}
+    assert (g == 1).sum() == 3136 and g.sum() == 12544
+    p = C.boxes_to_map([[0, 0, 0.5, 0.5]]).astype(bool)
+    assert C.ciou(p, g) == pytest.approx((0.5 * (12544 - 3136) + 3136) / 12544)     # 0.625
+
+
+def test_negative_coordinate_clamp_and_empty_box():
+    # a real-world pattern (vggss.json has x2 = -2.88e16 in 12 boxes): the corrupt box rasterises to nothing
+    g = C.boxes_to_map([[0.38, 0.86, 0.69, -2.88e16], [0.05, 0.35, 0.75, 0.98]])
+    assert np.array_equal(g, C.boxes_to_map([[0.05, 0.35, 0.75, 0.98]]))
+    assert C.rasterize_box([-0.1, 0.2, 0.5, 1.0]) == [0, 44, 112, 224]
+    assert C.boxes_to_map([[0.27, 1.0, 0.75, 1.0]]).sum() == 0     # y1 == y2: empty (as M1P1xla8rg0_000000)
+    ann = {"a": {"file": "a", "bbox": [[0.5, 0.5, -2.88e16, 0.9]]}, "b": {"file": "b", "bbox": [[0, 0, 0.5, 0.5]]}}
+    res = C.evaluate_maps({"a": _half_map(), "b": _half_map()}, ann, protocol="median")
+    assert res["empty_gt"] == ["a"] and res["n"] == 2 and res["per_sample"]["a"] == 0.0
+
+
+def test_constant_map_is_defined():
+    g = C.boxes_to_map([[0, 0, 0.5, 1]])   # half of the image
+    const = np.full((7, 7), 3.0)
+    assert C.ciou(C.binarize(C.resize_map(const), "median"), g) == pytest.approx(0.5)    # whole image predicted
+    assert C.ciou(C.binarize(C.resize_map(const), "abs0.5"), g) == 0.0                   # nothing predicted
+
+
+def test_resize_variants_hand_worked():
+    m = np.array([[1.0, 0.0], [1.0, 0.0]])
+    np.testing.assert_allclose(C.resize_map(m, 4, align_corners=False)[0], [1, 0.75, 0.25, 0])
+    np.testing.assert_allclose(C.resize_map(m, 4, align_corners=True)[0], [1, 2 / 3, 1 / 3, 0])
+
+
+def test_auc_ties_at_thresholds_against_trapezoid():
+    s = [0.0, 0.15, 0.5, 0.5, 1.0]
+    # official thresholds are 0.05*i, and 0.05*3 = 0.15000000000000002 > 0.15: that sample fails at t3
+    succ = [1, .8, .8, .6, .6, .6, .6, .6, .6, .6, .6] + [.2] * 10
+    res = C.summarize(s)
+    assert res["auc"] == pytest.approx(0.44, abs=1e-12)
+    assert res["auc"] == pytest.approx(np.trapezoid(succ, [0.05 * i for i in range(21)]), abs=1e-15)
+    assert res["ciou@0.5"] == pytest.approx(0.6) and res["mean_ciou"] == pytest.approx(0.43)
+
+
+def test_evaluate_bad_input():
+    ann = {"a": {"file": "a", "bbox": [[0, 0, 0.5, 0.5]]}}
+    with pytest.raises(C.UserError, match="NaN"):
+        C.evaluate_maps({"a": np.full((7, 7), np.nan)}, ann)
+    with pytest.raises(C.UserError, match="2-D"):
+        C.evaluate_maps({"a": np.zeros((2, 7, 7))}, ann)
+    with pytest.raises(C.UserError, match="no annotation"):
+        C.evaluate_maps({"a": np.eye(7), "zz": np.eye(7)}, ann)
+    with pytest.raises(C.UserError, match="no annotation"):
+        C.evaluate_maps({"a": np.eye(7)}, ann, ids=["a", "zz"])
+    res = C.evaluate_maps({"a": np.eye(7)}, dict(ann, b={"file": "b", "bbox": [[0, 0, 1, 1]]}), ids=["a", "b"])
+    assert res["missing"] == ["b"] and res["n"] == 1 and res["n_listed"] == 2
+
+
+def test_annotation_parsers_and_errors(tmp_path):
+    xml = ("<annotation><file>1</file><object><bbox><annotator>1</annotator><xmin>0</xmin><ymin>0</ymin>"
+           "<xmax>128</xmax><ymax>128</ymax></bbox></object><object><bbox><annotator>2</annotator><xmin>64</xmin>"
+           "<ymin>64</ymin><xmax>192</xmax><ymax>192</ymax></bbox></object></annotation>")
+    d = tmp_path / "xml"
+    d.mkdir()
+    (d / "10000130166.xml").write_text(xml)
+    ann = C.load_annotations(d)
+    e = ann["10000130166"]
+    assert e["gt"] == "consensus" and e["bbox"][1] == [0.25, 0.25, 0.75, 0.75]
+    g = C.gt_map(e)
+    assert g[0, 0] == 0.5 and g[100, 100] == 1.0 and (g == 1).sum() == (int(224 * 128 / 256) - int(224 * 64 / 256)) ** 2
+    (d / "bad.xml").write_text("<annotation><object><bbox><a/><xmin>x</xmin></bbox></object></annotation>")
+    with pytest.raises(C.UserError, match="bad.xml"):
+        C.load_annotations(d)
+    (d / "bad.xml").write_text("<annotation><object>")
+    with pytest.raises(C.UserError, match="malformed XML"):
+        C.load_annotations(d)
+    j = tmp_path / "a.json"
+    j.write_text(json.dumps([{"file": "x", "class": "c", "bbox": [[0, 0, 1]]}]))
+    with pytest.raises(C.UserError, match="entry 0"):
+        C.load_annotations(j)
+    j.write_text(json.dumps([{"file": "x", "bbox": [[0, 0, 1, 1]]}, {"file": "x", "bbox": []}]))
+    with pytest.raises(C.UserError, match="duplicate"):
+        C.load_annotations(j)
+
+
+def test_eval_cli_end_to_end(tmp_path):
+    ann = [{"file": "a", "class": "c", "bbox": [[0, 0, 0.5, 1.0]]}, {"file": "b", "class": "c", "bbox": [[0.5, 0, 1, 1]]},
+           {"file": "c", "class": "c", "bbox": [[0, 0, 1, 1]]}]
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    left = np.zeros((14, 14))
+    left[:, :7] = 1
+    C.save_maps(tmp_path / "maps.npz", {"a": left, "b": left})
+    (tmp_path / "test.txt").write_text("a\nb\nc\n")
+    r = run_py("eval_cioU.py", "--pred", tmp_path / "maps.npz", "--gt", tmp_path / "ann.json", "--split",
+               tmp_path / "test.txt", "--protocol", "abs0.5", "--baselines", "--json", tmp_path / "s.json",
+               "--per-sample", tmp_path / "p.csv")
+    assert "protocol=abs0.5" in r.stdout and "N evaluated 2 / listed 3" in r.stdout and "center" in r.stdout
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["missing"] == ["c"] and s["n"] == 2
+    per = dict(line.split(",") for line in (tmp_path / "p.csv").read_text().split()[1:])
+    assert float(per["a"]) == pytest.approx(1.0, abs=0.02) and float(per["b"]) == 0.0
+    assert s["test"]["ciou@0.5"] == 0.5
+    bad = run_py("eval_cioU.py", "--pred", tmp_path / "none.npz", "--gt", tmp_path / "ann.json", check=False)
+    assert bad.returncode == 2 and "error: prediction file not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_class_aware_scores_hand_worked():
+    # classes A (sounding, left half) and B (silent): A's map lights the left half, B's map is dark
+    a = np.zeros((14, 14))
+    a[:, :7] = 0.9
+    a[:, 7:] = 0.1
+    b = np.full((14, 14), 0.1)
+    ciou_n, nsa = C.class_aware_scores({"A": a, "B": b}, {"A": [[0, 0, 0.5, 1]]}, ["B"])
+    assert ciou_n == pytest.approx(1.0, abs=0.03) and nsa == 1.0
+    s = C.summarize_class_aware([1.0, 0.2], [1.0, 0.5])
+    assert s["ciou@0.3"] == 0.5 and s["nsa"] == 0.75
