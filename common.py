@@ -120,21 +120,22 @@ class VGGish(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """A fast conv net for the `cpu` preset: 3x3 conv-BN-ReLU blocks; returns a (B, C, h, w) map.
+    """A fast conv net for the `cpu` preset; returns a (B, C, h, w) map.
 
-    Image: SmallCNN(3, strides=(2, 2, 2, 1)) has total stride 8 (112 px -> 14x14), (2, 2, 2, 2) stride 16.
-    Audio: SmallCNN(1) on a spectrogram; the method pools the map (max, as the ResNet audio trunks).
+    A ResNet-like stem (3x3 conv with stride strides[0], BN, ReLU, 2x2 max-pool) then one 3x3 conv-BN-ReLU per
+    remaining width/stride. Total stride = 2 * prod(strides): (2, 1, 2, 2) -> 16 (112 px -> 7x7, like the stride-32
+    ResNet at 224), (2, 1, 2, 1) -> 8 (112 px -> 14x14, like the stride-16 ResNet), (2, 2, 2, 2) -> 32 (audio).
+    About 40-60 MMAC per 112-px image or 3 s spectrogram, so a 2-core CPU trains it in minutes.
     """
 
-    def __init__(self, in_channels: int, widths=(32, 64, 128, 256), strides=(2, 2, 2, 2)):
+    def __init__(self, in_channels: int, widths=(32, 64, 128, 128), strides=(2, 1, 2, 2)):
         super().__init__()
-        blocks, c = [], in_channels
-        for w, s in zip(widths, strides):
-            blocks += [nn.Conv2d(c, w, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-            c = w
-        self.net = nn.Sequential(*blocks)
-        self.out_channels = c
+        layers = [nn.Conv2d(in_channels, widths[0], 3, stride=strides[0], padding=1, bias=False),
+                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        for c_in, w, s in zip(widths[:-1], widths[1:], strides[1:]):
+            layers += [nn.Conv2d(c_in, w, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+        self.net = nn.Sequential(*layers)
+        self.out_channels = widths[-1]
 
     def forward(self, x):
         return self.net(x)
@@ -432,6 +433,21 @@ class AVDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, x = self.raw(i)
         return self.image_tf(img), torch.from_numpy(x.copy()), self.ids[i]
+
+
+class SwapAudio(torch.utils.data.Dataset):
+    """The audio-swapped control: item i keeps its frame and id but gets the audio of clip perm[i]
+    (default: the fixed derangement i -> i+1 mod N)."""
+
+    def __init__(self, ds: AVDataset, perm=None):
+        self.ds, self.ids, self.perm = ds, ds.ids, perm or derangement(len(ds))
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img, _, vid = self.ds[i]
+        return img, self.ds[self.perm[i]][1], vid
 
 
 def image_transform(kind: str, size: int = 224):
@@ -1181,3 +1197,39 @@ def run_cli(main_fn) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds: float, map_name: str,
+                 extra: dict | None = None) -> dict:
+    """Print the report, then write results.json (the contract's keys), --save-maps and --viz overlays.
+
+    res: an evaluate_maps() result with res["maps"] = the maps it scored; swapped: the same for the
+    audio-swapped control (or None); out folder: --out, else the checkpoint's folder.
+    """
+    log(format_report(res, f"test {map_name}"))
+    if swapped:
+        log(f"[test] audio-swapped  {fmt_metrics(swapped['test'])}   ({res['protocol']}, N={res['n']}; each clip "
+            f"gets the next clip's audio)")
+    out = Path(args.out or Path(args.ckpt).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"method": method, "data": str(args.data), "split": str(args.test_split), "protocol": res["protocol"],
+               "resize": res["resize"], "n": res["n"], "n_listed": res["n_listed"], "seconds": round(seconds, 1),
+               "test": res["test"], "baselines": res["baselines"],
+               "audio_swapped": swapped["test"] if swapped else None, "map": map_name,
+               "missing": res["missing"], "empty_gt": res["empty_gt"], **(extra or {})}
+    write_json(out / "results.json", results)
+    if res["missing"]:
+        (out / "missing_ids.txt").write_text("\n".join(res["missing"]) + "\n")
+    if args.save_maps:
+        save_maps(args.save_maps, res["maps"])
+        log(f"maps written to {args.save_maps}")
+    if args.viz:
+        d = out / "viz"
+        d.mkdir(exist_ok=True)
+        ids = [i for i in res["per_sample"]][: args.viz]
+        for vid in ids:
+            img = np.asarray(load_image(Path(args.data) / "frames" / f"{vid}.jpg"))
+            save_overlay_png(d / f"{vid}.png", img, res["maps"][vid], ann[vid]["bbox"])
+        log(f"{len(ids)} overlays written to {d}")
+    log(f"results written to {out / 'results.json'}")
+    return results

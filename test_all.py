@@ -110,7 +110,8 @@ def test_encoder_output_shapes():
     assert C.ResNet18Trunk(1, stride=16)(torch.zeros(1, 1, 201, 64)).shape == (1, 512, 13, 4)    # CSOL audio
     assert C.vgg16_conv5_3()(img).shape == (1, 512, 14, 14)
     assert C.VGGish()(torch.zeros(3, 1, 96, 64)).shape == (3, 128)
-    assert C.SmallCNN(3, strides=(2, 2, 2, 1))(torch.zeros(1, 3, 112, 112)).shape == (1, 256, 14, 14)
+    assert C.SmallCNN(3, strides=(2, 1, 2, 1))(torch.zeros(1, 3, 112, 112)).shape == (1, 128, 14, 14)
+    assert C.SmallCNN(3, strides=(2, 1, 2, 2))(torch.zeros(1, 3, 112, 112)).shape == (1, 128, 7, 7)
 
 
 def test_weights_local_path_and_offline_error(tmp_path, monkeypatch):
@@ -398,3 +399,145 @@ def test_class_aware_scores_hand_worked():
     assert ciou_n == pytest.approx(1.0, abs=0.03) and nsa == 1.0
     s = C.summarize_class_aware([1.0, 0.2], [1.0, 0.5])
     assert s["ciou@0.3"] == 0.5 and s["nsa"] == 0.75
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EZ-VSL
+# ---------------------------------------------------------------------------------------------------------
+import ez_vsl  # noqa: E402
+import lvs_hardway as lvs  # noqa: E402
+
+
+def _unit(x, dim):
+    return torch.nn.functional.normalize(x, dim=dim)
+
+
+def test_ezvsl_loss_matches_equations_3_to_5():
+    g = torch.Generator().manual_seed(0)
+    v, a, tau = _unit(torch.randn(3, 4, 2, 2, generator=g), 1), _unit(torch.randn(3, 4, generator=g), 1), 0.1
+    sim = lambda i, k: max(float(v[i, :, y, x] @ a[k]) for y in range(2) for x in range(2))  # noqa: E731
+    L_a2v = L_v2a = 0.0
+    for i in range(3):   # Eq. 3: audio i against every image k; Eq. 4: image i against every audio k
+        L_a2v += -np.log(np.exp(sim(i, i) / tau) / sum(np.exp(sim(k, i) / tau) for k in range(3))) / 3
+        L_v2a += -np.log(np.exp(sim(i, i) / tau) / sum(np.exp(sim(i, k) / tau) for k in range(3))) / 3
+    assert ez_vsl.ezvsl_loss(v, a, tau).item() == pytest.approx(L_a2v + L_v2a, rel=1e-5)   # Eq. 5: summed
+
+
+def test_ezvsl_max_over_locations():
+    # image 0 matches audio 0 at exactly one location; the other locations are orthogonal to every audio
+    v = torch.zeros(2, 3, 2, 2)
+    v[0, 0, 1, 1] = 1
+    v[0, 2, :, :] = 1
+    v[0, 2, 1, 1] = 0
+    v[1, 1] = 1
+    a = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    logits = ez_vsl.mil_logits(v, a, 1.0)
+    assert torch.equal(logits, torch.eye(2))          # the best location decides, not the mean over locations
+    v2 = v.clone()
+    v2[0, :, 1, 1], v2[0, :, 0, 0] = v[0, :, 0, 0], v[0, :, 1, 1]   # move the matching location
+    assert ez_vsl.ezvsl_loss(v2, a, 0.1).item() == pytest.approx(ez_vsl.ezvsl_loss(v, a, 0.1).item())
+
+
+def test_ogl_blend_hand_worked():
+    avl = torch.tensor([[[0.0, 1.0], [2.0, 4.0]]])    # minmax -> 0, .25, .5, 1
+    obj = torch.tensor([[[10.0, 0.0], [0.0, 0.0]]])   # minmax -> 1, 0, 0, 0
+    out = ez_vsl.ogl_blend(avl, obj, alpha=0.4)       # 0.4*avl + 0.6*obj = .6, .1, .2, .4 -> minmax
+    np.testing.assert_allclose(out[0].numpy(), [[1.0, 0.0], [0.2, 0.6]], atol=1e-6)
+
+
+def test_ezvsl_official_checkpoint_format_round_trip(tmp_path):
+    args = ez_vsl.build_parser().parse_args(["--eval"])
+    ref = ez_vsl.EZVSL("resnet18", 512)
+    torch.save({"model": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "best.pth")
+    model = ez_vsl.load_model(tmp_path / "best.pth", args, torch.device("cpu"))
+    assert args.encoder == "resnet18" and args.image_size == 224
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+    v, a = model(torch.zeros(1, 3, 224, 224), torch.zeros(1, 1, 257, 200))
+    assert v.shape == (1, 512, 7, 7) and a.shape == (1, 512)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LVS
+# ---------------------------------------------------------------------------------------------------------
+def _lvs_args(*extra):
+    return lvs.build_parser().parse_args(["--train", *extra])
+
+
+def test_lvs_masks_and_P_N_on_a_hand_made_map():
+    S_ii = torch.tensor([[0.9, 0.9, 0.5], [0.5, 0.2, 0.2], [0.2, 0.2, 0.2]])
+    m_p, m_n = lvs.soft_masks(S_ii, 0.65, 0.4, 0.03)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    np.testing.assert_allclose(m_p[0].numpy(), [sig(0.25 / 0.03)] * 2 + [sig(-0.15 / 0.03)], rtol=1e-5)
+    np.testing.assert_allclose(m_n[1, 0].item(), sig(0.1 / 0.03), rtol=1e-5)
+    vals, wp = S_ii.numpy().ravel(), m_p.numpy().ravel()
+    wn = 1 - m_n.numpy().ravel()
+    assert lvs.masked_mean(m_p, S_ii).item() == pytest.approx((wp * vals).sum() / wp.sum(), rel=1e-5)
+    assert lvs.masked_mean(1 - m_n, S_ii).item() == pytest.approx((wn * vals).sum() / wn.sum(), rel=1e-5)
+    # with sharp masks: positive = mean of the two 0.9 pixels, hard negative = mean of the five 0.2 pixels
+    m_p, m_n = lvs.soft_masks(S_ii, 0.65, 0.4, 1e-4)
+    assert lvs.masked_mean(m_p, S_ii).item() == pytest.approx(0.9)
+    assert lvs.masked_mean(1 - m_n, S_ii).item() == pytest.approx(0.2)
+
+
+def test_lvs_trimap_ignores_the_band():
+    def parts(band_value, trimap):
+        S = torch.full((1, 1, 3, 3), 0.2)
+        S[0, 0, 0, :2] = 0.9
+        S[0, 0, 1, 0] = band_value                       # a pixel between eps_n = 0.4 and eps_p = 0.65
+        m_p, m_n = lvs.soft_masks(S, 0.65, 0.4, 1e-4)
+        logits = lvs.lvs_official_logits(S, m_p, m_n, trimap=trimap, temperature=1.0)
+        return logits[0, 0].item(), logits[0, -1].item()  # P_i, hard negative
+    assert parts(0.45, True) == pytest.approx(parts(0.6, True))        # the band moves neither P nor N
+    assert parts(0.45, False)[1] != pytest.approx(parts(0.6, False)[1])   # without the tri-map it counts
+
+
+def test_lvs_official_logit_layout():
+    g = torch.Generator().manual_seed(1)
+    V, A = _unit(torch.randn(2, 4, 3, 3, generator=g), 1), _unit(torch.randn(2, 4, generator=g), 1)
+    S = lvs.similarity(V, A)
+    m_p, m_n = lvs.soft_masks(S, 0.65, 0.4, 0.03)
+    logits = lvs.lvs_official_logits(S, m_p, m_n, temperature=0.07)
+    assert logits.shape == (2, 4)
+    wmean = lambda w, s: float((w * s).sum() / w.sum())  # noqa: E731
+    for i in range(2):
+        assert logits[i, 0].item() * 0.07 == pytest.approx(wmean(m_p[i, i], S[i, i]), rel=1e-5)
+        assert logits[i, 3].item() * 0.07 == pytest.approx(wmean(1 - m_n[i, i], S[i, i]), rel=1e-5)
+        for k in range(2):
+            e = wmean(m_p[i, k], S[i, k]) * (-99 if i == k else 1)
+            assert logits[i, 1 + k].item() * 0.07 == pytest.approx(e, rel=1e-5)
+    # S[n, k] is image n against audio k
+    assert S[1, 0, 2, 2].item() == pytest.approx(float(V[1, :, 2, 2] @ A[0]))
+
+
+def test_lvs_oracle_masks_give_the_section_3_3_loss():
+    g = torch.Generator().manual_seed(2)
+    V, A = _unit(torch.randn(3, 4, 2, 2, generator=g), 1), _unit(torch.randn(3, 4, generator=g), 1)
+    S = lvs.similarity(V, A)
+    m = torch.zeros(3, 3, 2, 2)
+    m[:, :, 0, :] = 1                                   # oracle: the top row sounds
+    loss = lvs.lvs_paper_loss(S, m, m).item()
+    ref = 0.0
+    for i in range(3):
+        Sii = S[i, i].numpy()
+        P = Sii[0].mean()
+        N = Sii[1].mean() + sum(S[j, i].numpy().mean() for j in range(3) if j != i)   # S_{i->j} = S[j, i]
+        ref += -np.log(np.exp(P) / (np.exp(P) + np.exp(N))) / 3
+    assert loss == pytest.approx(ref, rel=1e-5)
+
+
+def test_lvs_official_checkpoint_names_load(tmp_path):
+    ref = lvs.AVENet("resnet18")
+    sd = {}
+    for k, v in ref.state_dict().items():                 # the authors' names: conv1_a for audio, extra stems
+        net, rest = k.split(".", 1)
+        sd[f"module.{net}.{rest.replace('conv1.', 'conv1_a.') if net == 'audnet' else rest}"] = v
+    sd["module.imgnet.conv1_flow.weight"] = torch.zeros(64, 6, 7, 7)
+    sd["module.audnet.conv1.weight"] = torch.zeros(64, 3, 7, 7)
+    sd["module.imgnet.fc.weight"] = torch.zeros(1000, 512)
+    torch.save({"model_state_dict": sd}, tmp_path / "lvs.pth.tar")
+    args = lvs.build_parser().parse_args(["--eval"])
+    model = lvs.load_model(tmp_path / "lvs.pth.tar", args, torch.device("cpu"))
+    assert torch.equal(model.audnet.conv1.weight, ref.audnet.conv1.weight)
+    V, A = model(torch.zeros(1, 3, 224, 224), torch.zeros(1, 1, 257, 200))
+    assert V.shape == (1, 512, 14, 14) and A.shape == (1, 512)

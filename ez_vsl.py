@@ -1,0 +1,404 @@
+"""EZ-VSL: "Localizing Visual Sounds the Easy Way", Shentong Mo and Pedro Morgado, ECCV 2022.
+Paper: https://arxiv.org/abs/2203.09324    Official code: https://github.com/stoneMo/EZ-VSL
+
+Idea. Treat each image as a *bag* of location features. The audio of a clip only has to match *one* location of
+its own frame (the most similar), while matching no location of any other frame in the batch. This multiple-
+instance contrastive loss needs no hand-made sounding/non-sounding regions. At test time the audio-visual map is
+blended with an audio-free "object prior" from a frozen ImageNet network (object-guided localization, OGL).
+
+Equations implemented (paper numbering):
+  (1)  v^_i^{xy} = U_v v_i^{xy} + b_v,  a^_i = U_a a_i + b_a           1x1 conv / linear projections, L2-normalised
+  (3)  L_{a->v} = -log exp(max_{xy} sim(a^_i, v^_i^{xy}) / tau) / sum_k exp(max_{xy} sim(a^_i, v^_k^{xy}) / tau)
+  (4)  L_{v->a} = -log exp(max_{xy} sim(v^_i^{xy}, a^_i) / tau) / sum_k exp(max_{xy} sim(v^_i^{xy}, a^_k) / tau)
+  (5)  L = L_{a->v} + L_{v->a}                                           (summed, as the official code)
+  (6)  S^AVL_{xy} = sim(v^_{xy}, a^)
+  (7)  S^CLS_{xy} = max_o P(o | v'_{xy})          (8)  S^L1_{xy} = ||v'_{xy}||_1     (v' from the frozen f_obj)
+  (9)  S^EZVSL = alpha * minmax(S^AVL) + (1 - alpha) * minmax(S^OBJ),  alpha = 0.4
+
+Run:
+  python ez_vsl.py --train                                   # synthetic benchmark, cpu preset (a few minutes)
+  python ez_vsl.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt   # paper preset (20 epochs)
+  python ez_vsl.py --train --data ROOT --train-split ROOT/splits/flickr_10k.txt --epochs 100
+  torchrun --nproc_per_node=2 ez_vsl.py --train --data ROOT --amp     # 2 GPUs x 64, local negatives (the paper)
+  python ez_vsl.py --eval --ckpt runs/<run>/best.pt --data ROOT --test-split ROOT/splits/test.txt --viz 20
+  python ez_vsl.py --eval --ckpt ezvsl_vggss144k/best.pth --data ROOT    # the authors' released checkpoint
+  python ez_vsl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+
+Deviations (from the paper P, from the official code O), and why:
+  1. (P, O) The spectrogram rate: the paper says 11025 Hz and 257x300; the official code uses the file's rate.
+     We use 16 kHz (data_prep.py writes it): 3 s -> 257x200 (the LVS encoder's 17x13; see common.py).
+  2. (O) Checkpoint selection on a held-out validation split with the AVL map (the official train.py selects
+     best.pth on the *test* set). The test split is used once, at the end.
+  3. (O) Under DDP the negatives are local by default as in the code and paper (2 GPUs x 64 -> 63 negatives);
+     --gather-negatives gathers them across GPUs instead. Without DDP, the whole batch is one negative pool:
+     a 1-GPU batch of 128 has 127 negatives, not the paper's 63 (use --batch-size 64 to match the pool size).
+  4. (O) Seeds are honoured (the official --seed is parsed but unused); maps are resized with
+     bilinear align_corners=True at test (official test.py) but validation uses the same evaluator as the test
+     (official validate() uses bicubic).
+  5. (O) The test never silently replaces unreadable samples (official datasets.py substitutes a random item)
+     and a missing checkpoint is an error (official test.py continues with random weights).
+  6. (O) The localization map is the cosine S^AVL (the official Savl is cos/tau; identical after min-max).
+  7. cpu preset (synthetic benchmark only): small CNNs instead of ResNet-18, 112 px images, dim 128, lr 5e-4.
+     OGL needs ImageNet weights; when they are unavailable (offline) the OBJ and blended rows are skipped with a
+     message and the AVL map is the reported one.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+METHOD = "ez_vsl"
+
+# ----------------------------------------------------------------------------------------------------------
+# Config / CLI
+# ----------------------------------------------------------------------------------------------------------
+PRESETS = {
+    # official: Adam 1e-4, batch 128, 20 epochs (100 on 10k sets), 224 px, ResNet-18 trunks, dim 512
+    "paper": dict(epochs=20, batch_size=128, lr=1e-4, image_size=224, dim=512, encoder="resnet18"),
+    "cpu": dict(epochs=12, batch_size=64, lr=5e-4, image_size=112, dim=128, encoder="small"),
+}
+SR, CLIP_SECONDS = 16000, 3.0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="EZ-VSL (ECCV 2022) - see the module docstring")
+    C.add_standard_args(p)
+    p.add_argument("--tau", type=float, default=0.03, help="temperature tau of Eq. 3-4 (official 0.03)")
+    p.add_argument("--alpha", type=float, default=0.4, help="alpha of Eq. 9 (official 0.4)")
+    p.add_argument("--obj-prior", choices=["l1", "cls"], default="l1", help="object prior: Eq. 8 (L1) or Eq. 7 (CLS)")
+    p.add_argument("--no-ogl", action="store_true", help="skip object-guided localization (AVL map only)")
+    p.add_argument("--gather-negatives", action="store_true", help="DDP: use negatives from every GPU")
+    p.add_argument("--dim", type=int, help="shared embedding size (official 512)")
+    p.add_argument("--image-size", type=int, help="input image side (official 224)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+def _init_official(m: nn.Module):
+    """The official initialisation of audnet and the projections: kaiming-normal convs (fan_out), trunc-normal
+    linears (std 0.01), BN weight ~ N(1, 0.02) and bias 0."""
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(mod, nn.Linear):
+            nn.init.trunc_normal_(mod.weight, std=0.01)
+        elif isinstance(mod, nn.BatchNorm2d):
+            nn.init.normal_(mod.weight, 1.0, 0.02)
+            nn.init.zeros_(mod.bias)
+
+
+class EZVSL(nn.Module):
+    """Visual trunk -> (B, 512, h, w) -> 1x1 conv U_v; audio trunk -> global max pool -> linear U_a (Eq. 1).
+    Attribute names are the official ones (imgnet, audnet, img_proj, aud_proj) so released checkpoints load."""
+
+    def __init__(self, encoder: str = "resnet18", dim: int = 512):
+        super().__init__()
+        if encoder == "resnet18":
+            self.imgnet = C.ResNet18Trunk(3, stride=32)        # 224 px -> 512 x 7 x 7
+            self.audnet = C.ResNet18Trunk(1, stride=32)        # 1 x 257 x 200 -> 512 x 9 x 7
+            c = 512
+        else:
+            self.imgnet = C.SmallCNN(3, strides=(2, 1, 2, 2))  # 112 px -> 128 x 7 x 7
+            self.audnet = C.SmallCNN(1, strides=(2, 2, 2, 2))  # 1 x 257 x 200 -> 128 x 8 x 7
+            c = self.imgnet.out_channels
+        self.img_proj = nn.Conv2d(c, dim, kernel_size=1)
+        self.aud_proj = nn.Linear(c, dim)
+        for m in (self.audnet, self.img_proj, self.aud_proj):
+            _init_official(m)
+
+    def forward(self, image, spec):
+        v = F.normalize(self.img_proj(self.imgnet(image)), dim=1)          # v^ (B, dim, h, w)
+        a = self.audnet(spec).amax(dim=(2, 3))                              # global max pool (official)
+        a = F.normalize(self.aud_proj(a), dim=1)                            # a^ (B, dim)
+        return v, a
+
+
+class ObjectPrior(nn.Module):
+    """f_obj: a separate ImageNet ResNet-18, never trained; S^L1 (Eq. 8; official: mean |v'| over channels) or
+    S^CLS (Eq. 7: max class posterior of the ImageNet classifier applied at every location)."""
+
+    def __init__(self, kind: str = "l1", weights="imagenet"):
+        super().__init__()
+        self.kind = kind
+        self.trunk = C.ResNet18Trunk(3, stride=32)
+        self.fc = nn.Linear(512, 1000)
+        if weights == "imagenet":
+            sd = C._torchvision_state_dict("resnet18")
+        else:
+            sd = C.strip_prefix(torch.load(weights, map_location="cpu", weights_only=False))
+        self.trunk.load_state_dict({k: v for k, v in sd.items() if not k.startswith("fc.")})
+        self.fc.load_state_dict({"weight": sd["fc.weight"], "bias": sd["fc.bias"]})
+        self.eval().requires_grad_(False)
+
+    def forward(self, image):
+        f = self.trunk(image)                                               # v' (B, 512, h, w)
+        if self.kind == "l1":
+            return f.abs().mean(1)                                          # Eq. 8 (/512, as official)
+        logits = torch.einsum("bchw,oc->bohw", f, self.fc.weight) + self.fc.bias[None, :, None, None]
+        return logits.softmax(1).amax(1)                                    # Eq. 7
+
+
+def build_model(args) -> EZVSL:
+    model = EZVSL(args.encoder, args.dim)
+    if args.encoder == "resnet18" and not args.no_pretrained:
+        C.load_weights(model.imgnet, args.weights or "imagenet", "resnet18")   # ImageNet visual trunk (official)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss (Eq. 3-5)
+# ----------------------------------------------------------------------------------------------------------
+def mil_logits(v, a, tau):
+    """max_{xy} sim(v_n^{xy}, a_m) / tau for every image n and audio m -> (Bv, Ba)."""
+    S = torch.einsum("nchw,mc->nmhw", v, a) / tau                          # (Bv, Ba, h, w)
+    return S.flatten(2).amax(-1)
+
+
+def ezvsl_loss(v, a, tau: float = 0.03, gather: bool = False):
+    """L = L_{a->v} + L_{v->a} (Eq. 5) with in-batch negative bags. With gather=True (DDP) the negatives come
+    from every process; the positives are the local samples."""
+    v, a = v.float(), a.float()
+    offset = 0
+    v_all, a_all = v, a
+    if gather and torch.distributed.is_initialized():
+        v_all, a_all = C.gather_cat(v), C.gather_cat(a)
+        offset = torch.distributed.get_rank() * v.shape[0]
+    target = torch.arange(v.shape[0], device=v.device) + offset
+    loss_v2a = F.cross_entropy(mil_logits(v, a_all, tau), target)            # Eq. 4: image i vs every audio k
+    loss_a2v = F.cross_entropy(mil_logits(v_all, a, tau).t(), target)        # Eq. 3: audio i vs every image k
+    return loss_a2v + loss_v2a
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Localization map (Eq. 6-9)
+# ----------------------------------------------------------------------------------------------------------
+def avl_map(v, a):
+    """S^AVL (Eq. 6): cosine of every location with the clip's own audio -> (B, h, w)."""
+    return torch.einsum("nchw,nc->nhw", v.float(), a.float())
+
+
+def minmax_batch(m):
+    lo = m.flatten(1).amin(1)[:, None, None]
+    hi = m.flatten(1).amax(1)[:, None, None]
+    return (m - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def ogl_blend(s_avl, s_obj, alpha: float = 0.4):
+    """Eq. 9 on maps of the same size: alpha * minmax(AVL) + (1 - alpha) * minmax(OBJ), min-max again (official)."""
+    return minmax_batch(alpha * minmax_batch(s_avl) + (1 - alpha) * minmax_batch(s_obj))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train
+# ----------------------------------------------------------------------------------------------------------
+def make_dataset(args, split_file, train: bool):
+    ids = C.read_split(split_file)[: args.limit]
+    tf = C.image_transform("crop_flip" if train else "squash", args.image_size)
+    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+
+
+def train(args):
+    rank, world, device = C.init_distributed(args.device)
+    main_proc = rank == 0
+    C.seed_everything(args.seed)
+    if args.resume:
+        ck = C.load_checkpoint(args.resume)
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    else:
+        ck, run_dir = None, (C.make_run_dir(args, METHOD) if main_proc else None)
+    log = C.RunLog(run_dir / "log.txt" if main_proc else None, main_proc)
+    log(f"EZ-VSL | data {args.data} | preset {args.preset} | device {device} x{world} | run {run_dir}")
+    model = build_model(args).to(device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    start, best = 0, -1.0
+    if ck:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, best = ck["epoch"], ck["best"]
+        log(f"resumed from {args.resume} at epoch {start}")
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    amp = C.Amp(device, args.amp)
+    train_ds = make_dataset(args, args.train_split, True)
+    val_ds = make_dataset(args, args.val_split, False)
+    ann = C.load_annotations(args.annotations)
+    per_proc = max(1, args.batch_size // world)
+    log(f"train {len(train_ds)} clips, val {len(val_ds)}; batch {per_proc} x {world}; audio {CLIP_SECONDS:.0f} s "
+        f"at {SR} Hz -> spectrogram {tuple(C.log_spectrogram(torch.zeros(1, int(SR * CLIP_SECONDS)), SR).shape[2:])}")
+    t0 = time.time()
+    for epoch in range(start, args.epochs):
+        C.seed_everything(args.seed * 1000 + epoch)           # each epoch reproducible on its own (exact resume)
+        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, seed=args.seed) \
+            if world > 1 else None
+        if sampler:
+            sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(train_ds, per_proc, shuffle=sampler is None, sampler=sampler,
+                                             num_workers=args.workers, drop_last=len(train_ds) >= per_proc,
+                                             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        net.train()
+        tot, n = 0.0, 0
+        for step, (img, wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
+            if args.max_steps and step >= args.max_steps:
+                break
+            img, spec = img.to(device, non_blocking=True), C.log_spectrogram(wav.to(device), SR)
+            with amp.autocast():
+                v, a = net(img, spec)
+            loss = ezvsl_loss(v, a, args.tau, args.gather_negatives)
+            amp.step(loss, opt)
+            tot, n = tot + loss.item(), n + 1
+        if main_proc:
+            res = evaluate(model, val_ds, ann, args, device, ogl=False, baselines=False)
+            score = res["test"]["ciou@0.5"]
+            log(f"epoch {epoch + 1}/{args.epochs} loss {tot / max(n, 1):.4f} | val AVL {C.fmt_metrics(res['test'])} "
+                f"({res['protocol']}, N={res['n']}) | {time.time() - t0:.0f}s")
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                     "best": max(best, score), "args": vars(args)}
+            C.save_checkpoint(run_dir / "last.pt", state)
+            if score >= best:
+                best = score
+                C.save_checkpoint(run_dir / "best.pt", state)
+        if world > 1:
+            torch.distributed.barrier()
+    if main_proc:
+        log(f"training done in {time.time() - t0:.0f}s; best val cIoU@0.5 {100 * best:.2f}; testing best.pt")
+        args.ckpt = str(run_dir / "best.pt")
+        args.out = str(run_dir)
+        run_eval(args, device, log, seconds_train=time.time() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluate
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def compute_maps(model, ds, device, batch_size=32, obj_model=None, workers=0):
+    """{id: S^AVL} and, given f_obj, {id: S^OBJ} (both at feature resolution, float32 numpy)."""
+    model.eval()
+    avl, obj = {}, {}
+    loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers)
+    for img, wav, ids in loader:
+        img = img.to(device)
+        v, a = model(img, C.log_spectrogram(wav.to(device), SR))
+        s = avl_map(v, a).cpu().numpy()
+        o = obj_model(img).float() if obj_model is not None else None
+        if o is not None and o.shape[-2:] != v.shape[-2:]:
+            o = F.interpolate(o[:, None], size=v.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        for k, vid in enumerate(ids):
+            avl[vid] = s[k]
+            if o is not None:
+                obj[vid] = o[k].cpu().numpy()
+    return avl, obj
+
+
+def blend_maps(avl: dict, obj: dict, alpha: float) -> dict:
+    return {k: ogl_blend(torch.from_numpy(avl[k])[None], torch.from_numpy(obj[k])[None], alpha)[0].numpy() for k in avl}
+
+
+def evaluate(model, ds, ann, args, device, ogl=True, baselines=True, obj_model=None):
+    """The method's test map under the protocol; with OGL, rows for AVL, OBJ and AVL+OBJ (Eq. 9)."""
+    avl, obj = compute_maps(model, ds, device, args.batch_size or 32, obj_model if ogl else None, args.workers)
+    kw = dict(ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners)
+    if not obj:
+        res = C.evaluate_maps(avl, ann, baselines=baselines, **kw)
+        res["maps"] = avl
+        return res
+    blended = blend_maps(avl, obj, args.alpha)
+    res = C.evaluate_maps(blended, ann, baselines=baselines, extra_baselines={"obj (audio-free)": obj}, **kw)
+    res["rows"] = {"avl": C.evaluate_maps(avl, ann, baselines=False, **kw)["test"],
+                   "obj": res["baselines"]["obj (audio-free)"], "avl+obj": res["test"]}
+    res["maps"] = blended
+    return res
+
+
+def load_model(path, args, device):
+    """Our checkpoints carry their args; the official release is {'model': state_dict} (module.-prefixed)."""
+    ck = C.load_checkpoint(Path(path) / "best.pt" if Path(path).is_dir() else path)
+    if "args" in ck:
+        for k in ("encoder", "dim", "image_size", "preset"):
+            setattr(args, k, ck["args"][k])
+    else:                                                   # the authors' release: paper architecture
+        args.encoder, args.dim, args.image_size = "resnet18", 512, 224
+    model = EZVSL(args.encoder, args.dim)
+    model.load_state_dict(C.strip_prefix(ck["model"]))
+    return model.to(device).eval()
+
+
+def make_obj_model(args, log, device):
+    if args.no_ogl or args.no_pretrained:
+        log("OGL skipped (--no-ogl / --no-pretrained): AVL map only")
+        return None
+    try:
+        return ObjectPrior(args.obj_prior, args.weights or "imagenet").to(device)
+    except C.UserError as e:
+        log(f"OGL skipped (AVL map only): {e}")
+        return None
+
+
+def run_eval(args, device, log, seconds_train=None):
+    t0 = time.time()
+    model = load_model(args.ckpt, args, device)
+    ds = make_dataset(args, args.test_split, False)
+    ann = C.load_annotations(args.annotations)
+    obj_model = make_obj_model(args, log, device)
+    res = evaluate(model, ds, ann, args, device, obj_model=obj_model)
+    swapped = evaluate(model, C.SwapAudio(ds), ann, args, device, obj_model=obj_model, baselines=False) \
+        if len(ds) > 1 else None
+    for name, row in res.get("rows", {}).items():
+        log(f"[test] EZ-VSL row {name:<8} {C.fmt_metrics(row)}   ({res['protocol']}, N={res['n']})")
+    return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0),
+                          "avl+obj" if "rows" in res else "avl", {"ezvsl_rows": res.get("rows")})
+
+
+@torch.no_grad()
+def predict(args, device, log):
+    if not (args.ckpt and args.image and args.audio):
+        raise C.UserError("--predict needs --ckpt, --image and --audio")
+    model = load_model(args.ckpt, args, device)
+    frame = C.load_image(args.image)
+    x, sr = C.read_wav(args.audio)
+    if sr != SR:
+        raise C.UserError(f"{args.audio}: {sr} Hz; EZ-VSL expects {SR} Hz (convert with data_prep.py)")
+    img = C.image_transform("squash", args.image_size)(frame)[None].to(device)
+    wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, "center"))[None].to(device)
+    v, a = model(img, C.log_spectrogram(wav, SR))
+    heat = avl_map(v, a)
+    obj_model = make_obj_model(args, log, device)
+    if obj_model is not None:
+        o = F.interpolate(obj_model(img)[:, None], size=heat.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        heat = ogl_blend(heat, o, args.alpha)
+    out = args.out or "heat.png"
+    C.save_overlay_png(out, np.asarray(frame.resize((args.image_size, args.image_size))), heat[0].cpu().numpy())
+    log(f"heat map written to {out}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not (args.train or args.eval or args.predict):
+        raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    log = C.RunLog()
+    if args.predict:
+        args.preset = args.preset or "paper"
+        C.apply_preset(args, PRESETS)
+        return predict(args, C.resolve_device(args.device), log)
+    C.resolve_data(args, log)
+    C.apply_preset(args, PRESETS)
+    args.protocol = args.protocol or "median"      # official EZ-VSL test: per-image median
+    if args.train:
+        return train(args)
+    if not args.ckpt:
+        raise C.UserError("--eval needs --ckpt")
+    return run_eval(args, C.resolve_device(args.device), log)
+
+
+if __name__ == "__main__":
+    C.run_cli(main)

@@ -1,0 +1,376 @@
+"""LVS: "Localizing Visual Sounds the Hard Way", Honglie Chen, Weidi Xie, Triantafyllos Afouras, Arsha Nagrani,
+Andrea Vedaldi, Andrew Zisserman, CVPR 2021.
+Paper: https://arxiv.org/abs/2104.02691    Official code (test only): https://github.com/hche11/Localizing-Visual-Sounds-the-Hard-Way
+
+Idea. Contrastive learning where the positive is the part of the frame that responds to the clip's sound and
+the *hard negative* is the rest of the same frame. The sounding region is not labelled: it is bootstrapped from
+the model's own audio-visual similarity map with a differentiable threshold, and a tri-map leaves the uncertain
+band between two thresholds out of both terms.
+
+Equations implemented (the paper numbers only (1)-(2); the rest are cited by section):
+  (1) V_i = f(I_i) in R^{c x h x w}       (2) A_i = g(a_i) in R^c        (both L2-normalised, no projection head)
+  §3.2  [S_{i->j}]_{uv} = <A_i, [V_j]_{:uv}> / (||A_i|| ||[V_j]_{:uv}||)              the cosine map
+  §3.3  oracle: P_i = <m_i, S_{i->i}>/|m_i|,
+               N_i = <1 - m_i, S_{i->i}>/|1 - m_i|  +  (1/hw) sum_{j != i} <1, S_{i->j}>
+               L = -(1/k) sum_i log( exp(P_i) / (exp(P_i) + exp(N_i)) )
+  §3.4  m_ip = sigmoid((S_{i->i} - eps_p)/tau),  m_in = sigmoid((S_{i->i} - eps_n)/tau)   (tri-map: eps_p > eps_n)
+        P_i = <m_ip, S_{i->i}>/|m_ip|,  N_i = <1 - m_in, S_{i->i}>/|1 - m_in| + easy negatives,  L as above
+  with eps_p = 0.65, eps_n = 0.4, tau = 0.03.
+
+The official repository released no training code. The loss used by default (`--loss official`) is the one its
+AVENet.forward implies (reconstruction in ../shared notes, §1.5 "Logits and loss as implemented"):
+  logits_i = [ P_i , E_i1 ... E_iB , H_i ] / 0.07,   target = column 0 (cross-entropy over the row)
+  P_i = positive as above; H_i = <1 - m_in, S_ii>/|1 - m_in| (the hard negative);
+  E_ik = <m_p(S_ik), S_ik>/|m_p(S_ik)| for every audio k of the batch against image i (a Pos-weighted mean, not
+  the paper's plain mean), with the diagonal k = i multiplied by -99 (official mask 1 - 100*eye; --diag-mask inf
+  removes it additively instead).
+`--loss paper` implements §3.4 literally (no 0.07 temperature, one logit pair per sample, easy negatives = plain
+means of S_{i->j} over the other images j, summed).
+
+Run:
+  python lvs_hardway.py --train                                                   # synthetic benchmark, cpu preset
+  python lvs_hardway.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt      # paper preset
+  torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT --amp                      # batch 256 over 4 GPUs
+  python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT     # the authors' released checkpoint
+  python lvs_hardway.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  Table 4 ablations: --no-trimap (model a/b), --no-hard-neg, --epsilon-p 0.6 --epsilon-n 0.45 (models c-f).
+
+Deviations (from the paper P, from the official code O), and why:
+  1. (O) The training loop is a reconstruction: the official repository has none (issue #7 there). Inferred
+     choices: target index 0, the multiplicative -99 diagonal mask, Pos-weighted easy negatives, /0.07.
+  2. (O) ImageNet weights are loaded into the visual trunk *after* the official re-initialisation of both
+     encoders (the official resnet18(pretrained=True) ignores the flag; the paper says ImageNet-pretrained).
+  3. (P) Audio: 16 kHz (data_prep.py), so the 3 s training input is 257x200 (the paper's "257x300" is
+     inconsistent with its 17x13 audio map; 257x200 gives 17x13). Testing uses the first 10 s, tiled when shorter
+     (official), 257x671.
+  4. (O) Test images are resized to 224x224 without cropping (the paper; boxes are full-frame); the official
+     test crops the centre (--test-transform center_crop reproduces it).
+  5. (O) Evaluation: the official median protocol exactly (`median_strict`: pixels strictly above the
+     per-image median of the min-max map); `--protocol median` is EZ-VSL's >= variant.
+  6. (O) Runs on CPU (the official forward builds its mask with .cuda()); AVENet needs no undeclared argument.
+  7. (O) Checkpoint selection on a validation split (the paper does not say how it selected).
+  8. cpu preset (synthetic benchmark only): small CNNs (visual stride 8: 112 px -> 14x14, as the stride-16
+     ResNet at 224), batch 64, lr 5e-4.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+METHOD = "lvs_hardway"
+
+# ----------------------------------------------------------------------------------------------------------
+# Config / CLI
+# ----------------------------------------------------------------------------------------------------------
+PRESETS = {
+    # paper: Adam lr 1e-4, batch 256, ResNet-18 both streams, layer4 stride 1 (14x14); epochs are not stated
+    "paper": dict(epochs=20, batch_size=256, lr=1e-4, image_size=224, encoder="resnet18"),
+    "cpu": dict(epochs=12, batch_size=64, lr=5e-4, image_size=112, encoder="small"),
+}
+SR, TRAIN_SECONDS, TEST_SECONDS = 16000, 3.0, 10.0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="LVS (CVPR 2021) - see the module docstring")
+    C.add_standard_args(p)
+    p.add_argument("--loss", choices=["official", "paper"], default="official", help="loss form (see the docstring)")
+    p.add_argument("--epsilon-p", type=float, default=0.65, help="positive threshold eps_p (official 0.65)")
+    p.add_argument("--epsilon-n", type=float, default=0.4, help="negative threshold eps_n (official 0.4)")
+    p.add_argument("--tau", type=float, default=0.03, help="sigmoid temperature tau of the soft masks (0.03)")
+    p.add_argument("--temperature", type=float, default=0.07, help="official logit temperature (0.07)")
+    p.add_argument("--no-trimap", action="store_true", help="negatives = 1 - m_p (Table 4 models a/b)")
+    p.add_argument("--no-hard-neg", action="store_true", help="drop the same-image hard negative")
+    p.add_argument("--diag-mask", choices=["mult", "inf"], default="mult",
+                   help="official: multiply the diagonal easy negative by -99; inf: remove it")
+    p.add_argument("--test-transform", choices=["squash", "center_crop"], default="squash",
+                   help="test image resize: squash (paper, no crop) or center_crop (official test.py)")
+    p.add_argument("--image-size", type=int, help="input image side (official 224)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+class AVENet(nn.Module):
+    """f: ResNet-18 with layer4 stride 1 (224 px -> 512 x 14 x 14); g: 1-channel ResNet-18 (same strides) with a
+    global max pool (official `avgpool` is an AdaptiveMaxPool2d). No projection head; both L2-normalised."""
+
+    def __init__(self, encoder: str = "resnet18"):
+        super().__init__()
+        if encoder == "resnet18":
+            self.imgnet, self.audnet = C.ResNet18Trunk(3, stride=16), C.ResNet18Trunk(1, stride=16)
+        else:
+            self.imgnet = C.SmallCNN(3, strides=(2, 1, 2, 1))   # 112 px -> 128 x 14 x 14
+            self.audnet = C.SmallCNN(1, strides=(2, 2, 2, 2))
+        for m in self.modules():                                 # the official re-initialisation of both encoders
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, image, spec):
+        V = F.normalize(self.imgnet(image), dim=1)               # Eq. (1), (B, c, h, w)
+        A = F.normalize(self.audnet(spec).amax(dim=(2, 3)), dim=1)   # Eq. (2), (B, c)
+        return V, A
+
+
+def build_model(args) -> AVENet:
+    model = AVENet(args.encoder)
+    if args.encoder == "resnet18" and not args.no_pretrained:
+        C.load_weights(model.imgnet, args.weights or "imagenet", "resnet18")   # after the re-init (deviation 2)
+    return model
+
+
+def convert_official_state_dict(sd: dict) -> dict:
+    """The authors' AVENet keys -> ours: drop 'module.', the unused stems (conv1_flow, the image net's conv1_a,
+    the audio net's 3-channel conv1) and fc; the audio stem conv1_a becomes conv1."""
+    out = {}
+    for k, v in C.strip_prefix(sd).items():
+        net, _, rest = k.partition(".")
+        if rest.startswith(("conv1_flow", "fc.")) or (net == "imgnet" and rest.startswith("conv1_a")) \
+                or (net == "audnet" and rest.startswith("conv1.")):
+            continue
+        out[f"{net}.{rest.replace('conv1_a', 'conv1')}"] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss (§3.3, §3.4 and the official logits)
+# ----------------------------------------------------------------------------------------------------------
+def similarity(V, A):
+    """S[n, k] = cosine map of image n with audio k, (B, B, h, w); S[i, i] = S_{i->i}, S[j, i] = S_{i->j}."""
+    return torch.einsum("nchw,kc->nkhw", V.float(), A.float())
+
+
+def soft_masks(S, eps_p: float, eps_n: float, tau: float):
+    """m_p = sigmoid((S - eps_p)/tau), m_n = sigmoid((S - eps_n)/tau) (§3.4), elementwise on any S."""
+    return torch.sigmoid((S - eps_p) / tau), torch.sigmoid((S - eps_n) / tau)
+
+
+def masked_mean(m, S):
+    """<m, S> / |m| over the h x w locations."""
+    return (m * S).sum((-2, -1)) / m.sum((-2, -1))
+
+
+def lvs_official_logits(S, m_p, m_n, trimap=True, hard_neg=True, diag_mask="mult", temperature=0.07):
+    """Logits (B, B+2) of the official AVENet (column 0 = the positive); S, m_p, m_n are (B, B, h, w)."""
+    B = S.shape[0]
+    i = torch.arange(B, device=S.device)
+    S_ii, mp_ii = S[i, i], m_p[i, i]
+    neg = 1 - (m_n[i, i] if trimap else mp_ii)                      # tri-map: the band eps_n..eps_p is ignored
+    P = masked_mean(mp_ii, S_ii)                                     # positive P_i
+    H = masked_mean(neg, S_ii)                                       # hard negative (background of image i)
+    E = masked_mean(m_p, S)                                          # Pos-weighted easy negatives, (B, B)
+    eye = torch.eye(B, dtype=torch.bool, device=S.device)
+    E = E * (1 - 100 * eye.float()) if diag_mask == "mult" else E.masked_fill(eye, float("-inf"))
+    cols = [P[:, None], E] + ([H[:, None]] if hard_neg else [])
+    return torch.cat(cols, 1) / temperature
+
+
+def lvs_paper_loss(S, m_p, m_n, trimap=True, hard_neg=True):
+    """§3.4 literally: L = mean_i softplus(N_i - P_i) = -mean_i log(e^P_i / (e^P_i + e^N_i)),
+    N_i = hard + (1/hw) sum_{j != i} <1, S_{i->j}>. Only the diagonal masks are used; pass binary masks
+    (m_p = m_n = m) to get the §3.3 oracle loss."""
+    B = S.shape[0]
+    i = torch.arange(B, device=S.device)
+    S_ii = S[i, i]
+    P = masked_mean(m_p[i, i], S_ii)
+    mean_maps = S.mean((-2, -1))                                     # (1/hw) <1, S[n, k]>, (B, B)
+    easy = mean_maps.sum(0) - mean_maps[i, i]                        # sum over images j != i for audio i
+    N = easy + (masked_mean(1 - (m_n[i, i] if trimap else m_p[i, i]), S_ii) if hard_neg else 0)
+    return F.softplus(N - P).mean()
+
+
+def lvs_loss(V, A, args):
+    S = similarity(V, A)
+    m_p, m_n = soft_masks(S, args.epsilon_p, args.epsilon_n, args.tau)
+    if args.loss == "paper":
+        return lvs_paper_loss(S, m_p, m_n, not args.no_trimap, not args.no_hard_neg)
+    logits = lvs_official_logits(S, m_p, m_n, not args.no_trimap, not args.no_hard_neg, args.diag_mask,
+                                 args.temperature)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Localization map
+# ----------------------------------------------------------------------------------------------------------
+def localization_map(V, A):
+    """The official test heat map: the raw cosine S_{i->i} (not the mask), (B, h, w)."""
+    return torch.einsum("nchw,nc->nhw", V.float(), A.float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train
+# ----------------------------------------------------------------------------------------------------------
+def make_dataset(args, split_file, train: bool):
+    ids = C.read_split(split_file)[: args.limit]
+    if train:
+        return C.AVDataset(args.data, ids, C.image_transform("crop_flip", args.image_size), TRAIN_SECONDS, "center",
+                           SR, cache=args.preset == "cpu")
+    return C.AVDataset(args.data, ids, C.image_transform(args.test_transform, args.image_size), TEST_SECONDS,
+                       "start", SR, cache=args.preset == "cpu")
+
+
+def train(args):
+    rank, world, device = C.init_distributed(args.device)
+    main_proc = rank == 0
+    C.seed_everything(args.seed)
+    if args.resume:
+        ck = C.load_checkpoint(args.resume)
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    else:
+        ck, run_dir = None, (C.make_run_dir(args, METHOD) if main_proc else None)
+    log = C.RunLog(run_dir / "log.txt" if main_proc else None, main_proc)
+    log(f"LVS | loss {args.loss} | data {args.data} | preset {args.preset} | device {device} x{world} | run {run_dir}")
+    model = build_model(args).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    start, best = 0, -1.0
+    if ck:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, best = ck["epoch"], ck["best"]
+        log(f"resumed from {args.resume} at epoch {start}")
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    amp = C.Amp(device, args.amp)
+    train_ds, val_ds = make_dataset(args, args.train_split, True), make_dataset(args, args.val_split, False)
+    ann = C.load_annotations(args.annotations)
+    per_proc = max(1, args.batch_size // world)
+    log(f"train {len(train_ds)} clips, val {len(val_ds)}; batch {per_proc} x {world}; audio {SR} Hz: train "
+        f"{TRAIN_SECONDS:.0f} s centred -> {tuple(C.log_spectrogram(torch.zeros(1, int(SR * TRAIN_SECONDS)), SR).shape[2:])}, "
+        f"test first {TEST_SECONDS:.0f} s -> {tuple(C.log_spectrogram(torch.zeros(1, int(SR * TEST_SECONDS)), SR).shape[2:])}")
+    t0 = time.time()
+    for epoch in range(start, args.epochs):
+        C.seed_everything(args.seed * 1000 + epoch)           # each epoch reproducible on its own (exact resume)
+        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, seed=args.seed) \
+            if world > 1 else None
+        if sampler:
+            sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(train_ds, per_proc, shuffle=sampler is None, sampler=sampler,
+                                             num_workers=args.workers, drop_last=len(train_ds) >= per_proc,
+                                             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        net.train()
+        tot, n = 0.0, 0
+        for step, (img, wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
+            if args.max_steps and step >= args.max_steps:
+                break
+            img, spec = img.to(device, non_blocking=True), C.log_spectrogram(wav.to(device), SR)
+            with amp.autocast():
+                V, A = net(img, spec)
+            loss = lvs_loss(V, A, args)                           # in float32, outside autocast
+            amp.step(loss, opt)
+            tot, n = tot + loss.item(), n + 1
+        if main_proc:
+            res = evaluate(model, val_ds, ann, args, device, baselines=False)
+            score = res["test"]["ciou@0.5"]
+            log(f"epoch {epoch + 1}/{args.epochs} loss {tot / max(n, 1):.4f} | val {C.fmt_metrics(res['test'])} "
+                f"({res['protocol']}, N={res['n']}) | {time.time() - t0:.0f}s")
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                     "best": max(best, score), "args": vars(args)}
+            C.save_checkpoint(run_dir / "last.pt", state)
+            if score >= best:
+                best = score
+                C.save_checkpoint(run_dir / "best.pt", state)
+        if world > 1:
+            torch.distributed.barrier()
+    if main_proc:
+        log(f"training done in {time.time() - t0:.0f}s; best val cIoU@0.5 {100 * best:.2f}; testing best.pt")
+        args.ckpt, args.out = str(run_dir / "best.pt"), str(run_dir)
+        run_eval(args, device, log, seconds_train=time.time() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluate
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def compute_maps(model, ds, device, batch_size=32, workers=0):
+    model.eval()
+    maps = {}
+    for img, wav, ids in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers):
+        V, A = model(img.to(device), C.log_spectrogram(wav.to(device), SR))
+        for vid, m in zip(ids, localization_map(V, A).cpu().numpy()):
+            maps[vid] = m
+    return maps
+
+
+def evaluate(model, ds, ann, args, device, baselines=True):
+    maps = compute_maps(model, ds, device, min(args.batch_size or 32, 64), args.workers)
+    res = C.evaluate_maps(maps, ann, ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners,
+                          baselines=baselines)
+    res["maps"] = maps
+    return res
+
+
+def load_model(path, args, device):
+    """Our checkpoints carry their args; the authors' release stores 'model_state_dict' with their key names."""
+    ck = C.load_checkpoint(Path(path) / "best.pt" if Path(path).is_dir() else path)
+    if "args" in ck:
+        args.encoder, args.image_size = ck["args"]["encoder"], ck["args"]["image_size"]
+        sd = ck["model"]
+    else:
+        args.encoder, args.image_size = "resnet18", 224
+        sd = convert_official_state_dict(ck.get("model_state_dict", ck))
+    model = AVENet(args.encoder)
+    model.load_state_dict(sd)
+    return model.to(device).eval()
+
+
+def run_eval(args, device, log, seconds_train=None):
+    t0 = time.time()
+    model = load_model(args.ckpt, args, device)
+    ds = make_dataset(args, args.test_split, False)
+    ann = C.load_annotations(args.annotations)
+    res = evaluate(model, ds, ann, args, device)
+    swapped = evaluate(model, C.SwapAudio(ds), ann, args, device, baselines=False) if len(ds) > 1 else None
+    return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0), "S_ii",
+                          {"loss": getattr(args, "loss", "official")})
+
+
+@torch.no_grad()
+def predict(args, device, log):
+    if not (args.ckpt and args.image and args.audio):
+        raise C.UserError("--predict needs --ckpt, --image and --audio")
+    model = load_model(args.ckpt, args, device)
+    frame = C.load_image(args.image)
+    x, sr = C.read_wav(args.audio)
+    if sr != SR:
+        raise C.UserError(f"{args.audio}: {sr} Hz; LVS expects {SR} Hz (convert with data_prep.py)")
+    img = C.image_transform(args.test_transform, args.image_size)(frame)[None].to(device)
+    wav = torch.from_numpy(C.clip_window(x, sr, TEST_SECONDS, "start"))[None].to(device)
+    heat = localization_map(*model(img, C.log_spectrogram(wav, SR)))[0].cpu().numpy()
+    out = args.out or "heat.png"
+    C.save_overlay_png(out, C.denormalize(img[0].cpu()), heat)
+    log(f"heat map written to {out}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not (args.train or args.eval or args.predict):
+        raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    log = C.RunLog()
+    if args.predict:
+        args.preset = args.preset or "paper"
+        C.apply_preset(args, PRESETS)
+        return predict(args, C.resolve_device(args.device), log)
+    C.resolve_data(args, log)
+    C.apply_preset(args, PRESETS)
+    args.protocol = args.protocol or "median_strict"     # the official LVS test script, exactly
+    if args.train:
+        return train(args)
+    if not args.ckpt:
+        raise C.UserError("--eval needs --ckpt")
+    return run_eval(args, C.resolve_device(args.device), log)
+
+
+if __name__ == "__main__":
+    C.run_cli(main)
