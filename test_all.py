@@ -541,3 +541,198 @@ def test_lvs_official_checkpoint_names_load(tmp_path):
     assert torch.equal(model.audnet.conv1.weight, ref.audnet.conv1.weight)
     V, A = model(torch.zeros(1, 3, 224, 224), torch.zeros(1, 1, 257, 200))
     assert V.shape == (1, 512, 14, 14) and A.shape == (1, 512)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data_prep.py on real-style inputs (videos made here with PyAV)
+# ---------------------------------------------------------------------------------------------------------
+import data_prep  # noqa: E402
+
+
+def _bits_frame(k):
+    """A 64x64 frame whose 2x4 grid of 16-px blocks spells the frame index k in binary (robust to compression)."""
+    img = np.zeros((64, 64, 3), np.uint8)
+    for b in range(8):
+        if (k >> b) & 1:
+            img[(b // 4) * 16 + 16:(b // 4) * 16 + 32, (b % 4) * 16:(b % 4) * 16 + 16] = 255
+    return img
+
+
+def _read_bits(img):
+    a = np.asarray(img.convert("L").resize((64, 64)), float)
+    return sum(1 << b for b in range(8) if a[(b // 4) * 16 + 20:(b // 4) * 16 + 28, (b % 4) * 16 + 4:(b % 4) * 16 + 12].mean() > 128)
+
+
+def _make_video(path, fps, seconds, sr=None, layout="stereo", acodec="pcm_s16le"):
+    import av
+    from fractions import Fraction
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1001))
+        vs.width, vs.height, vs.pix_fmt = 64, 64, "yuv420p"
+        vs.codec_context.qscale = 2
+        if sr:
+            st = c.add_stream(acodec, rate=sr)
+            st.layout = layout
+        for k in range(int(seconds * fps)):
+            for pkt in vs.encode(av.VideoFrame.from_ndarray(_bits_frame(k), format="rgb24")):
+                c.mux(pkt)
+        for pkt in vs.encode():
+            c.mux(pkt)
+        if sr:
+            nch = {"mono": 1, "stereo": 2, "5.1": 6}[layout]
+            t = np.arange(int(seconds * sr)) / sr
+            sig = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            fmt, step = ("fltp", 1024) if acodec == "aac" else ("s16p", 1000)
+            for i in range(0, len(sig), step):
+                chunk = np.repeat(sig[None, i:i + step], nch, 0)
+                if fmt == "s16p":
+                    chunk = (chunk * 32767).astype(np.int16)
+                fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format=fmt, layout=layout)
+                fr.sample_rate, fr.pts = sr, i
+                for pkt in st.encode(fr):
+                    c.mux(pkt)
+            for pkt in st.encode():
+                c.mux(pkt)
+
+
+@pytest.fixture(scope="session")
+def video_root(tmp_path_factory):
+    src = tmp_path_factory.mktemp("videos")
+    _make_video(src / "fps25_000010.mkv", 25, 3.0, 44100, "stereo")
+    _make_video(src / "ntsc.mkv", 30000 / 1001, 3.0, 48000, "5.1")
+    _make_video(src / "fps30.mp4", 30, 3.0, 44100, "stereo", acodec="aac")
+    _make_video(src / "slow.mkv", 8, 3.0, 16000, "mono")
+    _make_video(src / "silent.mkv", 25, 2.0, None)
+    _make_video(src / "short.mkv", 25, 1.0, 16000, "mono")
+    (src / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    out = tmp_path_factory.mktemp("prepared")
+    data_prep.main(["videos", str(src), "--out", str(out), "--time", "1.3"])
+    return src, out
+
+
+def test_data_prep_videos_frame_by_timestamp_and_audio(video_root):
+    src, out = video_root
+    rows = data_prep.read_manifest(out)
+    for vid, fps in (("fps25_000010", 25), ("ntsc", 30000 / 1001), ("fps30", 30), ("slow", 8)):
+        assert rows[vid]["status"] == "ok", rows[vid]
+        k = _read_bits(C.load_image(out / "frames" / f"{vid}.jpg"))
+        assert k == int(np.floor(1.3 * fps)), (vid, k)          # the frame on screen at t = 1.3 s
+        assert abs(float(rows[vid]["fps"]) - fps) < 0.01
+        x, sr = C.read_wav(out / "audio" / f"{vid}.wav")
+        assert sr == 16000 and abs(len(x) - 48000) <= 1600       # the whole 3 s track at 16 kHz
+        spec = np.abs(np.fft.rfft(x[4000:20000]))
+        assert abs(np.argmax(spec) * 16000 / 16000 - 440) <= 2    # the 440 Hz tone survives down-mix + resampling
+        assert 0.3 < np.abs(x[4000:20000]).max() < 0.7
+    assert rows["fps25_000010"]["src_sr"] == "44100" and rows["ntsc"]["src_sr"] == "48000"
+
+
+def test_data_prep_manifest_reasons_and_resume(video_root, capsys):
+    src, out = video_root
+    rows = data_prep.read_manifest(out)
+    assert rows["silent"]["status"] == "failed" and rows["silent"]["reason"] == "no audio stream"
+    assert rows["short"]["status"] == "failed" and rows["short"]["reason"].startswith("shorter")
+    assert rows["corrupt"]["status"] == "failed" and rows["corrupt"]["reason"].startswith("cannot open")
+    assert not (out / "frames" / "silent.jpg").exists() and not (out / "audio" / "corrupt.wav").exists()
+    assert not list(out.rglob("*.part"))
+    assert sorted(C.read_split(out / "splits" / "all.txt")) == ["fps25_000010", "fps30", "ntsc", "slow"]
+    before = (out / "frames" / "ntsc.jpg").stat().st_mtime_ns
+    data_prep.main(["videos", str(src), "--out", str(out), "--time", "1.3"])
+    assert "4 already done, 3 to process" in capsys.readouterr().out
+    assert (out / "frames" / "ntsc.jpg").stat().st_mtime_ns == before
+
+
+def test_data_prep_flickr_and_vggss_feed_the_evaluator(tmp_path):
+    src = tmp_path / "flickr"
+    (src / "Annotations").mkdir(parents=True)
+    (src / "Data" / "3").mkdir(parents=True)
+    box = "<bbox><annotator>{a}</annotator><xmin>{x}</xmin><ymin>0</ymin><xmax>{x2}</xmax><ymax>128</ymax></bbox>"
+    for vid in ("100", "101", "3908875357"):
+        xml = "<annotation>" + "".join(f"<object>{box.format(a=a, x=0, x2=128)}</object>" for a in (1, 2)) + "</annotation>"
+        (src / "Annotations" / f"{vid}.xml").write_text(xml)
+    for vid in ("100", "101"):
+        from PIL import Image
+        Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(src / "Data" / "3" / f"{vid}.jpg")
+        C.write_wav(src / "Data" / "3" / f"{vid}.wav", 0.1 * np.sin(np.arange(22050) / 5), 22050)
+    out = tmp_path / "root"
+    data_prep.main(["flickr", str(src), "--out", str(out)])
+    rows = data_prep.read_manifest(out)
+    assert rows["3908875357"]["status"] == "missing" and rows["100"]["status"] == "ok"
+    assert C.read_split(out / "splits" / "flickr_test.txt") == ["100", "101"]
+    assert C.read_wav(out / "audio" / "100.wav")[1] == 16000
+    ann = C.load_annotations(out / "annotations.json")
+    g = C.gt_map(ann["100"])
+    assert ann["100"]["gt"] == "consensus" and g.max() == 1.0 and g.sum() == 112 * 112   # both annotators agree
+    # VGG-SS: ids from a vggss.json excerpt, two of three clips present
+    vj = tmp_path / "vggss.json"
+    vj.write_text(json.dumps([{"file": "100", "class": "x", "bbox": [[0, 0, 0.5, 0.5]]},
+                              {"file": "101", "class": "y", "bbox": [[0.1, 0.2, 0.3, -2.88e16]]},
+                              {"file": "zzz_000000", "class": "z", "bbox": [[0, 0, 1, 1]]}]))
+    data_prep.main(["vggss", "--json", str(vj), "--clips", str(out)])
+    assert C.read_split(out / "splits" / "vggss_test.txt") == ["100", "101"]
+    assert C.read_split(out / "splits" / "vggss_test.missing.txt") == ["zzz_000000"]
+    ann = C.load_annotations(out / "annotations.json")
+    assert ann["100"].get("gt", "union") == "union" and C.gt_map(ann["101"]).sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Method command lines: determinism, resume, eval outputs, predict (tiny runs on the tiny dataset)
+# ---------------------------------------------------------------------------------------------------------
+METHODS = {"ez_vsl.py": ez_vsl, "lvs_hardway.py": lvs}
+
+
+def _quick(tiny, out, *extra):
+    return ["--train", "--data", str(tiny), "--preset", "cpu", "--batch-size", "8", "--max-steps", "2",
+            "--out", str(out), *extra]
+
+
+def _weights(run_dir):
+    return torch.load(Path(run_dir) / "last.pt", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("script", list(METHODS))
+def test_same_seed_same_result_and_exact_resume(script, tiny, tmp_path):
+    mod = METHODS[script]
+    for name, epochs in (("a", "2"), ("b", "2"), ("c", "1")):
+        mod.main(_quick(tiny, tmp_path / name, "--epochs", epochs, "--seed", "3"))
+    run = {n: next((tmp_path / n).iterdir()) for n in "abc"}
+    mod.main(_quick(tiny, tmp_path / "c", "--epochs", "2", "--seed", "3", "--resume", str(run["c"] / "last.pt")))
+    wa, wb, wc = _weights(run["a"]), _weights(run["b"]), _weights(run["c"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)            # same seed -> same weights on CPU
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)            # 1 epoch + resume == 2 epochs
+    assert torch.load(run["c"] / "last.pt", weights_only=False)["epoch"] == 2
+    res = json.loads((run["a"] / "results.json").read_text())
+    for key in ("method", "data", "split", "protocol", "n", "seconds", "test", "baselines", "audio_swapped"):
+        assert key in res
+    assert set(res["test"]) == {"ciou@0.5", "auc", "mean_ciou"} and "center" in res["baselines"]
+    assert {"args.json", "log.txt", "best.pt", "last.pt"} <= {p.name for p in run["a"].iterdir()}
+
+
+@pytest.mark.parametrize("script", list(METHODS))
+def test_eval_maps_viz_and_predict(script, tiny, tmp_path):
+    mod = METHODS[script]
+    mod.main(_quick(tiny, tmp_path / "run", "--epochs", "1"))
+    run = next((tmp_path / "run").iterdir())
+    r = run_py(script, "--eval", "--ckpt", run / "best.pt", "--data", tiny, "--save-maps", tmp_path / "maps.npz",
+               "--viz", "2", "--out", tmp_path / "ev", "--protocol", "abs0.5")
+    assert "protocol=abs0.5" in r.stdout and "N evaluated 8 / listed 8" in r.stdout
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert len(list((tmp_path / "ev" / "viz").glob("*.png"))) == 2
+    r2 = run_py("eval_cioU.py", "--pred", tmp_path / "maps.npz", "--gt", tiny / "annotations.json", "--split",
+                tiny / "splits" / "test.txt", "--protocol", "abs0.5", "--json", tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text())["test"] == pytest.approx(res["test"])
+    ids = C.read_split(tiny / "splits" / "test.txt")
+    run_py(script, "--predict", "--ckpt", run / "best.pt", "--image", tiny / "frames" / f"{ids[0]}.jpg",
+           "--audio", tiny / "audio" / f"{ids[0]}.wav", "--out", tmp_path / "heat.png")
+    from PIL import Image
+    assert Image.open(tmp_path / "heat.png").size[0] == 3 * Image.open(tmp_path / "heat.png").size[1]
+
+
+@pytest.mark.parametrize("script", list(METHODS))
+def test_clear_errors_not_tracebacks(script, tiny, tmp_path):
+    # real data defaults to the paper preset, whose ImageNet weights cannot be downloaded here
+    r = run_py(script, "--train", "--data", tiny, "--out", tmp_path, check=False,
+               env_extra={"TORCH_HOME": str(tmp_path / "th"), "https_proxy": "http://127.0.0.1:9",
+                          "HTTPS_PROXY": "http://127.0.0.1:9"})
+    assert r.returncode == 2 and "--no-pretrained" in r.stderr and "Traceback" not in r.stderr
+    r = run_py(script, "--eval", "--ckpt", tmp_path / "none.pt", "--data", tiny, check=False)
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr
