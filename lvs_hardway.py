@@ -231,11 +231,11 @@ def train(args):
     log(f"LVS | loss {args.loss} | data {args.data} | preset {args.preset} | device {device} x{world} | run {run_dir}")
     model = build_model(args).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    start, best = 0, -1.0
+    start, best, history = 0, -1.0, []
     if ck:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        start, best = ck["epoch"], ck["best"]
+        start, best, history = ck["epoch"], ck["best"], ck["history"]
         log(f"resumed from {args.resume} at epoch {start}")
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -270,10 +270,11 @@ def train(args):
         if main_proc:
             res = evaluate(model, val_ds, ann, args, device, baselines=False)
             score = res["test"]["ciou@0.5"]
+            history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "val": res["test"]})
             log(f"epoch {epoch + 1}/{args.epochs} loss {tot / max(n, 1):.4f} | val {C.fmt_metrics(res['test'])} "
                 f"({res['protocol']}, N={res['n']}) | {time.time() - t0:.0f}s")
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                     "best": max(best, score), "args": vars(args)}
+                     "best": max(best, score), "history": history, "args": vars(args)}
             C.save_checkpoint(run_dir / "last.pt", state)
             if score >= best:
                 best = score

@@ -736,3 +736,24 @@ def test_clear_errors_not_tracebacks(script, tiny, tmp_path):
     assert r.returncode == 2 and "--no-pretrained" in r.stderr and "Traceback" not in r.stderr
     r = run_py(script, "--eval", "--ckpt", tmp_path / "none.pt", "--data", tiny, check=False)
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+@pytest.fixture(scope="session")
+def learn_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learn")
+    C.make_synthetic(root, n_classes=4, sizes=dict(train=480, val=64, test=64), log=lambda *a: None)
+    return root
+
+
+@pytest.mark.parametrize("script,epochs", [("ez_vsl.py", 5), ("lvs_hardway.py", 4)])
+def test_short_synthetic_run_learns_and_uses_the_sound(script, epochs, learn_root, tmp_path):
+    METHODS[script].main(["--train", "--data", str(learn_root), "--preset", "cpu", "--epochs", str(epochs),
+                          "--batch-size", "32", "--lr", "1e-3", "--out", str(tmp_path)])
+    run = next(tmp_path.iterdir())
+    hist = torch.load(run / "last.pt", weights_only=False)["history"]
+    res = json.loads((run / "results.json").read_text())
+    first, last = hist[0]["val"]["mean_ciou"], max(h["val"]["mean_ciou"] for h in hist)
+    assert last > first + 0.08, hist                                          # the validation score goes up
+    assert res["test"]["mean_ciou"] > res["audio_swapped"]["mean_ciou"] + 0.05, res   # it uses the sound
+    if script == "lvs_hardway.py":                                            # and beats the centred prior
+        assert res["test"]["ciou@0.5"] > res["baselines"]["center"]["ciou@0.5"] + 0.15, res
