@@ -757,3 +757,146 @@ def test_short_synthetic_run_learns_and_uses_the_sound(script, epochs, learn_roo
     assert res["test"]["mean_ciou"] > res["audio_swapped"]["mean_ciou"] + 0.05, res   # it uses the sound
     if script == "lvs_hardway.py":                                            # and beats the centred prior
         assert res["test"]["ciou@0.5"] > res["baselines"]["center"]["ciou@0.5"] + 0.15, res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SSPL
+# ---------------------------------------------------------------------------------------------------------
+import sspl  # noqa: E402
+import csol_classaware as csol  # noqa: E402
+
+
+def test_sspl_attention_module_hand_worked():
+    V = torch.tensor([[[[3.0, 0.0]], [[4.0, 2.0]]]])        # (1, c=2, 1, 2): locations (3, 4) and (0, 2)
+    fa = torch.tensor([[0.0, 1.0]])
+    f_av, S, S_t = sspl.attention(V, fa)
+    np.testing.assert_allclose(S[0, 0].numpy(), [0.8, 1.0], atol=1e-6)          # Eq. 3: cosines 4/5 and 2/2
+    np.testing.assert_allclose(S_t[0, 0].numpy(), [0.0, 1.0], atol=1e-6)        # Eq. 5: min-max
+    np.testing.assert_allclose(f_av[0].numpy(), [0.0, 2.0], atol=1e-5)          # Eq. 4: 0*(3,4) + 1*(0,2)
+
+
+def test_sspl_loss_and_stop_gradient():
+    torch.manual_seed(0)
+    head = sspl.SimSiamHead(8, 16, 4)
+    f1, f2 = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    loss, _ = sspl.sspl_loss(head, f1, f2)
+    z1, z2 = head.projector(f1), head.projector(f2)
+    p1, p2 = head.predictor(z1), head.predictor(z2)
+    cos = torch.nn.functional.cosine_similarity
+    assert loss.item() == pytest.approx((-0.5 * cos(p1, z2).mean() - 0.5 * cos(p2, z1).mean()).item(), rel=1e-5)
+    z = torch.randn(6, 16, requires_grad=True)
+    sspl.ncs(torch.randn(6, 16, requires_grad=True), z).backward()
+    assert z.grad is None                                  # SG(z): no gradient reaches z
+    # the gradient reaching view 2 comes only through its own prediction p2 (z2 is a constant for p1's term)
+    g_full = torch.autograd.grad(loss, f2, retain_graph=True)[0]
+    g_p2 = torch.autograd.grad(-0.5 * cos(head.predictor(head.projector(f2)), z1.detach()).mean(), f2)[0]
+    torch.testing.assert_close(g_full, g_p2)
+
+
+def test_pcm_shapes_per_cycle_bn_parameter_count_and_gradients():
+    pcm = sspl.PCM(512, 128, cycles=4)
+    assert sum(p.numel() for p in pcm.parameters()) == 9_859_712          # the official PCNet count
+    small = sspl.PCM(16, 8, cycles=3)
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
+             for m in (small.feedback[1], small.feedback[2], small.feedforward[1], small.feedforward[2])]
+    f_a = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    out = small(torch.randn(4, 16, 14, 14), f_a)
+    for h in hooks:
+        h.remove()
+    assert out.shape == (4, 16, 14, 14)
+    assert set(sizes) == {(3, 3), (7, 7), (14, 14)}                         # r1 3x3, r2 7x7, r3 14x14
+    assert all(bn.num_batches_tracked.item() == 1 for bn in list(small.bn_pred) + list(small.bn_err))  # one BN per cycle
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in list(small.a) + list(small.b))
+    small.eval()
+    for T in (1, 3, 6):                                                     # test-time cycles differ from training
+        assert small(torch.randn(2, 16, 14, 14), f_a[:2], cycles=T).shape == (2, 16, 14, 14)
+    fresh = sspl.PCM(16, 8, cycles=3)
+    fresh.load_state_dict(small.state_dict())                               # same keys whatever T is used at test
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CSOL
+# ---------------------------------------------------------------------------------------------------------
+def _csol_identity_net(c=3, K=2):
+    net = csol.LocationNet("small", K)
+    net.conv_v, net.fc_a = torch.nn.Identity(), torch.nn.Identity()
+    return net
+
+
+def test_csol_eq1_eq2_on_tiny_tensors():
+    net = _csol_identity_net()
+    v = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]], [[0.0, 0.0]]]])          # (1, 3, 1, 2): e1 and e2
+    a = torch.tensor([[1.0, 0.0, 0.0]])
+    l = net.loc_map(v, a)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    np.testing.assert_allclose(l[0, 0].detach().numpy(), [sig(5.0), sig(0.0)], rtol=1e-6)   # Eq. 1, w = 5
+    v2 = torch.cat([v, v.flip(-1)])                                          # image 1 has the match on the right
+    a2 = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    loss = csol.stage1_loc_loss(net, v2, a2).item()
+    # positives: GMP of own pair = sig(5) for both; negatives (audio i, image i-1): a0 vs v1 -> sig(5), a1 vs v0 -> sig(5)
+    ref = -(2 * np.log(sig(5.0)) + 2 * np.log(1 - sig(5.0))) / 4
+    assert loss == pytest.approx(ref, rel=1e-5)
+
+
+def test_csol_masked_object_pooling():
+    v = torch.arange(2 * 25, dtype=torch.float32).view(1, 2, 5, 5)
+    l = torch.zeros(1, 5, 5)
+    l[0, 2, 2] = 0.9                                                         # one interior pixel above 0.05
+    o = csol.object_features(v, l, 0.05, "official")
+    cross = [(2, 2), (1, 2), (3, 2), (2, 1), (2, 3)]                         # dilated by the 4-neighbour cross
+    ref = [sum(v[0, c, y, x].item() for y, x in cross) / 25 for c in range(2)]
+    np.testing.assert_allclose(o[0].numpy(), ref, rtol=1e-6)
+    l2 = torch.zeros(1, 5, 5)
+    l2[0, 0, 0] = 0.9                                                        # border pixels do not spread
+    np.testing.assert_allclose(csol.object_features(v, l2)[0].numpy(), [v[0, c, 0, 0].item() / 25 for c in range(2)])
+    lp = torch.rand(1, 5, 5)
+    ref = (v * lp[:, None]).sum((2, 3)) / lp.sum()
+    torch.testing.assert_close(csol.object_features(v, lp, pool="paper"), ref)   # Eq. 3
+
+
+def test_csol_dictionary_from_known_clusters():
+    rng = np.random.default_rng(0)
+    centers = np.array([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])
+    truth = np.repeat([0, 1, 2], 20)
+    feats = centers[truth] + rng.normal(0, 0.3, (60, 3))
+    D, labels, _ = csol.build_dictionary(feats, 3, seed=0)
+    assert csol.nmi_score(truth, labels) == pytest.approx(1.0)
+    for k in range(3):
+        np.testing.assert_allclose(D[k], feats[labels == k].mean(0), rtol=1e-5)
+        assert np.linalg.norm(D[k] - centers[truth[labels == k][0]]) < 0.3
+
+
+def test_csol_hungarian_matches_brute_force():
+    import itertools
+    # P(cluster | class): cluster 0 is everyone's favourite, so per-cluster argmax would leave class 2 empty
+    L = np.array([[0.6, 0.3, 0.1, 0.0],
+                  [0.5, 0.1, 0.0, 0.4],
+                  [0.4, 0.0, 0.35, 0.25]])
+    assign = csol.hungarian_assign(L)
+    score = lambda a: sum(L[a[j], j] for j in range(4))  # noqa: E731
+    best = max((a for a in itertools.product(range(3), repeat=4) if set(a) == {0, 1, 2}), key=score)
+    assert set(assign) == {0, 1, 2}
+    assert score(assign) == pytest.approx(score(best))
+    with pytest.raises(C.UserError):
+        csol.hungarian_assign(L[:, :2])
+
+
+def test_csol_eq7_to_11_with_a_silent_class():
+    net = _csol_identity_net(K=2)
+    net.D = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])                         # keys of class A and class B
+    v = torch.tensor([[[[2.0, 0.0]], [[0.0, 3.0]], [[0.0, 0.0]]]])           # A at the left pixel, B at the right
+    l = torch.tensor([[[1.0, 0.0]]])                                         # only the left pixel sounds (B silent)
+    s = csol.class_maps(net, v, l, affine=False)
+    np.testing.assert_allclose(s[0, :, 0].numpy(), [[2.0, 0.0], [0.0, 0.0]])  # Eq. 7-8: B is suppressed by l
+    a_logits = torch.tensor([[1.0, -1.0]])
+    pv = torch.softmax(torch.tensor([1.0, 0.0]), 0)                          # Eq. 9: GAP over 2 pixels -> (1, 0)
+    pa = torch.softmax(a_logits[0], 0)                                       # Eq. 10
+    kl_paper = float((pv * (pv / pa).log()).sum())
+    kl_official = float((pa * (pa / pv).log()).sum() / 2)                    # reversed, mean over the K elements
+    assert csol.kl_consistency(s, a_logits, "paper").item() == pytest.approx(kl_paper, rel=1e-5)
+    assert csol.kl_consistency(s, a_logits, "official").item() == pytest.approx(kl_official, rel=1e-5)
+    S = csol.final_maps(s, 1.0)                                              # Eq. 13: softmax over classes per pixel
+    np.testing.assert_allclose(S[0, :, 0, 0].numpy(), torch.softmax(torch.tensor([2.0, 0.0]), 0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(S.sum(1).numpy(), 1.0, rtol=1e-6)

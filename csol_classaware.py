@@ -1,0 +1,555 @@
+"""CSOL: "Class-aware Sounding Objects Localization via Audiovisual Correspondence", Di Hu, Yake Wei, Rui Qian,
+Weiyao Lin, Ruihua Song, Ji-Rong Wen, IEEE TPAMI 2021 (extends "Discriminative Sounding Objects Localization via
+Self-supervised Audiovisual Matching", NeurIPS 2020).
+Paper: https://arxiv.org/abs/2112.11749    Official code: https://github.com/GeWu-Lab/CSOL_TPAMI2021
+
+Idea. Two stages. Stage one learns, on single-source clips, where a sound comes from (audio-visual matching with
+a sigmoid localization map), pools the visual features inside the sounding area into object representations,
+clusters them into an object dictionary (one key per pseudo category) and trains audio and visual classifiers
+on the cluster labels, alternating localization and classification. Stage two, on "cocktail-party" clips with
+several sounding and silent objects, lights up every object of every category by the dictionary keys, keeps
+only those inside the sounding area, and aligns the category distribution of the sounding objects with the one
+the stage-one audio classifier predicts from the mixed sound.
+
+Equations implemented (paper numbering):
+  (1) l = sigmoid(conv1x1(cos(g(a), f(v))))                           the audio-visual localization map
+  (2) L_loc = BCE(y_match, GMP(l(g(a_i), f(v_j))))                    matched / mismatched pairs
+  (3) o_i = sum_mn f(v_i)(m,n) l_i(m,n) / sum_mn l_i(m,n)              object representation (--obj-pool paper)
+  (4)-(5) L_clu = sum_i min_{y_i} ||o_i - D^T y_i||^2, y_i one-hot   k-means: dictionary D (K x C), pseudo labels
+  (6) L_cls = CE(y*, h_a(a)) + CE(y*, h_v(v))                          pseudo-label classification
+  (7) m_i^k = d_k . f(v_i^c)         (8) s_i^k = m_i^k o l_i           class maps; silent objects suppressed by l
+  (9) p_v = softmax([GAP(s^1) ... GAP(s^K)])      (10) p_a = softmax(h_a(g(a^c)))   (frozen stage-one model)
+  (11) L_c = KL(p_v || p_a)          (12) L_2 = L_c + lambda L_loc       (13) S(m,n) = softmax_k s^k(m,n)
+
+Run:
+  python csol_classaware.py --train                    # synthetic benchmark: stage one on the single-source
+                                                       # splits, stage two on the cocktail splits (cpu preset)
+  python csol_classaware.py --train --stage 1 ...      # or --stage 2 --ckpt <stage-one run>/stage1.pt
+  python csol_classaware.py --train --data ROOT --clusters 11 --cocktail-train-split ROOT/splits/synthetic_train.txt ...
+  python csol_classaware.py --eval --ckpt runs/<run>/stage2.pt --data ROOT
+  python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --image frame.jpg --audio clip.wav --out heat.png
+
+Deviations (from the paper P, from the official code O), and why:
+  1. (O) Cluster-to-category assignment by an exact optimum (Hungarian, scipy) of the official objective
+     sum P(cluster | class) with every class owning >= 1 cluster, on the labelled *validation* items; labels are
+     used only for evaluation (official: 10^6 random trials on training labels, then "manually ensure" it).
+  2. (O) Defaults follow the official code: binary mask l > 0.05 with 4-neighbour dilation and division by
+     H*W for the object features (--obj-pool paper: Eq. 3); dictionary = per-cluster mean of the raw features of
+     L2-normalised k-means; heads = single linear layers re-created every epoch on whole-image GAP features
+     (paper: MLPs on object features); the class maps pass through the official learned scalar affine
+     (--no-obj-affine removes it); stage-two negatives are the 2x2 quadrants of another grid; x3 before the
+     final softmax at test. (P) The KL is the paper's KL(p_v || p_a) with batch-mean reduction by default;
+     --kl official gives the official KL(p_a || p_v) averaged over all B*K elements.
+  3. (O) The official scripts crash as shipped (an unexpected `cluster` keyword, K hard-coded to 11, KMeans
+     algorithm='full', missing list files); these are rebuilt here with K as a parameter. Evaluation picks the
+     frame deterministically (official: a random frame per second, also at test).
+  4. (O) NSA is computed on the class maps of the silent classes (all classes without a sounding box, as
+     official) after summing clusters per class; the official loop mixes cluster and class indices, which
+     coincides with ours when K equals the number of classes.
+  5. (O) Checkpoints: stage one keeps the localization checkpoint with the best validation single-source score
+     (stage1_best.pt, the official "_av_local") and the last one with its dictionary (stage1.pt, "_av_class"),
+     which initialises stage two.
+  6. cpu preset (synthetic benchmark only): small CNNs (visual stride 8, 112 px -> 14x14), K = number of
+     classes (6), 8 stage-one epochs with one classification pass each, 6 stage-two epochs.
+"""
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+METHOD = "csol_classaware"
+
+# ----------------------------------------------------------------------------------------------------------
+# Config / CLI
+# ----------------------------------------------------------------------------------------------------------
+PRESETS = {
+    # official (MUSIC): Adam 1e-4 wd 1e-4, batch 32 pairs, 15 stage-one epochs (3 classification passes each,
+    # heads Adam 1e-3), K = 11, 5 stage-two epochs, lambda 0.5
+    "paper": dict(epochs=15, epochs2=5, batch_size=32, lr=1e-4, image_size=224, encoder="resnet18",
+                  clusters=11, class_iter=3),
+    "cpu": dict(epochs=8, epochs2=6, batch_size=32, lr=5e-4, image_size=112, encoder="small",
+                clusters=6, class_iter=1),
+}
+SR, CLIP_SECONDS = 16000, 1.0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="CSOL (TPAMI 2021) - see the module docstring")
+    C.add_standard_args(p)
+    p.add_argument("--stage", choices=["1", "2", "both"], default="both", help="which stage(s) --train runs")
+    p.add_argument("--epochs2", type=int, help="stage-two epochs (official 5)")
+    p.add_argument("--clusters", type=int, help="K, dictionary size (>= number of classes; official 11 on MUSIC)")
+    p.add_argument("--class-iter", type=int, help="classification passes per stage-one epoch (official 3)")
+    p.add_argument("--mask-threshold", type=float, default=0.05, help="l > this marks the object area (official)")
+    p.add_argument("--obj-pool", choices=["official", "paper"], default="official", help="object feature pooling")
+    p.add_argument("--no-obj-affine", action="store_true", help="drop the official scalar affine on class maps")
+    p.add_argument("--kl", choices=["paper", "official"], default="paper", help="Eq. 11 direction / reduction")
+    p.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 12 (official 0.5)")
+    p.add_argument("--map-temp", type=float, default=3.0, help="factor before the softmax of Eq. 13 at test (official 3)")
+    p.add_argument("--cocktail-train-split", help="stage-two training ids (default ROOT/splits/cocktail_train.txt)")
+    p.add_argument("--cocktail-val-split", help="stage-two validation ids (default ROOT/splits/cocktail_val.txt)")
+    p.add_argument("--cocktail-test-split", help="class-aware test ids (default ROOT/splits/cocktail_test.txt)")
+    p.add_argument("--image-size", type=int, help="input image side (official 224)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+class LocationNet(nn.Module):
+    """Trunks f (visual, 14x14) and g (audio), projections to 128-d, the map l of Eq. 1, the classification heads
+    h_v, h_a (Eq. 6) and, in stage two, the dictionary D (Eq. 7) with the official scalar affine."""
+
+    def __init__(self, encoder="resnet18", K=11):
+        super().__init__()
+        if encoder == "resnet18":
+            self.imgnet, self.audnet, c = C.ResNet18Trunk(3, stride=16), C.ResNet18Trunk(1, stride=16), 512
+        else:
+            self.imgnet, self.audnet = C.SmallCNN(3, strides=(2, 1, 2, 1)), C.SmallCNN(1, strides=(2, 2, 2, 2))
+            c = self.imgnet.out_channels
+        self.conv_v = nn.Sequential(nn.Conv2d(c, 128, 1), nn.ReLU(inplace=True), nn.Conv2d(128, 128, 1))
+        self.fc_a = nn.Sequential(nn.Linear(c, 128), nn.ReLU(inplace=True), nn.Linear(128, 128))
+        self.conv_av = nn.Conv2d(1, 1, 1, bias=False)
+        self.conv_av.weight.data.fill_(5.0)                               # official init: l = sigmoid(5 cos)
+        self.h_v, self.h_a = nn.Linear(c, K), nn.Linear(c, K)
+        self.obj_affine = nn.Conv3d(1, 1, 1)                              # official obj_conv: alpha * m + beta
+        self.register_buffer("D", torch.zeros(K, c))                      # the dictionary (set after stage one)
+        self.channels = c
+        for m in self.audnet.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def reset_heads(self, K):
+        """Official: fresh single-layer heads (N(0, 0.01), bias 0) every stage-one epoch."""
+        dev = self.D.device
+        self.h_v, self.h_a = nn.Linear(self.channels, K).to(dev), nn.Linear(self.channels, K).to(dev)
+        for h in (self.h_v, self.h_a):
+            nn.init.normal_(h.weight, 0, 0.01)
+            nn.init.zeros_(h.bias)
+
+    def features(self, image, spec):
+        v_fea = self.imgnet(image)                                        # f(v), (B, c, h, w)
+        a_fea = self.audnet(spec).amax((2, 3))                            # g's trunk + global max pool, (B, c)
+        return v_fea, a_fea
+
+    def loc_map(self, v_fea, a_fea):
+        """Eq. 1: l = sigmoid(w * cos(g(a), f(v))) with the 1x1 conv w (B, h, w)."""
+        v = F.normalize(self.conv_v(v_fea), dim=1)
+        a = F.normalize(self.fc_a(a_fea), dim=1)
+        return torch.sigmoid(self.conv_av(torch.einsum("bchw,bc->bhw", v, a)[:, None]))[:, 0]
+
+
+def build_model(args) -> LocationNet:
+    model = LocationNet(args.encoder, args.clusters)
+    if args.encoder == "resnet18" and not args.no_pretrained:
+        C.load_weights(model.imgnet, args.weights or "imagenet", "resnet18")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------------
+def stage1_loc_loss(model, v_fea, a_fea):
+    """Eq. 2 with one mismatched image per audio (the next clip of the batch): BCE on GMP(l) over 2B pairs."""
+    B = v_fea.shape[0]
+    l_pos = model.loc_map(v_fea, a_fea)
+    l_neg = model.loc_map(v_fea.roll(1, 0), a_fea)
+    gmp = torch.cat([l_pos.flatten(1).amax(1), l_neg.flatten(1).amax(1)])
+    y = torch.cat([torch.ones(B), torch.zeros(B)]).to(gmp)
+    return F.binary_cross_entropy(gmp.float().clamp(1e-6, 1 - 1e-6), y)
+
+
+def object_features(v_fea, l, threshold=0.05, pool="official"):
+    """Eq. 3. official: m = dilate(l > threshold) (4-neighbour cross, interior pixels), o = sum(f * m) / (H W);
+    paper: o = sum(f * l) / sum(l). v_fea (B, c, h, w), l (B, h, w) -> (B, c)."""
+    if pool == "paper":
+        return (v_fea * l[:, None]).sum((2, 3)) / l.sum((1, 2))[:, None].clamp_min(1e-12)
+    m = (l > threshold).float()
+    grown = m.clone()
+    inner = m[:, 1:-1, 1:-1] > 0                                          # official: only non-border pixels spread
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        grown[:, 1 + dy:m.shape[1] - 1 + dy, 1 + dx:m.shape[2] - 1 + dx][inner] = 1.0
+    return (v_fea * grown[:, None]).sum((2, 3)) / (m.shape[1] * m.shape[2])
+
+
+def build_dictionary(obj_feats: np.ndarray, K: int, seed: int = 0):
+    """Eq. 4-5 by k-means on the L2-normalised object features; D = per-cluster mean of the raw features (official).
+    Returns (D (K, c), labels). An empty cluster keeps a zero key."""
+    from sklearn.cluster import KMeans
+    x = obj_feats / np.maximum(np.linalg.norm(obj_feats, axis=1, keepdims=True), 1e-12)
+    km = KMeans(n_clusters=K, n_init=10, random_state=seed).fit(x)
+    D = np.stack([obj_feats[km.labels_ == k].mean(0) if (km.labels_ == k).any() else np.zeros(obj_feats.shape[1])
+                  for k in range(K)])
+    return D.astype(np.float32), km.labels_, km
+
+
+def class_maps(model, v_fea, l, affine=True):
+    """Eq. 7-8: m^k = d_k . f(v) (raw features, raw keys), optional official affine, s^k = m^k o l -> (B, K, h, w)."""
+    m = torch.einsum("bchw,kc->bkhw", v_fea.float(), model.D)
+    if affine:
+        m = model.obj_affine(m[:, None])[:, 0]
+    return m * l[:, None]
+
+
+def kl_consistency(s, a_logits_fixed, direction="paper"):
+    """Eq. 9-11: p_v = softmax(GAP(s)), p_a = softmax(h_a(g(a))) of the frozen stage-one model.
+    paper: KL(p_v || p_a) summed over K, mean over the batch; official: KLDivLoss(log p_v, p_a), i.e.
+    KL(p_a || p_v) averaged over all B*K elements."""
+    log_pv = F.log_softmax(s.mean((2, 3)), dim=1)                         # Eq. 9
+    log_pa = F.log_softmax(a_logits_fixed, dim=1)                         # Eq. 10 (temperature 1)
+    if direction == "official":
+        return (log_pa.exp() * (log_pa - log_pv)).mean()
+    return (log_pv.exp() * (log_pv - log_pa)).sum(1).mean()
+
+
+def stage2_loc_loss(model, v_fea, a_fea):
+    """Official stage-two L_loc: positives GMP(l(a_i, v_i)) -> 1; negatives: the four 2x2-quadrant maxima of
+    l(a_i, v_j) on another grid -> 0; 0.5 (BCE_pos + BCE_neg)."""
+    l_pos = model.loc_map(v_fea, a_fea).flatten(1).amax(1)
+    l_neg = F.adaptive_max_pool2d(model.loc_map(v_fea.roll(1, 0), a_fea)[:, None], 2).flatten()
+    eps = 1e-6
+    return 0.5 * (F.binary_cross_entropy(l_pos.float().clamp(eps, 1 - eps), torch.ones_like(l_pos).float())
+                  + F.binary_cross_entropy(l_neg.float().clamp(eps, 1 - eps), torch.zeros_like(l_neg).float()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Localization maps
+# ----------------------------------------------------------------------------------------------------------
+def final_maps(s, temp=3.0):
+    """Eq. 13: per-pixel softmax over the K categories (x temp, official 3 at test)."""
+    return torch.softmax(temp * s, dim=1)
+
+
+def hungarian_assign(label2cluster: np.ndarray) -> np.ndarray:
+    """Exact optimum of the official matching objective: every cluster j gets one class, every class >= 1 cluster,
+    maximising sum_j L[class(j), j] with L[i, j] = P(cluster j | class i). Hungarian on a K x K matrix: C mandatory
+    class columns plus K - C free columns worth max_i L[i, j]. Returns class index per cluster (K,)."""
+    from scipy.optimize import linear_sum_assignment
+    Cn, K = label2cluster.shape
+    if K < Cn:
+        raise C.UserError(f"K = {K} clusters cannot cover {Cn} classes; use --clusters >= {Cn}")
+    M = np.concatenate([label2cluster.T, np.repeat(label2cluster.max(0)[:, None], K - Cn, 1)], 1)   # (K, K)
+    rows, cols = linear_sum_assignment(-M)
+    out = np.empty(K, int)
+    for j, c in zip(rows, cols):
+        out[j] = c if c < Cn else int(np.argmax(label2cluster[:, j]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train
+# ----------------------------------------------------------------------------------------------------------
+def make_dataset(args, split_file, train: bool):
+    ids = C.read_split(split_file)[: args.limit]
+    tf = C.image_transform("csol_train" if train else "squash", args.image_size)
+    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+
+
+def loader_for(ds, args, epoch, shuffle=True):
+    return torch.utils.data.DataLoader(ds, args.batch_size, shuffle=shuffle, num_workers=args.workers,
+                                       drop_last=shuffle and len(ds) >= args.batch_size,
+                                       generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+
+
+@torch.no_grad()
+def extract_objects(model, ds, args, device):
+    """Object features (Eq. 3) of every clip of ds (positive pairs, eval mode)."""
+    model.eval()
+    feats = []
+    for img, wav, _ in loader_for(ds, args, 0, shuffle=False):
+        v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+        feats.append(object_features(v_fea, model.loc_map(v_fea, a_fea), args.mask_threshold, args.obj_pool).cpu())
+    return torch.cat(feats).numpy()
+
+
+def class_labels(ann, ids, names):
+    return np.array([names.index(ann[i]["class"]) for i in ids])
+
+
+def train_stage1(args, device, log, run_dir):
+    model = build_model(args).to(device)
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
+                           lr=args.lr, weight_decay=1e-4)
+    train_ds, val_ds = make_dataset(args, args.train_split, True), make_dataset(args, args.val_split, False)
+    ann = C.load_annotations(args.annotations)
+    names = sorted({ann[i]["class"] for i in train_ds.ids + val_ds.ids if i in ann})
+    log(f"stage one: {len(train_ds)} single-source clips, val {len(val_ds)}; K = {args.clusters}; audio 1 s -> "
+        f"log-mel {tuple(C.csol_log_mel(torch.zeros(1, SR)).shape[2:])}")
+    best, history, t0 = -1.0, [], time.time()
+    for epoch in range(args.epochs):
+        C.seed_everything(args.seed * 1000 + epoch)
+        model.train()
+        tot, n = 0.0, 0
+        for step, (img, wav, _) in enumerate(C.progress(loader_for(train_ds, args, epoch), f"stage 1 loc {epoch + 1}")):
+            if args.max_steps and step >= args.max_steps:
+                break
+            v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+            loss = stage1_loc_loss(model, v_fea, a_fea)                   # Eq. 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot, n = tot + loss.item(), n + 1
+        nmi = None
+        if epoch >= 1:                                                    # official: cluster + classify from epoch 1
+            feats = extract_objects(model, train_ds, args, device)
+            D, labels, km = build_dictionary(feats, args.clusters, args.seed)   # Eq. 4-5
+            model.D.copy_(torch.from_numpy(D))
+            model.kmeans = km
+            val_pseudo = km.predict(_l2(extract_objects(model, val_ds, args, device)))
+            nmi = nmi_score(class_labels(ann, val_ds.ids, names), val_pseudo) if all(i in ann for i in val_ds.ids) else None
+            model.reset_heads(args.clusters)
+            heads = torch.optim.Adam(list(model.h_v.parameters()) + list(model.h_a.parameters()), lr=1e-3,
+                                     weight_decay=1e-4)
+            lab = dict(zip(train_ds.ids, labels.tolist()))
+            for it in range(args.class_iter):                             # Eq. 6 on the pseudo labels
+                model.train()
+                for step, (img, wav, ids) in enumerate(loader_for(train_ds, args, epoch * 10 + it + 1)):
+                    if args.max_steps and step >= args.max_steps:
+                        break
+                    v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+                    y = torch.tensor([lab[i] for i in ids], device=device)
+                    loss = F.cross_entropy(model.h_v(v_fea.mean((2, 3))), y) + F.cross_entropy(model.h_a(a_fea), y)
+                    opt.zero_grad(set_to_none=True), heads.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step(), heads.step()
+        res = evaluate_single(model, val_ds, ann, args, device, baselines=False)
+        score = res["test"]["ciou@0.5"]
+        history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "val": res["test"], "nmi": nmi})
+        log(f"stage 1 epoch {epoch + 1}/{args.epochs} L_loc {tot / max(n, 1):.4f} | val {C.fmt_metrics(res['test'])} "
+            f"({res['protocol']}, N={res['n']})" + (f" | NMI {nmi:.3f}" if nmi is not None else "") +
+            f" | {time.time() - t0:.0f}s")
+        state = {"model": model.state_dict(), "epoch": epoch + 1, "history": history, "args": vars(args),
+                 "classes": names, "stage": 1}
+        if score >= best:
+            best = score
+            C.save_checkpoint(run_dir / "stage1_best.pt", state)
+        C.save_checkpoint(run_dir / "stage1.pt", state)
+    return model
+
+
+def _l2(x):
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nmi_score(y_true, y_pred):
+    from sklearn.metrics import normalized_mutual_info_score
+    return float(normalized_mutual_info_score(y_true, y_pred))
+
+
+def train_stage2(args, device, log, run_dir, model):
+    fixed = copy.deepcopy(model).eval().requires_grad_(False)            # the frozen stage-one audio model (Eq. 10)
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
+                           lr=args.lr, weight_decay=1e-4)
+    train_ds = make_dataset(args, args.cocktail_train_split, True)
+    log(f"stage two: {len(train_ds)} cocktail clips; KL {args.kl}; lambda {args.lam}")
+    history, t0 = [], time.time()
+    for epoch in range(args.epochs2):
+        C.seed_everything(args.seed * 1000 + 500 + epoch)
+        model.train()
+        tot = totc = 0.0
+        n = 0
+        for step, (img, wav, _) in enumerate(C.progress(loader_for(train_ds, args, 500 + epoch), f"stage 2 {epoch + 1}")):
+            if args.max_steps and step >= args.max_steps:
+                break
+            img, spec = img.to(device), C.csol_log_mel(wav.to(device), SR)
+            v_fea, a_fea = model.features(img, spec)
+            s = class_maps(model, v_fea, model.loc_map(v_fea, a_fea), not args.no_obj_affine)   # Eq. 7-8
+            with torch.no_grad():
+                a_logits = fixed.h_a(fixed.features(img, spec)[1])
+            L_c = kl_consistency(s, a_logits, args.kl)                    # Eq. 9-11
+            loss = L_c + args.lam * stage2_loc_loss(model, v_fea, a_fea)  # Eq. 12
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot, totc, n = tot + loss.item(), totc + L_c.item(), n + 1
+        history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "L_c": totc / max(n, 1)})
+        log(f"stage 2 epoch {epoch + 1}/{args.epochs2} L2 {tot / max(n, 1):.4f} L_c {totc / max(n, 1):.4f} | "
+            f"{time.time() - t0:.0f}s")
+        C.save_checkpoint(run_dir / "stage2.pt", {"model": model.state_dict(), "epoch": epoch + 1, "history": history,
+                                                  "args": vars(args), "stage": 2,
+                                                  "classes": getattr(args, "classes", None)})
+    return model
+
+
+def train(args):
+    device = C.resolve_device(args.device)
+    C.seed_everything(args.seed)
+    run_dir = C.make_run_dir(args, METHOD)
+    log = C.RunLog(run_dir / "log.txt")
+    log(f"CSOL | stages {args.stage} | data {args.data} | preset {args.preset} | device {device} | run {run_dir}")
+    t0 = time.time()
+    if args.stage in ("1", "both"):
+        model = train_stage1(args, device, log, run_dir)
+        args.classes = C.load_checkpoint(run_dir / "stage1.pt")["classes"]
+    else:
+        if not args.ckpt:
+            raise C.UserError("--stage 2 needs --ckpt <stage-one run folder or stage1.pt>")
+        model, _ = load_model(Path(args.ckpt) / "stage1.pt" if Path(args.ckpt).is_dir() else args.ckpt, args, device)
+    if args.stage in ("2", "both"):
+        model = train_stage2(args, device, log, run_dir, model)
+    args.ckpt = str(run_dir / ("stage2.pt" if args.stage != "1" else "stage1.pt"))
+    args.out = str(run_dir)
+    run_eval(args, device, log, seconds_train=time.time() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluate
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def compute_outputs(model, ds, args, device, with_classes=False):
+    """{id: l} (single-source map) and, with_classes, {id: S (K, h, w)} (Eq. 13)."""
+    model.eval()
+    loc, cls = {}, {}
+    for img, wav, ids in loader_for(ds, args, 0, shuffle=False):
+        v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+        l = model.loc_map(v_fea, a_fea)
+        S = final_maps(class_maps(model, v_fea, l, not args.no_obj_affine), args.map_temp) if with_classes else None
+        for k, vid in enumerate(ids):
+            loc[vid] = l[k].cpu().numpy()
+            if with_classes:
+                cls[vid] = S[k].cpu().numpy()
+    return loc, cls
+
+
+def evaluate_single(model, ds, ann, args, device, baselines=True):
+    loc, _ = compute_outputs(model, ds, args, device)
+    res = C.evaluate_maps(loc, ann, ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners,
+                          baselines=baselines)
+    res["maps"] = loc
+    return res
+
+
+def cluster_to_class(model, ds, ann, args, device, names):
+    """Labels of the (single-source) validation clips -> the Hungarian cluster->class assignment and the NMI."""
+    feats = extract_objects(model, ds, args, device)
+    y = class_labels(ann, ds.ids, names)
+    pseudo = np.argmax(_l2(feats) @ _l2(model.D.cpu().numpy()).T, 1) if not hasattr(model, "kmeans") \
+        else model.kmeans.predict(_l2(feats))
+    L = np.zeros((len(names), args.clusters))
+    for c, k in zip(y, pseudo):
+        L[c, k] += 1
+    L = L / np.maximum(L.sum(1, keepdims=True), 1)                       # P(cluster | class)
+    return hungarian_assign(L), nmi_score(y, pseudo)
+
+
+def class_aware_eval(cls_maps, ann, ids, assign, names, frac=0.5, tau=0.2):
+    """CIoU@0.3 / AUC / NSA on cocktail images: class map = sum of its clusters' maps (official)."""
+    cious, nsas, examples = [], [], []
+    for vid in ids:
+        S = cls_maps[vid]
+        per_class = {c: S[assign == i].sum(0) for i, c in enumerate(names) if (assign == i).any()}
+        snd = {}
+        for o in ann[vid]["objects"]:
+            if o["sounding"]:
+                snd.setdefault(o["class"], []).append(o["bbox"])
+        silent = [c for c in names if c not in snd]
+        ciou_n, nsa_n = C.class_aware_scores(per_class, snd, silent, frac, tau)
+        cious.append(ciou_n)
+        nsas.append(nsa_n)
+        examples.append(f"{vid}: sounding {sorted(snd)}, silent-in-frame "
+                        f"{sorted(o['class'] for o in ann[vid]['objects'] if not o['sounding'])}")
+    return C.summarize_class_aware(cious, nsas), examples
+
+
+def load_model(path, args, device):
+    ck = C.load_checkpoint(path)
+    a = ck["args"]
+    for k in ("encoder", "clusters", "image_size", "preset"):
+        setattr(args, k, a[k])
+    args.classes = ck.get("classes") or a.get("classes")
+    model = LocationNet(args.encoder, args.clusters)
+    model.load_state_dict(ck["model"])
+    return model.to(device), ck
+
+
+def run_eval(args, device, log, seconds_train=None):
+    t0 = time.time()
+    model, ck = load_model(args.ckpt, args, device)
+    ann = C.load_annotations(args.annotations)
+    ds = make_dataset(args, args.test_split, False)
+    res = evaluate_single(model, ds, ann, args, device)
+    swapped = evaluate_single(model, C.SwapAudio(ds), ann, args, device, baselines=False) if len(ds) > 1 else None
+    extra = {"stage": ck.get("stage")}
+    names = args.classes
+    if ck.get("stage") == 2 and names and Path(args.cocktail_test_split).is_file():
+        val_ds = make_dataset(args, args.val_split, False)
+        assign, nmi = cluster_to_class(model, val_ds, ann, args, device, names)
+        cdata = make_dataset(args, args.cocktail_test_split, False)
+        _, cls = compute_outputs(model, cdata, args, device, with_classes=True)
+        ca, examples = class_aware_eval(cls, ann, cdata.ids, assign, names)
+        rng = np.random.default_rng(args.seed)                            # baseline: classes assigned at random
+        rand = [class_aware_eval(cls, ann, cdata.ids, rng.permutation(assign), names)[0] for _ in range(5)]
+        rand_mean = {k: float(np.mean([r[k] for r in rand])) for k in rand[0]}
+        _, cls_sw = compute_outputs(model, C.SwapAudio(cdata), args, device, with_classes=True)
+        ca_sw, _ = class_aware_eval(cls_sw, ann, cdata.ids, assign, names)
+        fmt = lambda m: (f"CIoU@0.3 {100 * m['ciou@0.3']:6.2f}  AUC {100 * m['auc']:6.2f}  "  # noqa: E731
+                         f"CIoU@0.5 {100 * m['ciou@0.5']:6.2f}  NSA {100 * m['nsa']:6.2f}")
+        log(f"[class-aware] {len(cdata)} cocktail images; class IoU at 0.5 x max of each class map, NSA: share of "
+            f"silent-class pixels <= 0.2; cluster -> class by Hungarian on {len(val_ds)} labelled val clips "
+            f"(NMI {nmi:.3f}): {dict(zip(range(args.clusters), [names[i] for i in assign]))}")
+        log(f"[class-aware] model           {fmt(ca)}")
+        log(f"[class-aware] random classes  {fmt(rand_mean)}   (cluster->class permuted, mean of 5)")
+        log(f"[class-aware] audio-swapped   {fmt(ca_sw)}")
+        for e in examples[:3]:
+            log(f"[class-aware] {e}")
+        extra["class_aware"] = {"test": ca, "random_assignment": rand_mean, "audio_swapped": ca_sw, "nmi": nmi,
+                                "n": len(cdata), "split": str(args.cocktail_test_split),
+                                "assignment": [names[i] for i in assign]}
+    return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0), "l (Eq. 1)",
+                          extra)
+
+
+@torch.no_grad()
+def predict(args, device, log):
+    if not (args.ckpt and args.image and args.audio):
+        raise C.UserError("--predict needs --ckpt, --image and --audio")
+    model, _ = load_model(args.ckpt, args, device)
+    model.eval()
+    frame = C.load_image(args.image)
+    x, sr = C.read_wav(args.audio)
+    if sr != SR:
+        raise C.UserError(f"{args.audio}: {sr} Hz; CSOL expects {SR} Hz (convert with data_prep.py)")
+    img = C.image_transform("squash", args.image_size)(frame)[None].to(device)
+    wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, "center"))[None].to(device)
+    v_fea, a_fea = model.features(img, C.csol_log_mel(wav, SR))
+    heat = model.loc_map(v_fea, a_fea)[0].cpu().numpy()
+    out = args.out or "heat.png"
+    C.save_overlay_png(out, C.denormalize(img[0].cpu()), heat)
+    log(f"heat map (l, Eq. 1) written to {out}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not (args.train or args.eval or args.predict):
+        raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    log = C.RunLog()
+    if args.predict:
+        args.preset = args.preset or "paper"
+        C.apply_preset(args, PRESETS)
+        return predict(args, C.resolve_device(args.device), log)
+    C.resolve_data(args, log)
+    C.apply_preset(args, PRESETS)
+    root = Path(args.data)
+    for k in ("train", "val", "test"):
+        if getattr(args, f"cocktail_{k}_split") is None:
+            setattr(args, f"cocktail_{k}_split", str(root / "splits" / f"cocktail_{k}.txt"))
+    args.protocol = args.protocol or "rel0.1"      # CSOL's single-source tools.py: map > 0.1 max
+    if args.train:
+        return train(args)
+    if not args.ckpt:
+        raise C.UserError("--eval needs --ckpt")
+    return run_eval(args, C.resolve_device(args.device), log)
+
+
+if __name__ == "__main__":
+    C.run_cli(main)
