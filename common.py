@@ -128,12 +128,14 @@ class SmallCNN(nn.Module):
     About 40-60 MMAC per 112-px image or 3 s spectrogram, so a 2-core CPU trains it in minutes.
     """
 
-    def __init__(self, in_channels: int, widths=(32, 64, 128, 128), strides=(2, 1, 2, 2)):
+    def __init__(self, in_channels: int, widths=(32, 64, 128, 128), strides=(2, 1, 2, 2), final_relu: bool = True):
         super().__init__()
         layers = [nn.Conv2d(in_channels, widths[0], 3, stride=strides[0], padding=1, bias=False),
                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         for c_in, w, s in zip(widths[:-1], widths[1:], strides[1:]):
             layers += [nn.Conv2d(c_in, w, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+        if not final_relu:   # end on the last convolution's pre-activation (like SSPL's conv5_3 before its ReLU)
+            layers = layers[:-2]
         self.net = nn.Sequential(*layers)
         self.out_channels = widths[-1]
 

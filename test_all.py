@@ -741,7 +741,8 @@ def test_clear_errors_not_tracebacks(script, tiny, tmp_path):
 @pytest.fixture(scope="session")
 def learn_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
-    C.make_synthetic(root, n_classes=4, sizes=dict(train=480, val=64, test=64), log=lambda *a: None)
+    C.make_synthetic(root, n_classes=4, sizes=dict(train=480, val=64, test=64, cocktail_train=256, cocktail_val=16,
+                                                   cocktail_test=32), log=lambda *a: None)
     return root
 
 
@@ -779,7 +780,7 @@ def test_sspl_loss_and_stop_gradient():
     torch.manual_seed(0)
     head = sspl.SimSiamHead(8, 16, 4)
     f1, f2 = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
-    loss, _ = sspl.sspl_loss(head, f1, f2)
+    loss = sspl.sspl_loss(head, f1, f2)
     z1, z2 = head.projector(f1), head.projector(f2)
     p1, p2 = head.predictor(z1), head.predictor(z2)
     cos = torch.nn.functional.cosine_similarity
@@ -900,3 +901,25 @@ def test_csol_eq7_to_11_with_a_silent_class():
     S = csol.final_maps(s, 1.0)                                              # Eq. 13: softmax over classes per pixel
     np.testing.assert_allclose(S[0, :, 0, 0].numpy(), torch.softmax(torch.tensor([2.0, 0.0]), 0).numpy(), rtol=1e-6)
     np.testing.assert_allclose(S.sum(1).numpy(), 1.0, rtol=1e-6)
+
+
+def test_sspl_short_run_learns_uses_the_sound_and_does_not_collapse(learn_root, tmp_path):
+    sspl.main(["--train", "--data", str(learn_root), "--preset", "cpu", "--epochs", "5", "--batch-size", "32",
+               "--out", str(tmp_path)])
+    run = next(tmp_path.iterdir())
+    hist = torch.load(run / "last.pt", weights_only=False)["history"]
+    res = json.loads((run / "results.json").read_text())
+    assert max(h["val"]["mean_ciou"] for h in hist) > hist[0]["val"]["mean_ciou"] + 0.05, hist
+    assert min(h["f_av_std"] for h in hist) > 0.5 / np.sqrt(64), hist      # no collapse of f_av (1/sqrt(c) if spread)
+    assert res["test"]["mean_ciou"] > res["audio_swapped"]["mean_ciou"] + 0.05, res
+
+
+def test_csol_two_stage_run_beats_random_class_assignment(learn_root, tmp_path):
+    csol.main(["--train", "--data", str(learn_root), "--preset", "cpu", "--clusters", "4", "--epochs", "4",
+               "--epochs2", "3", "--out", str(tmp_path)])
+    run = next(tmp_path.iterdir())
+    res = json.loads((run / "results.json").read_text())
+    ca = res["class_aware"]
+    assert ca["n"] == 32 and ca["nmi"] > 0.3, ca
+    assert ca["test"]["mean_ciou"] > ca["random_assignment"]["mean_ciou"] + 0.05, ca
+    assert {"stage1.pt", "stage1_best.pt", "stage2.pt"} <= {p.name for p in run.iterdir()}
