@@ -1192,6 +1192,42 @@ def make_run_dir(args, method: str) -> Path:
     return d
 
 
+class Run:
+    """What a training run needs before its model exists: rank / world / device (DDP under torchrun), the seed,
+    the run folder (new, or the one of --resume with its checkpoint loaded into .ck) and the log."""
+
+    def __init__(self, args, method: str):
+        self.rank, self.world, self.device = init_distributed(args.device)
+        self.main = self.rank == 0
+        seed_everything(args.seed)
+        if args.resume:
+            self.ck = load_checkpoint(args.resume)
+            self.dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        else:
+            self.ck, self.dir = None, (make_run_dir(args, method) if self.main else None)
+        self.log = RunLog(self.dir / "log.txt" if self.main else None, self.main)
+        self.per_proc = max(1, args.batch_size // self.world)
+
+    def wrap(self, model):
+        """DistributedDataParallel under torchrun, the model itself otherwise."""
+        if self.world == 1:
+            return model
+        ids = [self.device] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def loader(self, ds, args, epoch: int):
+        """The epoch's shuffled loader: reseeds python/numpy/torch from (seed, epoch) first, so an epoch is
+        reproducible on its own and a resumed run continues exactly; DistributedSampler under DDP."""
+        seed_everything(args.seed * 1000 + epoch)
+        sampler = None
+        if self.world > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(ds, self.world, self.rank, seed=args.seed)
+            sampler.set_epoch(epoch)
+        return torch.utils.data.DataLoader(ds, self.per_proc, shuffle=sampler is None, sampler=sampler,
+                                           num_workers=args.workers, drop_last=len(ds) >= self.per_proc,
+                                           generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+
+
 def run_cli(main_fn) -> None:
     """Run a CLI entry point; a UserError becomes one 'error: ...' line and exit status 2, not a traceback."""
     try:

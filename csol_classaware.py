@@ -55,9 +55,11 @@ Deviations (from the paper P, from the official code O), and why:
      default init, alpha ~ U(-1, 1), so the sign of the class maps of Eq. 7 is random at the start of stage two;
      with seed 0 on a 4-class synthetic set we measured alpha -0.29 and inverted class maps (sounding objects
      darker than silent ones, worse than a random class assignment).
+  8. (O) One process only (the official code uses DataParallel): under torchrun it stops with a message.
 """
 import argparse
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -547,6 +549,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if not (args.train or args.eval or args.predict):
         raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise C.UserError("csol_classaware.py runs in one process (k-means needs every object feature in one place); "
+                          "launch it with python, not torchrun")
     log = C.RunLog()
     if args.predict:
         args.preset = args.preset or "paper"

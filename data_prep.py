@@ -17,9 +17,7 @@ import csv
 import json
 import os
 import shutil
-import sys
 from collections import Counter
-from fractions import Fraction
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -417,8 +415,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except C.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    C.run_cli(main)

@@ -13,7 +13,6 @@ methods' results.json.
 """
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 import common as C
@@ -56,8 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except C.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    C.run_cli(main)

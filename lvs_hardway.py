@@ -56,7 +56,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -219,15 +218,8 @@ def make_dataset(args, split_file, train: bool):
 
 
 def train(args):
-    rank, world, device = C.init_distributed(args.device)
-    main_proc = rank == 0
-    C.seed_everything(args.seed)
-    if args.resume:
-        ck = C.load_checkpoint(args.resume)
-        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-    else:
-        ck, run_dir = None, (C.make_run_dir(args, METHOD) if main_proc else None)
-    log = C.RunLog(run_dir / "log.txt" if main_proc else None, main_proc)
+    run = C.Run(args, METHOD)                         # DDP / device, seed, run folder (or --resume), log
+    device, world, main_proc, ck, run_dir, log = run.device, run.world, run.main, run.ck, run.dir, run.log
     log(f"LVS | loss {args.loss} | data {args.data} | preset {args.preset} | device {device} x{world} | run {run_dir}")
     model = build_model(args).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -237,25 +229,16 @@ def train(args):
         opt.load_state_dict(ck["optimizer"])
         start, best, history = ck["epoch"], ck["best"], ck["history"]
         log(f"resumed from {args.resume} at epoch {start}")
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else model
+    net = run.wrap(model)
     amp = C.Amp(device, args.amp)
     train_ds, val_ds = make_dataset(args, args.train_split, True), make_dataset(args, args.val_split, False)
     ann = C.load_annotations(args.annotations)
-    per_proc = max(1, args.batch_size // world)
-    log(f"train {len(train_ds)} clips, val {len(val_ds)}; batch {per_proc} x {world}; audio {SR} Hz: train "
+    log(f"train {len(train_ds)} clips, val {len(val_ds)}; batch {run.per_proc} x {world}; audio {SR} Hz: train "
         f"{TRAIN_SECONDS:.0f} s centred -> {tuple(C.log_spectrogram(torch.zeros(1, int(SR * TRAIN_SECONDS)), SR).shape[2:])}, "
         f"test first {TEST_SECONDS:.0f} s -> {tuple(C.log_spectrogram(torch.zeros(1, int(SR * TEST_SECONDS)), SR).shape[2:])}")
     t0 = time.time()
     for epoch in range(start, args.epochs):
-        C.seed_everything(args.seed * 1000 + epoch)           # each epoch reproducible on its own (exact resume)
-        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, seed=args.seed) \
-            if world > 1 else None
-        if sampler:
-            sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(train_ds, per_proc, shuffle=sampler is None, sampler=sampler,
-                                             num_workers=args.workers, drop_last=len(train_ds) >= per_proc,
-                                             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
         net.train()
         tot, n = 0.0, 0
         for step, (img, wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):

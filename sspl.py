@@ -54,7 +54,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -199,6 +198,13 @@ class SSPL(nn.Module):
         f_v = self.enc_v(image)
         return self.pcm(f_v, f_a, cycles) if self.pcm is not None else f_v
 
+    def forward(self, im1, im2, wav):
+        """The training forward: both views with the same audio through every shared module, then Eq. 8."""
+        fa_t, f_a = self.audio(C.vggish_examples(normalize_audio(wav), SR))
+        f_av1 = attention(self.visual(im1, f_a), fa_t)[0]
+        f_av2 = attention(self.visual(im2, f_a), fa_t)[0]
+        return sspl_loss(self.head, f_av1, f_av2), f_av1
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.frozen:
@@ -290,15 +296,8 @@ def param_groups(model: SSPL, args):
 
 
 def train(args):
-    rank, world, device = C.init_distributed(args.device)
-    main_proc = rank == 0
-    C.seed_everything(args.seed)
-    if args.resume:
-        ck = C.load_checkpoint(args.resume)
-        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-    else:
-        ck, run_dir = None, (C.make_run_dir(args, METHOD) if main_proc else None)
-    log = C.RunLog(run_dir / "log.txt" if main_proc else None, main_proc)
+    run = C.Run(args, METHOD)                         # DDP / device, seed, run folder (or --resume), log
+    device, world, main_proc, ck, run_dir, log = run.device, run.world, run.main, run.ck, run.dir, run.log
     log(f"SSPL {'w/' if args.pcm else 'w/o'} PCM | data {args.data} | preset {args.preset} | device {device} x{world} "
         f"| run {run_dir}")
     model = build_model(args).to(device)
@@ -309,24 +308,15 @@ def train(args):
         opt.load_state_dict(ck["optimizer"])
         start, best, history = ck["epoch"], ck["best"], ck["history"]
         log(f"resumed from {args.resume} at epoch {start}")
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else model
+    net = run.wrap(model)
     amp = C.Amp(device, args.amp)
     train_ds, val_ds = make_dataset(args, args.train_split, True), make_dataset(args, args.val_split, False)
     ann = C.load_annotations(args.annotations)
-    per_proc = max(1, args.batch_size // world)
-    log(f"train {len(train_ds)} clips, val {len(val_ds)}; batch {per_proc} x {world}; audio {CLIP_SECONDS:.0f} s at "
+    log(f"train {len(train_ds)} clips, val {len(val_ds)}; batch {run.per_proc} x {world}; audio {CLIP_SECONDS:.0f} s at "
         f"{SR} Hz -> VGGish patches {tuple(C.vggish_examples(torch.zeros(1, int(SR * CLIP_SECONDS))).shape[1:])}")
     t0 = time.time()
     for epoch in range(start, args.epochs):
-        C.seed_everything(args.seed * 1000 + epoch)           # each epoch reproducible on its own (exact resume)
-        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, seed=args.seed) \
-            if world > 1 else None
-        if sampler:
-            sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(train_ds, per_proc, shuffle=sampler is None, sampler=sampler,
-                                             num_workers=args.workers, drop_last=len(train_ds) >= per_proc,
-                                             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
         net.train()
         tot, n, f_std = 0.0, 0, 0.0
         for step, ((im1, im2), wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}",
@@ -335,10 +325,7 @@ def train(args):
                 break
             im1, im2, wav = im1.to(device), im2.to(device), wav.to(device)
             with amp.autocast():
-                fa_t, f_a = model.audio(C.vggish_examples(normalize_audio(wav), SR))
-                f_av1 = attention(model.visual(im1, f_a), fa_t)[0]    # both views share every module
-                f_av2 = attention(model.visual(im2, f_a), fa_t)[0]
-                loss = sspl_loss(model.head, f_av1, f_av2)
+                loss, f_av1 = net(im1, im2, wav)                        # through DDP: gradients are averaged
             amp.step(loss.float(), opt)
             tot, n = tot + loss.item(), n + 1
             f_std += collapse_std(f_av1)

@@ -17,6 +17,11 @@ import scipy.signal
 import torch
 
 import common as C
+import csol_classaware as csol
+import data_prep
+import ez_vsl
+import lvs_hardway as lvs
+import sspl
 
 HERE = Path(__file__).resolve().parent
 
@@ -404,8 +409,6 @@ def test_class_aware_scores_hand_worked():
 # ---------------------------------------------------------------------------------------------------------
 # EZ-VSL
 # ---------------------------------------------------------------------------------------------------------
-import ez_vsl  # noqa: E402
-import lvs_hardway as lvs  # noqa: E402
 
 
 def _unit(x, dim):
@@ -546,7 +549,6 @@ def test_lvs_official_checkpoint_names_load(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # data_prep.py on real-style inputs (videos made here with PyAV)
 # ---------------------------------------------------------------------------------------------------------
-import data_prep  # noqa: E402
 
 
 def _bits_frame(k):
@@ -677,7 +679,7 @@ def test_data_prep_flickr_and_vggss_feed_the_evaluator(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Method command lines: determinism, resume, eval outputs, predict (tiny runs on the tiny dataset)
 # ---------------------------------------------------------------------------------------------------------
-METHODS = {"ez_vsl.py": ez_vsl, "lvs_hardway.py": lvs}
+METHODS = {"ez_vsl.py": ez_vsl, "lvs_hardway.py": lvs, "sspl.py": sspl}   # csol: its own test (two stages)
 
 
 def _quick(tiny, out, *extra):
@@ -717,7 +719,7 @@ def test_eval_maps_viz_and_predict(script, tiny, tmp_path):
     assert "protocol=abs0.5" in r.stdout and "N evaluated 8 / listed 8" in r.stdout
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert len(list((tmp_path / "ev" / "viz").glob("*.png"))) == 2
-    r2 = run_py("eval_cioU.py", "--pred", tmp_path / "maps.npz", "--gt", tiny / "annotations.json", "--split",
+    run_py("eval_cioU.py", "--pred", tmp_path / "maps.npz", "--gt", tiny / "annotations.json", "--split",
                 tiny / "splits" / "test.txt", "--protocol", "abs0.5", "--json", tmp_path / "s.json")
     assert json.loads((tmp_path / "s.json").read_text())["test"] == pytest.approx(res["test"])
     ids = C.read_split(tiny / "splits" / "test.txt")
@@ -763,10 +765,6 @@ def test_short_synthetic_run_learns_and_uses_the_sound(script, epochs, learn_roo
 # ---------------------------------------------------------------------------------------------------------
 # SSPL
 # ---------------------------------------------------------------------------------------------------------
-import sspl  # noqa: E402
-import csol_classaware as csol  # noqa: E402
-
-
 def test_sspl_attention_module_hand_worked():
     V = torch.tensor([[[[3.0, 0.0]], [[4.0, 2.0]]]])        # (1, c=2, 1, 2): locations (3, 4) and (0, 2)
     fa = torch.tensor([[0.0, 1.0]])
@@ -923,3 +921,29 @@ def test_csol_two_stage_run_beats_random_class_assignment(learn_root, tmp_path):
     assert ca["n"] == 32 and ca["nmi"] > 0.3, ca
     assert ca["test"]["mean_ciou"] > ca["random_assignment"]["mean_ciou"] + 0.05, ca
     assert {"stage1.pt", "stage1_best.pt", "stage2.pt"} <= {p.name for p in run.iterdir()}
+
+
+def test_sspl_test_time_pcm_cycles(tiny, tmp_path):
+    sspl.main(_quick(tiny, tmp_path / "run", "--epochs", "1"))
+    ck = next((tmp_path / "run").iterdir()) / "best.pt"
+    for T in ("1", "4"):                                   # trained with 2 cycles (cpu preset), tested with T
+        run_py("sspl.py", "--eval", "--ckpt", ck, "--data", tiny, "--pcm-cycles", T, "--out", tmp_path / T)
+        assert json.loads((tmp_path / T / "results.json").read_text())["pcm_cycles_test"] == int(T)
+
+
+def test_csol_cli_stages_eval_predict_and_torchrun_refusal(tiny, tmp_path):
+    csol.main(["--train", "--data", str(tiny), "--preset", "cpu", "--epochs", "2", "--epochs2", "1", "--max-steps", "2",
+               "--batch-size", "8", "--out", str(tmp_path / "a"), "--stage", "1"])
+    run1 = next((tmp_path / "a").iterdir())
+    assert {"stage1.pt", "stage1_best.pt", "results.json"} <= {p.name for p in run1.iterdir()}
+    csol.main(["--train", "--data", str(tiny), "--preset", "cpu", "--epochs2", "1", "--max-steps", "2",
+               "--batch-size", "8", "--out", str(tmp_path / "b"), "--stage", "2", "--ckpt", str(run1)])
+    run2 = next((tmp_path / "b").iterdir())
+    res = json.loads((run2 / "results.json").read_text())
+    assert res["stage"] == 2 and "class_aware" in res and res["protocol"] == "rel0.1"
+    ids = C.read_split(tiny / "splits" / "test.txt")
+    run_py("csol_classaware.py", "--predict", "--ckpt", run2 / "stage2.pt", "--image", tiny / "frames" / f"{ids[0]}.jpg",
+           "--audio", tiny / "audio" / f"{ids[0]}.wav", "--out", tmp_path / "heat.png")
+    assert (tmp_path / "heat.png").is_file()
+    r = run_py("csol_classaware.py", "--train", "--data", tiny, check=False, env_extra={"WORLD_SIZE": "2"})
+    assert r.returncode == 2 and "torchrun" in r.stderr
