@@ -281,17 +281,24 @@ def class_labels(ann, ids, names):
     return np.array([names.index(ann[i]["class"]) for i in ids])
 
 
-def train_stage1(args, device, log, run_dir):
+def train_stage1(args, device, log, run_dir, ck=None):
     model = build_model(args).to(device)
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
                            lr=args.lr, weight_decay=1e-4)
+    start, best, history, assign, nmi = 0, -1.0, [], None, None
+    if ck:                                                                # --resume inside stage one
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, best, history, nmi = ck["epoch"], ck["best"], ck["history"], ck["nmi"]
+        assign = None if ck["assignment"] is None else np.array(ck["assignment"])
+        log(f"resumed stage one at epoch {start}")
     train_ds, val_ds = make_dataset(args, args.train_split, True), make_dataset(args, args.val_split, False)
     ann = C.load_annotations(args.annotations)
     names = sorted({ann[i]["class"] for i in train_ds.ids + val_ds.ids if i in ann})
     log(f"stage one: {len(train_ds)} single-source clips, val {len(val_ds)}; K = {args.clusters}; audio 1 s -> "
         f"log-mel {tuple(C.csol_log_mel(torch.zeros(1, SR)).shape[2:])}")
-    best, history, t0, assign = -1.0, [], time.time(), None
-    for epoch in range(args.epochs):
+    t0 = time.time()
+    for epoch in range(start, args.epochs):
         C.seed_everything(args.seed * 1000 + epoch)
         model.train()
         tot, n = 0.0, 0
@@ -304,7 +311,6 @@ def train_stage1(args, device, log, run_dir):
             loss.backward()
             opt.step()
             tot, n = tot + loss.item(), n + 1
-        nmi = None
         if epoch >= 1:                                                    # official: cluster + classify from epoch 1
             feats = extract_objects(model, train_ds, args, device)
             D, labels, km = build_dictionary(feats, args.clusters, args.seed)   # Eq. 4-5
@@ -330,10 +336,11 @@ def train_stage1(args, device, log, run_dir):
         score = res["test"]["ciou@0.5"]
         history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "val": res["test"], "nmi": nmi})
         log(f"stage 1 epoch {epoch + 1}/{args.epochs} L_loc {tot / max(n, 1):.4f} | val {C.fmt_metrics(res['test'])} "
-            f"({res['protocol']}, N={res['n']})" + (f" | NMI {nmi:.3f}" if nmi is not None else "") +
+            f"({res['protocol']}, N={res['n']})" + (f" | NMI {nmi:.3f}" if epoch >= 1 else "") +
             f" | {time.time() - t0:.0f}s")
-        state = {"model": model.state_dict(), "epoch": epoch + 1, "history": history, "args": vars(args),
-                 "classes": names, "stage": 1, "assignment": None if assign is None else assign.tolist(), "nmi": nmi}
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "best": max(best, score),
+                 "history": history, "args": vars(args), "classes": names, "stage": 1,
+                 "assignment": None if assign is None else assign.tolist(), "nmi": nmi}
         if score >= best:
             best = score
             C.save_checkpoint(run_dir / "stage1_best.pt", state)
@@ -350,14 +357,20 @@ def nmi_score(y_true, y_pred):
     return float(normalized_mutual_info_score(y_true, y_pred))
 
 
-def train_stage2(args, device, log, run_dir, model, stage1_info):
+def train_stage2(args, device, log, run_dir, model, stage1_info, ck=None):
     fixed = copy.deepcopy(model).eval().requires_grad_(False)            # the frozen stage-one audio model (Eq. 10)
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
                            lr=args.lr, weight_decay=1e-4)
+    start, history = 0, []
+    if ck:                                                                # --resume inside stage two
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, history = ck["epoch"], ck["history"]
+        log(f"resumed stage two at epoch {start}")
     train_ds = make_dataset(args, args.cocktail_train_split, True)
     log(f"stage two: {len(train_ds)} cocktail clips; KL {args.kl}; lambda {args.lam}")
-    history, t0 = [], time.time()
-    for epoch in range(args.epochs2):
+    t0 = time.time()
+    for epoch in range(start, args.epochs2):
         C.seed_everything(args.seed * 1000 + 500 + epoch)
         model.train()
         tot = totc = 0.0
@@ -379,28 +392,40 @@ def train_stage2(args, device, log, run_dir, model, stage1_info):
         history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "L_c": totc / max(n, 1)})
         log(f"stage 2 epoch {epoch + 1}/{args.epochs2} L2 {tot / max(n, 1):.4f} L_c {totc / max(n, 1):.4f} | "
             f"{time.time() - t0:.0f}s")
-        C.save_checkpoint(run_dir / "stage2.pt", {"model": model.state_dict(), "epoch": epoch + 1, "history": history,
+        C.save_checkpoint(run_dir / "stage2.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                  "epoch": epoch + 1, "history": history,
                                                   "args": vars(args), "stage": 2, **stage1_info})
     return model
 
 
 def train(args):
+    """Both stages (or --stage 1 / 2). --resume RUN continues the run in RUN: stage one from its last epoch, or
+    stage two from its last epoch (the frozen audio model of Eq. 10 is the finished stage one, reloaded)."""
     device = C.resolve_device(args.device)
     C.seed_everything(args.seed)
-    run_dir = C.make_run_dir(args, METHOD)
+    if args.resume:
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    else:
+        run_dir = C.make_run_dir(args, METHOD)
     log = C.RunLog(run_dir / "log.txt")
     log(f"CSOL | stages {args.stage} | data {args.data} | preset {args.preset} | device {device} | run {run_dir}")
     t0 = time.time()
-    if args.stage in ("1", "both"):
-        model = train_stage1(args, device, log, run_dir)
+    ck1 = C.load_checkpoint(run_dir / "stage1.pt") if args.resume and (run_dir / "stage1.pt").is_file() else None
+    if args.stage in ("1", "both") and (ck1 is None or ck1["epoch"] < args.epochs):
+        train_stage1(args, device, log, run_dir, ck1)
         ck1 = C.load_checkpoint(run_dir / "stage1.pt")
-    else:
+    elif ck1 is None:
         if not args.ckpt:
             raise C.UserError("--stage 2 needs --ckpt <stage-one run folder or stage1.pt>")
-        model, ck1 = load_model(Path(args.ckpt) / "stage1.pt" if Path(args.ckpt).is_dir() else args.ckpt, args, device)
+        ck1 = C.load_checkpoint(Path(args.ckpt) / "stage1.pt" if Path(args.ckpt).is_dir() else args.ckpt)
     if args.stage in ("2", "both"):
+        for k in ("encoder", "clusters", "image_size"):                  # the architecture stage one was trained with
+            setattr(args, k, ck1["args"][k])
+        model = LocationNet(args.encoder, args.clusters).to(device)
+        model.load_state_dict(ck1["model"])
+        ck2 = C.load_checkpoint(run_dir / "stage2.pt") if args.resume and (run_dir / "stage2.pt").is_file() else None
         info = {k: ck1.get(k) for k in ("classes", "assignment", "nmi")}
-        model = train_stage2(args, device, log, run_dir, model, info)
+        train_stage2(args, device, log, run_dir, model, info, ck2)
     args.ckpt = str(run_dir / ("stage2.pt" if args.stage != "1" else "stage1.pt"))
     args.out = str(run_dir)
     run_eval(args, device, log, seconds_train=time.time() - t0)

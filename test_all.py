@@ -947,3 +947,72 @@ def test_csol_cli_stages_eval_predict_and_torchrun_refusal(tiny, tmp_path):
     assert (tmp_path / "heat.png").is_file()
     r = run_py("csol_classaware.py", "--train", "--data", tiny, check=False, env_extra={"WORLD_SIZE": "2"})
     assert r.returncode == 2 and "torchrun" in r.stderr
+
+
+def test_ezvsl_object_prior_from_local_weights(tmp_path):
+    import torchvision
+    ref = torchvision.models.resnet18(weights=None).eval()
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f = torch.nn.Sequential(*list(ref.children())[:-2])(img)            # torchvision's own layer4 map
+        l1 = ez_vsl.ObjectPrior("l1", str(tmp_path / "r18.pth"))(img)
+        cls = ez_vsl.ObjectPrior("cls", str(tmp_path / "r18.pth"))(img)
+        post = torch.softmax(torch.einsum("bchw,oc->bohw", f, ref.fc.weight) + ref.fc.bias[:, None, None], 1)
+    torch.testing.assert_close(l1, f.abs().mean(1))                         # Eq. 8 (official: mean |v'|)
+    torch.testing.assert_close(cls, post.amax(1))                           # Eq. 7: max class posterior
+
+
+def test_csol_resume_within_and_across_stages(tiny, tmp_path):
+    base = ["--train", "--data", str(tiny), "--preset", "cpu", "--max-steps", "2", "--batch-size", "8", "--seed", "1"]
+    csol.main(base + ["--epochs", "2", "--epochs2", "2", "--out", str(tmp_path / "a")])
+    csol.main(base + ["--epochs", "1", "--stage", "1", "--out", str(tmp_path / "b")])
+    rb = next((tmp_path / "b").iterdir())
+    csol.main(base + ["--epochs", "2", "--stage", "1", "--resume", str(rb)])            # finish stage one
+    csol.main(base + ["--epochs", "2", "--epochs2", "2", "--resume", str(rb)])          # then stage two
+    ra = next((tmp_path / "a").iterdir())
+    for f in ("stage1.pt", "stage2.pt"):
+        wa, wb = (torch.load(r / f, weights_only=False)["model"] for r in (ra, rb))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f
+
+
+def _write_audio_file(path, sr=22050, seconds=1.0, codec="flac"):
+    import av
+    t = np.arange(int(sr * seconds)) / sr
+    sig = (0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)[None]
+    with av.open(str(path), "w") as c:
+        st = c.add_stream(codec, rate=sr)
+        st.layout = "mono"
+        fr = av.AudioFrame.from_ndarray(sig, format="s16", layout="mono")
+        fr.sample_rate, fr.pts = sr, 0
+        for pkt in list(st.encode(fr)) + list(st.encode()):
+            c.mux(pkt)
+
+
+def test_data_prep_audio_only_and_frames_subcommand(tmp_path):
+    from PIL import Image
+    src = tmp_path / "src"
+    (src / "frames").mkdir(parents=True)
+    (src / "sound").mkdir()
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(src / "frames" / "x1.png")
+    _write_audio_file(src / "sound" / "x1.flac")
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(src / "frames" / "x2.jpg")   # no audio for x2
+    _write_audio_file(src / "sound" / "x3.flac")                                        # no frame for x3
+    (src / "frames" / "x4.jpg").write_bytes(b"not a jpeg")
+    _write_audio_file(src / "sound" / "x4.flac")
+    out = tmp_path / "out"
+    data_prep.main(["frames", str(src), "--out", str(out)])
+    rows = data_prep.read_manifest(out)
+    assert rows["x1"]["status"] == "ok" and rows["x1"]["src_sr"] == "22050"
+    assert (rows["x2"]["status"], rows["x2"]["reason"]) == ("missing", "no audio")
+    assert (rows["x3"]["status"], rows["x3"]["reason"]) == ("missing", "no frame")
+    assert rows["x4"]["status"] == "failed" and "cannot decode image" in rows["x4"]["reason"]
+    x, sr = C.read_wav(out / "audio" / "x1.wav")
+    assert sr == 16000 and abs(len(x) - 16000) <= 200
+    assert C.load_image(out / "frames" / "x1.jpg").size == (60, 40)
+    vids = tmp_path / "vids"
+    vids.mkdir()
+    _write_audio_file(vids / "audio_only.mkv", codec="pcm_s16le")
+    data_prep.main(["videos", str(vids), "--out", str(tmp_path / "o2")])
+    r = data_prep.read_manifest(tmp_path / "o2")["audio_only"]
+    assert r["status"] == "failed" and r["reason"] == "no video stream"
