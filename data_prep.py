@@ -347,6 +347,14 @@ def cmd_split(a):
         print(f"{len(missing)} listed ids have no frame/wav under {root}; listed in {miss}")
 
 
+def ingest_args(s, src_help: str):
+    """The arguments every ingesting subcommand shares."""
+    s.add_argument("src", help=src_help)
+    s.add_argument("--out", required=True, help="dataset root to write")
+    s.add_argument("--sr", type=int, default=16000, help="audio sample rate to write (Hz)")
+    s.add_argument("--workers", type=int, default=1, help="parallel processes")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -355,29 +363,20 @@ def build_parser():
                                    "<ytid>_<start:06d>). Writes ROOT/frames/<id>.jpg (the frame displayed at --time, "
                                    "found by timestamp, not index), ROOT/audio/<id>.wav (the whole audio track, mono "
                                    "PCM16 at --sr), ROOT/manifest.csv and ROOT/splits/all.txt.")
-    s.add_argument("src", help="folder with the videos")
-    s.add_argument("--out", required=True, help="dataset root to write")
-    s.add_argument("--sr", type=int, default=16000, help="audio sample rate to write (Hz)")
+    ingest_args(s, "folder with the videos")
     s.add_argument("--time", default="middle", help="frame time: 'middle' of the clip or SECONDS from its start")
-    s.add_argument("--workers", type=int, default=1, help="parallel processes")
     s.set_defaults(fn=cmd_videos)
     s = sub.add_parser("frames", help="already-extracted frames + audio -> the layout",
                        description="Pairs image files (jpg/png) and audio files (wav/flac/mp3/m4a/...) under SRC by "
                                    "file stem; writes RGB JPEG frames, mono PCM16 WAV at --sr, the manifest (an id "
                                    "with only one of the two is 'missing') and ROOT/splits/all.txt.")
-    s.add_argument("src", help="folder with frames and audio files (any depth)")
-    s.add_argument("--out", required=True, help="dataset root to write")
-    s.add_argument("--sr", type=int, default=16000, help="audio sample rate to write (Hz)")
-    s.add_argument("--workers", type=int, default=1, help="parallel processes")
+    ingest_args(s, "folder with frames and audio files (any depth)")
     s.set_defaults(fn=cmd_frames)
     s = sub.add_parser("flickr", help="the Flickr-SoundNet test download",
                        description="Reads SRC/Annotations/<id>.xml and the images + audio under SRC/Data (any depth). "
                                    "Writes frames, audio, the manifest, ROOT/flickr_xml/ (the original XMLs), "
                                    "consensus entries in ROOT/annotations.json and ROOT/splits/flickr_test.txt.")
-    s.add_argument("src", help="the unpacked download (with Annotations/ and Data/)")
-    s.add_argument("--out", required=True, help="dataset root to write")
-    s.add_argument("--sr", type=int, default=16000, help="audio sample rate to write (Hz)")
-    s.add_argument("--workers", type=int, default=1, help="parallel processes")
+    ingest_args(s, "the unpacked download (with Annotations/ and Data/)")
     s.set_defaults(fn=cmd_flickr)
     s = sub.add_parser("vggss", help="VGG-SS test split + annotations from the clips present",
                        description="Reads the original vggss.json and the clips already in ROOT (prepare them with "
