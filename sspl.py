@@ -191,8 +191,10 @@ class SSPL(nn.Module):
         self.pcm = PCM(c, d_a, cycles) if pcm else None
         self.head = SimSiamHead(c, dim_proj, dim_pred)
 
-    def audio(self, patches):
-        """(B, P, 1, 96, 64) log-mel patches -> f~_a = mean_k g(f_a,k) (B, c) and f_a = L2norm(mean_k f_a,k)."""
+    def audio(self, wav):
+        """(B, N) 16 kHz waveform -> per-clip normalisation -> (B, P, 1, 96, 64) log-mel patches ->
+        f~_a = mean_k g(f_a,k) (B, c) and f_a = L2norm(mean_k f_a,k)."""
+        patches = C.vggish_examples(normalize_audio(wav), SR)
         B, P = patches.shape[:2]
         emb = self.enc_a(patches.flatten(0, 1))
         emb = emb.amax((2, 3)) if emb.dim() == 4 else emb             # small CNN: global max pool
@@ -205,7 +207,7 @@ class SSPL(nn.Module):
 
     def forward(self, im1, im2, wav):
         """The training forward: both views with the same audio through every shared module, then Eq. 8."""
-        fa_t, f_a = self.audio(C.vggish_examples(normalize_audio(wav), SR))
+        fa_t, f_a = self.audio(wav)
         f_av1 = attention(self.visual(im1, f_a), fa_t)[0]
         f_av2 = attention(self.visual(im2, f_a), fa_t)[0]
         return sspl_loss(self.head, f_av1, f_av2), f_av1
@@ -266,7 +268,7 @@ def collapse_std(f):
 # ----------------------------------------------------------------------------------------------------------
 def localization_map(model: SSPL, image, wav, cycles=None):
     """The raw cosine map S of Eq. 3 (view 1, before min-max), (B, h, w), as the official test."""
-    fa_t, f_a = model.audio(C.vggish_examples(normalize_audio(wav), SR))
+    fa_t, f_a = model.audio(wav)
     return attention(model.visual(image, f_a, cycles), fa_t)[1]
 
 
