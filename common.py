@@ -55,6 +55,15 @@ class UserError(Exception):
     """A problem with the user's input or environment: printed as one line, never as a traceback."""
 
 
+class BadMedia(UserError):
+    """A frame or WAV of the dataset that cannot be read or decoded. `path` names the file, `vid` the clip id.
+    Stops a run with one line by default; with --skip-bad the sample is skipped, counted and listed."""
+
+    def __init__(self, path, vid: str | None, reason: str):
+        self.path, self.vid, self.reason = str(path), vid, reason
+        super().__init__(f"{path}: {reason}")
+
+
 # =====================================================================================================
 # 1. Encoders
 # =====================================================================================================
@@ -1148,8 +1157,22 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--lr", type=float, help="learning rate")
     a("--seed", type=int, default=0, help="random seed (python, numpy, torch; per-epoch reseeding for exact resume)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a("--amp", action="store_true", help="mixed precision on CUDA")
+    a("--amp", action=argparse.BooleanOptionalAction, default=True,
+      help="mixed precision on CUDA (bf16 where supported, else fp16); on by default, --no-amp turns it off; "
+           "ignored on CPU")
+    a("--compile", action="store_true", help="torch.compile the model (CUDA; slower start, faster steps)")
     a("--workers", type=int, default=0, help="data-loading worker processes")
+    a("--decode", choices=["fast", "pil"], default="fast",
+      help="fast: batched torch decode/augment on the training device (default); pil: the official per-sample "
+           "PIL pipeline, bit for bit")
+    a("--no-cache", action="store_true", help="do not build or use the pre-resized frame cache")
+    a("--skip-bad", action="store_true", help="skip unreadable frames/WAVs (counted, listed in the run folder) "
+      "instead of stopping with an error")
+    a("--benchmark", action="store_true", help="measure loader / model / end-to-end samples per second and peak "
+      "memory; writes benchmark.json in a run folder under --out")
+    a("--steps", type=int, help="--benchmark: measured steps (default: a few hundred samples)")
+    a("--negatives", action="store_true", help="--eval: also score silence, white noise and off-screen audio "
+      "(SLAVC extended metrics and pIA per negative kind)")
     a("--out", help="--train: parent folder of run folders (default runs/); --eval: folder for results.json; "
       "--predict: output PNG")
     a("--resume", help="continue a run from its last.pt (path to the file or the run folder)")
