@@ -702,16 +702,25 @@ def ensure_synthetic(root=None, log=print, **kw) -> Path:
 # =====================================================================================================
 # 5. The evaluator
 # =====================================================================================================
-# Protocols (how a predicted map becomes the binary prediction P; the map is first resized to 224x224):
+# Every protocol reproduces its official script's arithmetic: the map is cast to float32 (the official scripts get
+# float32 maps from torch and stay in float32), resized to 224x224 with torch's bilinear kernel (align_corners=False
+# stands for the official cv2.resize INTER_LINEAR, the same half-pixel rule for up-sampling; True is EZ-VSL's
+# F.interpolate), normalised with the official normalize_img (a constant map is returned unchanged) and thresholded
+# with the official rule, ties and constant maps included. The one difference that stays: cv2's float arithmetic
+# may round an interpolated value differently in the last bit from torch's (cv2 is not a dependency here).
 PROTOCOLS = {
-    "median": "min-max normalise, P = map >= its per-image median (top half of the pixels; the LVS and EZ-VSL "
-              "test scripts; LVS keeps strictly-greater pixels, see 'median_strict')",
-    "median_strict": "as 'median' but P = map > median (the LVS test script exactly; one pixel fewer when "
-                     "values are distinct)",
-    "abs0.5": "min-max normalise, P = map >= 0.5 (the SSPL test script; the LVS paper's text)",
-    "rel0.1": "P = map > 0.1 * max(map), no min-max (CSOL's single-source tools.py)",
+    "median": "EZ-VSL test.py + utils.Evaluator exactly: q = normalize_img(map), P = q >= sorted(q)[25088] (the "
+              "per-image median; a constant map: every pixel)",
+    "median_strict": "LVS test.py exactly: p = 1 - normalize_img(-map), thr = sorted(p)[25088], "
+                     "p[p > thr] = 1, p[p < 1] = 0 (pixels equal to the maximum are kept; a constant map c: every "
+                     "pixel if 1 + c >= 1, none otherwise)",
+    "abs0.5": "SSPL test exactly: min-max normalise, P = map >= 0.5 (a constant map is 0/0 = NaN: no pixel)",
+    "rel0.1": "CSOL tools.py exactly: P = map > 0.1 * max(map), no min-max (the threshold is computed in float64 and "
+              "compared in float32, NumPy 1.x rules)",
 }
 AUC_THRESHOLDS = [0.05 * i for i in range(21)]  # exactly the official list (0.05*3 = 0.15000000000000002)
+MEDIAN_INDEX = GT_SIZE * GT_SIZE // 2           # 25088: the official np.sort(m.flatten())[int(224 * 224 / 2)]
+EVAL_CHUNK = 64                                 # maps scored at once (64 x 224 x 224 float32 = 13 MB per tensor)
 
 
 def _box_floats(box, where: str):
@@ -790,8 +799,14 @@ def load_annotations(path) -> dict:
 
 
 def rasterize_box(box, size: int = GT_SIZE):
-    """[x1, y1, x2, y2] normalised -> integer pixel slice bounds, as the official code: int(size * max(v, 0))."""
+    """[x1, y1, x2, y2] normalised -> integer pixel slice bounds, as the official code: int(size * max(v, 0))
+    (a bound above `size` is cut by the slice, as numpy's)."""
     return [int(size * max(v, 0.0)) for v in box]
+
+
+def box_outside(box) -> bool:
+    """True when a coordinate lies outside [0, 1] (vggss.json has 12 boxes at -2.88e16; the official code clamps)."""
+    return any(v < 0.0 or v > 1.0 for v in box)
 
 
 def boxes_to_map(boxes, kind: str = "union", size: int = GT_SIZE) -> np.ndarray:
@@ -813,66 +828,130 @@ def gt_map(entry: dict, size: int = GT_SIZE) -> np.ndarray:
     return boxes_to_map(entry["bbox"], entry.get("gt", "union"), size)
 
 
-def resize_map(m, size: int = GT_SIZE, align_corners: bool = False) -> np.ndarray:
-    """Bilinear resize of a 2-D map to size x size (align_corners=False matches OpenCV INTER_LINEAR when
-    up-sampling, as LVS/SSPL; True is EZ-VSL's test)."""
-    t = torch.as_tensor(np.asarray(m, np.float64))[None, None]
+def gt_maps_batch(entries, size: int = GT_SIZE, device="cpu") -> torch.Tensor:
+    """The ground-truth maps of several entries at once, (B, size, size) float32, equal to gt_map() of each:
+    the number of boxes covering a pixel is rows^T @ cols of the boxes' row/column indicator vectors (exact small
+    integers), then the union (> 0) or the consensus (count / 2 capped at 1)."""
+    k = max([len(e["bbox"]) for e in entries] + [1])
+    lim = torch.zeros(len(entries), k, 4, dtype=torch.long)
+    for i, e in enumerate(entries):
+        for j, b in enumerate(e["bbox"]):
+            lim[i, j] = torch.tensor(rasterize_box(b, size))
+    lim = lim.to(device)
+    ax = torch.arange(size, device=device)
+    rows = ((ax >= lim[..., 1:2]) & (ax < lim[..., 3:4])).float()        # (B, K, size): y1 <= y < y2
+    cols = ((ax >= lim[..., 0:1]) & (ax < lim[..., 2:3])).float()        # (B, K, size): x1 <= x < x2
+    count = torch.bmm(rows.transpose(1, 2), cols)                         # (B, size, size)
+    consensus = torch.tensor([e.get("gt", "union") == "consensus" for e in entries], device=device)[:, None, None]
+    return torch.where(consensus, (count / 2.0).clamp_max(1.0), (count > 0).float())
+
+
+def resize_maps(t: torch.Tensor, size: int = GT_SIZE, align_corners: bool = False) -> torch.Tensor:
+    """(B, h, w) float32 -> (B, size, size) with torch's bilinear kernel (identity when already that size)."""
     if t.shape[-2:] == (size, size):
-        return t[0, 0].numpy()
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=align_corners)[0, 0].numpy()
+        return t
+    return F.interpolate(t[:, None], size=(size, size), mode="bilinear", align_corners=align_corners)[:, 0]
 
 
-def minmax(m: np.ndarray) -> np.ndarray:
-    """(m - min) / (max - min). A constant map becomes all zeros (defined here; the official scripts divide by
-    zero or add 1e-12)."""
-    lo, hi = float(m.min()), float(m.max())
-    return np.zeros_like(m) if hi == lo else (m - lo) / (hi - lo)
+def resize_map(m, size: int = GT_SIZE, align_corners: bool = False) -> np.ndarray:
+    """Bilinear resize of one 2-D map to size x size in float32 (align_corners=False: the official cv2.resize
+    INTER_LINEAR of LVS / SSPL / CSOL when up-sampling; True: EZ-VSL's test)."""
+    return resize_maps(torch.as_tensor(np.asarray(m, np.float32))[None], size, align_corners)[0].numpy()
 
 
-def binarize(m: np.ndarray, protocol: str) -> np.ndarray:
-    """Binary prediction P from a 224x224 map under a named protocol (see PROTOCOLS).
+def minmax(m):
+    """The official normalize_img: (m - min) / (max - min) over the last two axes; a constant map is returned
+    unchanged (the official `if not (vmax - vmin) == 0`). numpy (H, W) or torch (..., H, W); keeps the dtype."""
+    if not isinstance(m, torch.Tensor):
+        return minmax(torch.as_tensor(np.asarray(m)))[...].numpy()
+    flat = m.flatten(-2)
+    lo, hi = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
+    r = hi - lo
+    return torch.where(r == 0, m, (m - lo) / torch.where(r == 0, torch.ones_like(r), r))
 
-    Constant maps: 'median' predicts every pixel (all tie at the median), 'median_strict' and 'abs0.5' predict
-    none (cIoU 0), 'rel0.1' predicts every pixel of a positive constant map and none of a non-positive one.
-    """
-    if protocol == "rel0.1":
-        return m > 0.1 * m.max()
-    p = minmax(m)
-    if protocol in ("median", "median_strict"):
-        thr = np.sort(p, axis=None)[p.size // 2]
-        return p >= thr if protocol == "median" else p > thr
-    if protocol == "abs0.5":
-        return p >= 0.5
+
+def _kth(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Per map, the value at index k of the ascending sort (the official np.sort(m.flatten())[k]), (B, 1, 1)."""
+    return t.flatten(1).kthvalue(k + 1, dim=1).values[:, None, None]
+
+
+def binarize_batch(t: torch.Tensor, protocol: str, threshold: float | None = None) -> torch.Tensor:
+    """Binary predictions P (B, 224, 224) bool from 224x224 float32 maps under a named protocol, with the
+    official arithmetic in float32 (see PROTOCOLS). protocol 'fixed' (the negative-audio protocol): P = map >=
+    threshold on the method's fixed scale, no normalisation."""
+    if protocol == "median":                                  # EZ-VSL: normalize_img, >= the median
+        q = minmax(t)
+        return q >= _kth(q, MEDIAN_INDEX)
+    if protocol == "median_strict":                           # LVS: 1 - normalize_img(-h); >thr -> 1; <1 -> 0
+        p = 1.0 - minmax(-t)
+        return (p > _kth(p, MEDIAN_INDEX)) | (p >= 1.0)
+    if protocol == "abs0.5":                                  # SSPL: (h - min) / (max - min) >= 0.5 (NaN if flat)
+        flat = t.flatten(1)
+        lo, hi = flat.amin(1)[:, None, None], flat.amax(1)[:, None, None]
+        return (t - lo) / (hi - lo) >= 0.5
+    if protocol == "rel0.1":                                  # CSOL: h > 0.1 * max(h)
+        thr = (0.1 * t.flatten(1).amax(1).double()).float()[:, None, None]
+        return t > thr
+    if protocol == "fixed":
+        return t >= threshold
     raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
 
 
+def binarize(m: np.ndarray, protocol: str) -> np.ndarray:
+    """One 224x224 map -> binary P under a named protocol (binarize_batch on a batch of one)."""
+    return binarize_batch(torch.as_tensor(np.asarray(m, np.float32))[None], protocol)[0].numpy()
+
+
 def ciou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """cIoU = sum(P*G) / (sum(G) + sum(P*[G==0])) with P binary and G in [0, 1] (LVS appendix A). Both empty -> 0."""
-    p = pred.astype(np.float64)
-    den = gt.sum() + (p * (gt == 0)).sum()
-    return float((p * gt).sum() / den) if den > 0 else 0.0
+    """cIoU = sum(P*G) / (sum(G) + sum(P*[G==0])) with P binary and G in [0, 1] (LVS appendix A). Both empty ->
+    0/0 = NaN, as the official Evaluator (such a sample fails every threshold, t = 0 included)."""
+    p = np.asarray(pred).astype(np.float64)
+    g = np.asarray(gt, np.float64)
+    den = g.sum() + (p * (g == 0)).sum()
+    return float((p * g).sum() / den) if den > 0 else float("nan")
 
 
-def summarize(scores) -> dict:
+def _ciou_sums(P: torch.Tensor, G: torch.Tensor, g_sum: torch.Tensor, g_pos: torch.Tensor) -> np.ndarray:
+    """Per-sample cIoU of binary P (B, H, W) against G: the sums are exact (integers and halves), the division is
+    float64 as numpy's; 0/0 -> NaN."""
+    Pf = P.flatten(1).float()
+    inter = (Pf * G.flatten(1)).sum(1).double()
+    p_in = (Pf * g_pos.flatten(1)).sum(1).double()
+    den = g_sum + Pf.sum(1).double() - p_in
+    out = inter / den
+    return torch.where(den > 0, out, torch.full_like(out, float("nan"))).cpu().numpy()
+
+
+def summarize(scores, nan_mean: str = "zero") -> dict:
     """cIoU@0.5 = fraction of samples with cIoU >= 0.5 (what the papers print as 'cIoU'), AUC = sklearn's
-    trapezoid over the official 21 thresholds of the fraction with cIoU >= t, and the mean cIoU."""
+    trapezoid over the official 21 thresholds 0.05*i of the fraction with cIoU >= t (official: np.sum(s >= t) /
+    len(s), so a NaN sample fails every threshold), and the mean cIoU (nan_mean 'zero': a NaN sample counts 0,
+    where the official EZ-VSL Avg-cIoU would print NaN; 'skip': the mean over the non-NaN samples)."""
     from sklearn.metrics import auc
     s = np.asarray(scores, np.float64)
     if s.size == 0:
         return {"ciou@0.5": float("nan"), "auc": float("nan"), "mean_ciou": float("nan")}
-    succ = [float(np.mean(s >= t)) for t in AUC_THRESHOLDS]
-    return {"ciou@0.5": float(np.mean(s >= 0.5)), "auc": float(auc(AUC_THRESHOLDS, succ)), "mean_ciou": float(s.mean())}
+    succ = [float(np.sum(s >= t) / len(s)) for t in AUC_THRESHOLDS]
+    mean = float(np.nan_to_num(s, nan=0.0).mean()) if nan_mean == "zero" else \
+        (float(np.nanmean(s)) if np.isfinite(s).any() else float("nan"))
+    return {"ciou@0.5": float(np.sum(s >= 0.5) / len(s)), "auc": float(auc(AUC_THRESHOLDS, succ)), "mean_ciou": mean}
 
 
-def check_map(vid: str, m) -> np.ndarray:
+def check_map(vid: str, m, where: str = "prediction") -> np.ndarray:
+    """A 2-D, non-empty, finite map as float32 (the official scripts' precision); (1, h, w) is accepted."""
     m = np.asarray(m)
     if m.ndim == 3 and m.shape[0] == 1:
         m = m[0]
     if m.ndim != 2:
-        raise UserError(f"prediction for {vid}: expected a 2-D map, got shape {m.shape}")
+        raise UserError(f"{where} for {vid}: expected a 2-D map, got shape {m.shape}")
+    if m.size == 0:
+        raise UserError(f"{where} for {vid}: empty map of shape {m.shape}")
+    if not np.issubdtype(m.dtype, np.number) or np.iscomplexobj(m):
+        raise UserError(f"{where} for {vid}: not a real-valued map (dtype {m.dtype})")
+    m = m.astype(np.float32)
     if not np.isfinite(m).all():
-        raise UserError(f"prediction for {vid}: the map contains NaN or inf")
-    return m.astype(np.float64)
+        raise UserError(f"{where} for {vid}: the map contains NaN or inf (after the cast to float32)")
+    return m
 
 
 def center_prior(size: int = GT_SIZE) -> np.ndarray:
@@ -884,45 +963,101 @@ def center_prior(size: int = GT_SIZE) -> np.ndarray:
     return 1.0 - d / d.max()
 
 
-def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", align_corners: bool = False,
-                  baselines: bool = True, extra_baselines: dict | None = None) -> dict:
-    """Score predicted maps against annotations.
+def _stack(maps: dict, ids, where: str = "prediction") -> list[tuple[list[int], torch.Tensor]]:
+    """Group the maps of `ids` by shape: [(positions in ids, (B, h, w) float32 tensor)]."""
+    groups: dict = {}
+    for pos, vid in enumerate(ids):
+        m = check_map(vid, maps[vid], where)
+        groups.setdefault(m.shape, ([], []))
+        groups[m.shape][0].append(pos)
+        groups[m.shape][1].append(m)
+    return [(p, torch.from_numpy(np.stack(ms))) for p, ms in groups.values()]
 
-    maps: {id: 2-D map of any size}. ids: the test list (default: every id of `maps`). Every prediction must have
-    an annotation (else an error); listed ids without a prediction are reported as missing, never dropped
-    silently. Entries whose ground truth is empty are scored (cIoU 0, as the official code) and reported.
-    Returns {"protocol", "resize", "n", "n_listed", "missing", "empty_gt", "test": summary, "per_sample": {id:
-    cIoU}, "baselines": {"center": ..., "full_image": ..., **extra}} (the baseline maps go through the same
-    protocol; the full image is P = 1 everywhere).
+
+def _prepared(maps: dict, ids, align_corners: bool, device, fuse=None, where: str = "prediction"):
+    """Yield (positions, (B, 224, 224) float32 maps on `device`) for the ids of one chunk; `fuse` = (other maps,
+    fn): fn(resized maps, resized other maps) -> the map to score (EZ-VSL's OGL blend at 224, as official)."""
+    for pos, t in _stack(maps, ids, where):
+        t = resize_maps(t.to(device), GT_SIZE, align_corners)
+        if fuse is not None:
+            other, fn = fuse
+            o = torch.empty_like(t)
+            for opos, ot in _stack(other, [ids[p] for p in pos], where):
+                o[opos] = resize_maps(ot.to(device), GT_SIZE, align_corners)
+            t = fn(t, o)
+        yield pos, t
+
+
+def _unique_ids(ids):
+    seen, uniq, dup = set(), [], []
+    for i in ids:
+        if i in seen:
+            dup.append(i)
+        else:
+            seen.add(i)
+            uniq.append(i)
+    return uniq, sorted(set(dup))
+
+
+def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", align_corners: bool = False,
+                  baselines: bool = True, extra_baselines: dict | None = None, device="cpu",
+                  chunk: int = EVAL_CHUNK, fuse=None) -> dict:
+    """Score predicted maps against annotations, batched in torch (chunks of `chunk` maps; `device` cpu or cuda).
+
+    maps: {id: 2-D map of any size}. ids: the test list (default: every id of `maps`; an id listed twice is scored
+    once and reported). Every prediction must have an annotation (else an error); listed ids without a prediction
+    are reported as missing, never dropped silently. Entries whose ground truth is empty are scored (cIoU 0, or
+    NaN when nothing is predicted either, as the official code) and reported; boxes with a coordinate outside
+    [0, 1] are counted (clamped as the official code). fuse: see _prepared (EZ-VSL's OGL).
+    Returns {"protocol", "resize", "n", "n_listed", "missing", "duplicates", "empty_gt", "boxes_outside",
+    "test": summary, "per_sample": {id: cIoU}, "baselines": {"center": ..., "full_image": ..., **extra}} (the
+    baseline maps go through the same protocol; the full image is P = 1 everywhere).
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     unknown = [i for i in maps if i not in ann]
     if unknown:
         raise UserError(f"{len(unknown)} predicted ids have no annotation (first: {', '.join(unknown[:5])})")
-    listed = list(maps) if ids is None else list(ids)
+    listed, dups = _unique_ids(list(maps) if ids is None else list(ids))
     not_annotated = [i for i in listed if i not in ann]
     if not_annotated:
         raise UserError(f"{len(not_annotated)} ids of the test list have no annotation "
                         f"(first: {', '.join(not_annotated[:5])})")
     present = [i for i in listed if i in maps]
     missing = [i for i in listed if i not in maps]
-    gts = {i: gt_map(ann[i]) for i in present}
-    empty = [i for i in present if gts[i].sum() == 0]
-    per = {i: ciou(binarize(resize_map(check_map(i, maps[i]), GT_SIZE, align_corners), protocol), gts[i])
-           for i in present}
+    device = torch.device(device)
+    extra = dict(extra_baselines or {})
+    scores = {k: np.zeros(len(present)) for k in ["test", "center", "full_image", *extra]}
+    empty, outside = [], 0
+    cp = binarize_batch(torch.from_numpy(center_prior().astype(np.float32))[None].to(device), protocol)[0].float()
+    with torch.no_grad():
+        for s in range(0, len(present), chunk):
+            ids_c = present[s:s + chunk]
+            entries = [ann[i] for i in ids_c]
+            outside += sum(box_outside(b) for e in entries for b in e["bbox"])
+            G = gt_maps_batch(entries, GT_SIZE, device)
+            g_pos = (G > 0).float()
+            g_sum, n_pos = G.flatten(1).sum(1).double(), g_pos.flatten(1).sum(1).double()
+            empty += [i for i, z in zip(ids_c, (n_pos == 0).tolist()) if z]
+            for name, mp, fz in [("test", maps, fuse), *[(k, v, None) for k, v in extra.items()]]:
+                for pos, t in _prepared(mp, ids_c, align_corners, device, fz):
+                    idx = torch.tensor(pos, device=device)
+                    scores[name][[s + p for p in pos]] = _ciou_sums(binarize_batch(t, protocol), G[idx], g_sum[idx],
+                                                                    g_pos[idx])
+            if baselines:
+                inter = (G.flatten(1) * cp.flatten()).sum(1).double()
+                den = g_sum + cp.sum().double() - (g_pos.flatten(1) * cp.flatten()).sum(1).double()
+                scores["center"][s:s + len(ids_c)] = (inter / den).cpu().numpy()
+                scores["full_image"][s:s + len(ids_c)] = (g_sum / (g_sum + G[0].numel() - n_pos)).cpu().numpy()
+    per = dict(zip(present, scores["test"].tolist()))
     out = {"protocol": protocol, "resize": f"bilinear align_corners={align_corners}", "n": len(present),
-           "n_listed": len(listed), "missing": missing, "empty_gt": empty, "test": summarize(list(per.values())),
-           "per_sample": per, "baselines": {}}
+           "n_listed": len(listed), "missing": missing, "duplicates": dups, "empty_gt": empty,
+           "boxes_outside": outside, "test": summarize(scores["test"]), "per_sample": per, "baselines": {}}
     if baselines:
-        cp = binarize(center_prior(), protocol)
-        full = np.ones((GT_SIZE, GT_SIZE), bool)
-        out["baselines"]["center"] = summarize([ciou(cp, gts[i]) for i in present])
-        out["baselines"]["full_image"] = summarize([ciou(full, gts[i]) for i in present])
-        for name, bmaps in (extra_baselines or {}).items():
-            out["baselines"][name] = summarize([ciou(binarize(resize_map(check_map(i, bmaps[i]), GT_SIZE,
-                                                                          align_corners), protocol), gts[i])
-                                                for i in present])
+        out["baselines"]["center"] = summarize(scores["center"])
+        out["baselines"]["full_image"] = summarize(scores["full_image"])
+    for name in extra:
+        out["baselines"][name] = summarize(scores[name])
     return out
 
 
@@ -935,6 +1070,12 @@ def format_report(res: dict, title: str = "test") -> str:
     lines = [f"[{title}] protocol={res['protocol']} ({PROTOCOLS[res['protocol']]})",
              f"[{title}] resize={res['resize']}  N evaluated {res['n']} / listed {res['n_listed']}"
              + (f"  ({len(res['missing'])} missing)" if res["missing"] else "")]
+    if res.get("duplicates"):
+        lines.append(f"[{title}] warning: {len(res['duplicates'])} ids are listed more than once in the split and "
+                     f"scored once: {', '.join(res['duplicates'][:10])}")
+    if res.get("boxes_outside"):
+        lines.append(f"[{title}] warning: {res['boxes_outside']} annotation boxes have a coordinate outside [0, 1]; "
+                     f"clamped as the official code (int(224 * max(v, 0)), cut at 224)")
     if res["empty_gt"]:
         lines.append(f"[{title}] warning: {len(res['empty_gt'])} entries have an empty ground truth and score 0: "
                      f"{', '.join(res['empty_gt'][:10])}")
@@ -948,27 +1089,162 @@ def format_report(res: dict, title: str = "test") -> str:
 # CSOL's metrics (as its tools.py / eval.py compute them; see csol_classaware.py for the paper's variants).
 def class_aware_scores(class_maps: dict, sounding: dict, silent, ciou_frac: float = 0.5, nsa_tau: float = 0.2,
                        size: int = GT_SIZE, align_corners: bool = False):
-    """One cocktail image: class_maps {class: 2-D map (softmax probability per pixel)}, sounding {class: [boxes]},
-    silent: the classes without a sounding box.
-    Returns (ciou_n, nsa_n): ciou_n = mean over sounding classes c of IoU(P_c = map_c > ciou_frac*max(map_c), G_c);
-    nsa_n = mean over silent classes of the fraction of pixels with map_c <= nsa_tau (None if no silent class).
+    """One cocktail image, as CSOL's eval.py: class_maps {class: 2-D map (softmax probability per pixel)}, sounding
+    {class: [boxes]}, silent: the classes without a sounding box. Maps are resized in float32.
+    Returns (ciou_n, nsa_n): ciou_n = mean over sounding classes c of IoU(P_c = map_c > ciou_frac*max(map_c), G_c)
+    (the threshold computed in float64 and compared in float32, NumPy 1.x rules), NaN when the image has no
+    sounding box (np.mean of an empty list, as official); nsa_n = mean over silent classes of the fraction of
+    pixels with map_c <= nsa_tau (None if no silent class).
     """
     ious = []
     for c, boxes in sounding.items():
         m = resize_map(class_maps[c], size, align_corners)
-        ious.append(ciou(m > ciou_frac * m.max(), boxes_to_map(boxes, "union", size)))
-    nsa = [float(np.mean(resize_map(class_maps[c], size, align_corners) <= nsa_tau)) for c in silent]
-    return float(np.mean(ious)) if ious else 0.0, (float(np.mean(nsa)) if nsa else None)
+        ious.append(ciou(m > np.float32(ciou_frac * float(m.max())), boxes_to_map(boxes, "union", size)))
+    nsa = [float(np.mean(resize_map(class_maps[c], size, align_corners) <= np.float32(nsa_tau))) for c in silent]
+    return (float(np.mean(ious)) if ious else float("nan")), (float(np.mean(nsa)) if nsa else None)
 
 
 def summarize_class_aware(cious, nsas) -> dict:
-    """CIoU@0.3 = fraction of images whose mean class IoU >= 0.3 (CSOL's eval.py), AUC over the same scores,
-    CIoU@0.5, and NSA = mean silent-area score."""
-    s = summarize(cious)
+    """CIoU@0.3 = fraction of images whose mean class IoU >= 0.05*6 (CSOL's eval.py literally: 0.30000000000000004),
+    AUC over the same scores and CIoU@0.5 (an image without a sounding box scores NaN and fails every threshold,
+    t = 0 included, as official), the mean class IoU over the images with a sounding box, and NSA = mean
+    silent-area score."""
+    s = summarize(cious, nan_mean="skip")
+    arr = np.asarray(cious, np.float64)
     valid = [v for v in nsas if v is not None]
-    return {"ciou@0.3": float(np.mean(np.asarray(cious) >= 0.3)) if len(cious) else float("nan"),
+    return {"ciou@0.3": float(np.sum(arr >= 0.05 * 6) / len(arr)) if len(arr) else float("nan"),
             "ciou@0.5": s["ciou@0.5"], "auc": s["auc"], "mean_ciou": s["mean_ciou"],
             "nsa": float(np.mean(valid)) if valid else float("nan")}
+
+
+# The negative-audio protocol (--negatives): SLAVC's extended metrics (Mo & Morgado, NeurIPS 2022) and pIA.
+NEGATIVE_KINDS = ("silence", "noise", "offscreen")
+NOISE_STD = 0.1          # white noise: N(0, 0.1^2) per sample (-20 dBFS RMS), torch seed = the clip's index
+
+
+class NegativeAudio(torch.utils.data.Dataset):
+    """Item i keeps its frame and id; its audio becomes a negative of `kind`: 'silence' (zeros), 'noise' (white
+    Gaussian noise of std NOISE_STD, the same in every run and method: seeded by i), 'offscreen' (the audio of
+    clip derangement(N)[i], another clip's sound, as the audio-swapped control)."""
+
+    def __init__(self, ds, kind: str):
+        if kind not in NEGATIVE_KINDS:
+            raise ValueError(f"negative kind {kind!r}")
+        self.ds, self.ids, self.kind, self.perm = ds, ds.ids, kind, derangement(len(ds))
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img, wav, vid = self.ds[i]
+        if self.kind == "silence":
+            wav = torch.zeros_like(wav)
+        elif self.kind == "noise":
+            wav = (torch.randn(wav.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                   * NOISE_STD).to(wav.dtype)
+        else:
+            wav = self.ds[self.perm[i]][1]
+        return img, wav, vid
+
+
+def confidence_batch(t: torch.Tensor) -> torch.Tensor:
+    """SLAVC-style confidence of (B, 224, 224) maps on the method's fixed scale: the mean of the top quarter of
+    the pixels (no per-image normalisation), float64."""
+    flat = t.flatten(1)
+    return flat.topk(flat.shape[1] // 4, dim=1).values.double().mean(1)
+
+
+def detection_ap(conf, correct, n_pos: int) -> tuple[float, float]:
+    """SLAVC's AP and max-F1: pairs ranked by confidence; at each confidence threshold (ties enter together)
+    TP = detected positives localised correctly, FP = every other detected pair (negatives, and positives with
+    cIoU < 0.5); precision = TP / (TP + FP), recall = TP / (all positive pairs). AP = sum_k (R_k - R_{k-1}) P_k."""
+    conf, correct = np.asarray(conf, np.float64), np.asarray(correct, bool)
+    if n_pos == 0 or conf.size == 0:
+        return float("nan"), float("nan")
+    order = np.argsort(-conf, kind="stable")
+    c, y = conf[order], correct[order]
+    last = np.r_[c[1:] != c[:-1], True]
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    prec, rec = tp / (tp + fp), tp / n_pos
+    ap = float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
+    f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-300), 0.0)
+    return ap, float(f1.max())
+
+
+def negative_metrics(pos: dict, neg: dict, ann: dict, ids, threshold: float, align_corners: bool = False,
+                     device="cpu", chunk: int = EVAL_CHUNK, iou: float = 0.5) -> dict:
+    """The negative-audio protocol on raw maps (the method's fixed scale, never min-max normalised).
+
+    pos: {id: map with the clip's own audio}; neg: {kind: {id: map with that negative audio}}. Every map is
+    resized to 224 (bilinear, align_corners as the method) and P = map >= threshold (the fixed threshold).
+    Returns {"threshold", "n", "positives": cIoU@0.5 / AUC / mean cIoU of the positives under P, "pia": {kind:
+    mean fraction of the image predicted}, "pia_positive", "confidence": {"positive"|kind: mean confidence},
+    "ap", "max_f1" (positives against all negatives), "per_kind": {kind: {"ap", "max_f1"}} (against that kind
+    only)}. A detected positive is correct when its cIoU >= iou.
+    """
+    listed, _ = _unique_ids(list(ids))
+    present = [i for i in listed if i in pos and all(i in m for m in neg.values())]
+    if not present:
+        raise UserError("negative-audio protocol: no id has a positive map and every negative map")
+    device = torch.device(device)
+    cious, conf = np.zeros(len(present)), {k: np.zeros(len(present)) for k in ["positive", *neg]}
+    area = {k: np.zeros(len(present)) for k in ["positive", *neg]}
+    with torch.no_grad():
+        for s in range(0, len(present), chunk):
+            ids_c = present[s:s + chunk]
+            G = gt_maps_batch([ann[i] for i in ids_c], GT_SIZE, device)
+            g_pos = (G > 0).float()
+            g_sum = G.flatten(1).sum(1).double()
+            for kind, mp in [("positive", pos), *neg.items()]:
+                for p, t in _prepared(mp, ids_c, align_corners, device):
+                    rows = [s + q for q in p]
+                    P = binarize_batch(t, "fixed", threshold)
+                    conf[kind][rows] = confidence_batch(t).cpu().numpy()
+                    area[kind][rows] = P.flatten(1).double().mean(1).cpu().numpy()
+                    if kind == "positive":
+                        idx = torch.tensor(p, device=device)
+                        cious[rows] = _ciou_sums(P, G[idx], g_sum[idx], g_pos[idx])
+    correct = cious >= iou
+    n = len(present)
+    all_conf = np.concatenate([conf["positive"], *[conf[k] for k in neg]])
+    all_ok = np.concatenate([correct, *[np.zeros(n, bool) for _ in neg]])
+    ap, f1 = detection_ap(all_conf, all_ok, n)
+    per_kind = {}
+    for k in neg:
+        a, f = detection_ap(np.concatenate([conf["positive"], conf[k]]), np.r_[correct, np.zeros(n, bool)], n)
+        per_kind[k] = {"ap": a, "max_f1": f}
+    return {"threshold": float(threshold), "resize": f"bilinear align_corners={align_corners}", "n": n,
+            "positives": summarize(cious), "pia_positive": float(area["positive"].mean()),
+            "pia": {k: float(area[k].mean()) for k in neg}, "ap": ap, "max_f1": f1, "per_kind": per_kind,
+            "confidence": {k: float(v.mean()) for k, v in conf.items()}, "kinds": list(neg),
+            "per_sample": {"ids": present, "ciou": cious.tolist(),
+                           "confidence": {k: v.tolist() for k, v in conf.items()}}}
+
+
+def format_negatives(r: dict, title: str = "negatives") -> str:
+    lines = [f"[{title}] negative audio ({', '.join(r['kinds'])}; noise std {NOISE_STD}), N={r['n']} clips; fixed "
+             f"threshold P = map >= {r['threshold']:g} on the raw map ({r.get('scale', 'method scale')}), "
+             f"{r['resize']}",
+             f"[{title}] positives at the fixed threshold  {fmt_metrics(r['positives'])}  "
+             f"(predicted area {100 * r['pia_positive']:.2f}%)",
+             f"[{title}] SLAVC extended (confidence = mean of the top quarter of the map; correct = cIoU >= 0.5): "
+             f"AP {100 * r['ap']:6.2f}  max-F1 {100 * r['max_f1']:6.2f}  (all {len(r['kinds'])} kinds)"]
+    for k in r["kinds"]:
+        lines.append(f"[{title}] {k:<9}  pIA {100 * r['pia'][k]:6.2f}%  AP {100 * r['per_kind'][k]['ap']:6.2f}  "
+                     f"max-F1 {100 * r['per_kind'][k]['max_f1']:6.2f}  mean confidence {r['confidence'][k]:.4f} "
+                     f"(positives {r['confidence']['positive']:.4f})")
+    return "\n".join(lines)
+
+
+def run_negatives(compute, ds, ann, threshold: float, scale: str, align_corners: bool, log, device="cpu"):
+    """--negatives in a method's --eval: compute(dataset) -> {id: raw map} is called on the test set and on its
+    three negative-audio copies (save_results prints the report). Returns (metrics, {"raw": positive maps, "neg": {kind: maps}})."""
+    raw = compute(ds)
+    neg = {k: compute(NegativeAudio(ds, k)) for k in NEGATIVE_KINDS}
+    r = negative_metrics(raw, neg, ann, ds.ids, threshold, align_corners, device)
+    r["scale"] = scale
+    return r, {"raw": raw, "neg": neg, "per_sample": r["per_sample"],
+               "meta": {"threshold": threshold, "scale": scale, "align_corners": align_corners}}
 
 
 # =====================================================================================================
@@ -1102,17 +1378,69 @@ def derangement(n: int) -> list[int]:
     return [(i + 1) % n for i in range(n)] if n > 1 else [0]
 
 
-def save_maps(path, maps: dict) -> None:
-    """One float map per id in an .npz (the format eval_cioU.py reads)."""
-    np.savez_compressed(path, **{k: np.asarray(v, np.float32) for k, v in maps.items()})
+def save_maps(path, maps: dict, negatives: dict | None = None) -> None:
+    """One float32 map per id in an .npz (the format eval_cioU.py reads), key = the id.
+    With negatives (from run_negatives, --eval --negatives) the same file also holds, for eval_cioU.py:
+      raw/<id>           the positive map on the method's fixed scale (the clip's own audio, never normalised)
+      neg/<kind>/<id>    the raw map with the negative audio <kind> (silence, noise, offscreen)
+      __confidence__     float64 (N, 1 + kinds): the confidences (mean of the top quarter), rows in the order of
+                         the ids in __negatives__, columns positive then the kinds
+      __negatives__      a json string: threshold, scale, align_corners, kinds, ids"""
+    out = {k: np.asarray(v, np.float32) for k, v in maps.items()}
+    if negatives:
+        for k, v in negatives["raw"].items():
+            out[f"raw/{k}"] = np.asarray(v, np.float32)
+        for kind, m in negatives["neg"].items():
+            for k, v in m.items():
+                out[f"neg/{kind}/{k}"] = np.asarray(v, np.float32)
+        meta = dict(negatives["meta"], kinds=list(negatives["neg"]))
+        if negatives.get("per_sample"):
+            ps = negatives["per_sample"]
+            meta["ids"] = ps["ids"]
+            out["__confidence__"] = np.stack([np.asarray(ps["confidence"][k], np.float64)
+                                              for k in ["positive", *meta["kinds"]]], 1)
+        out["__negatives__"] = np.array(json.dumps(meta))
+    np.savez_compressed(path, **out)
 
 
-def load_maps(path) -> dict:
+def _read_npz(path) -> dict:
+    """Every array of an .npz; one error line for a missing, non-npz (.npy, empty, garbage) or corrupt file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prediction file not found: {path}")
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UserError(f"{path}: a single .npy array, not an .npz archive with one map per id "
+                        f"(write it with numpy.savez(path, **{{id: map}}))")
+    try:
+        with z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"{path}: corrupt .npz archive ({type(e).__name__}: {e})") from None
+
+
+def load_maps(path, with_negatives: bool = False):
+    """The maps of an .npz written by save_maps (or any {id: 2-D map} npz), each checked (2-D, non-empty,
+    finite). with_negatives: returns (maps, negatives) with negatives = {"raw", "neg", "meta"} or None."""
+    data = _read_npz(path)
+    maps = {k: check_map(k, v, f"{path}: map") for k, v in data.items() if "/" not in k and not k.startswith("__")}
+    if not maps:
+        raise UserError(f"{path}: no maps in the archive")
+    if not with_negatives:
+        return maps
+    if "__negatives__" not in data:
+        return maps, None
+    try:
+        meta = json.loads(str(data["__negatives__"]))
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: __negatives__ is not valid json") from None
+    raw = {k[4:]: check_map(k, v, f"{path}: map") for k, v in data.items() if k.startswith("raw/")}
+    neg = {kind: {k[len(f"neg/{kind}/"):]: check_map(k, v, f"{path}: map") for k, v in data.items()
+                  if k.startswith(f"neg/{kind}/")} for kind in meta.get("kinds", [])}
+    return maps, {"raw": raw, "neg": neg, "meta": meta}
 
 
 class RunLog:
@@ -1147,7 +1475,9 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--test-split", help="test id list (default ROOT/splits/test.txt)")
     a("--annotations", help="annotations: json (VGG-SS format) or a Flickr XML folder (default ROOT/annotations.json)")
     a("--protocol", choices=list(PROTOCOLS), help="evaluation protocol (default: the method's official one)")
-    a("--align-corners", action="store_true", help="resize maps with align_corners=True (EZ-VSL's test)")
+    a("--align-corners", action=argparse.BooleanOptionalAction, default=None,
+      help="bilinear resize of the maps with align_corners=True / False (default: the method's official test: "
+           "True for EZ-VSL, False = cv2 INTER_LINEAR for LVS, SSPL, CSOL)")
     a("--save-maps", help="--eval: write the test maps to this .npz (for eval_cioU.py)")
     a("--viz", type=int, default=0, help="write N PNG overlays (frame + boxes, heat map, overlay)")
     a("--preset", choices=["cpu", "paper"], help="cpu: small encoders/images; paper: the official set-up "
@@ -1173,6 +1503,8 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--steps", type=int, help="--benchmark: measured steps (default: a few hundred samples)")
     a("--negatives", action="store_true", help="--eval: also score silence, white noise and off-screen audio "
       "(SLAVC extended metrics and pIA per negative kind)")
+    a("--neg-threshold", type=float, help="--negatives: the fixed threshold on the raw map (default: the method's, "
+      "see its header)")
     a("--out", help="--train: parent folder of run folders (default runs/); --eval: folder for results.json; "
       "--predict: output PNG")
     a("--resume", help="continue a run from its last.pt (path to the file or the run folder)")
@@ -1277,12 +1609,16 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
                "resize": res["resize"], "n": res["n"], "n_listed": res["n_listed"], "seconds": round(seconds, 1),
                "test": res["test"], "baselines": res["baselines"],
                "audio_swapped": swapped["test"] if swapped else None, "map": map_name,
-               "missing": res["missing"], "empty_gt": res["empty_gt"], **(extra or {})}
+               "missing": res["missing"], "duplicates": res.get("duplicates", []), "empty_gt": res["empty_gt"],
+               "boxes_outside": res.get("boxes_outside", 0), **(extra or {})}
+    if res.get("negatives"):
+        results["negatives"] = {k: v for k, v in res["negatives"].items() if k != "per_sample"}
+        log(format_negatives(res["negatives"], "test negatives"))
     write_json(out / "results.json", results)
     if res["missing"]:
         (out / "missing_ids.txt").write_text("\n".join(res["missing"]) + "\n")
     if args.save_maps:
-        save_maps(args.save_maps, res["maps"])
+        save_maps(args.save_maps, res["maps"], res.get("negatives_maps"))
         log(f"maps written to {args.save_maps}")
     if args.viz:
         d = out / "viz"

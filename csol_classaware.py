@@ -56,6 +56,13 @@ Deviations (from the paper P, from the official code O), and why:
      with seed 0 on a 4-class synthetic set we measured alpha -0.29 and inverted class maps (sounding objects
      darker than silent ones, worse than a random class assignment).
   8. (O) One process only (the official code uses DataParallel): under torchrun it stops with a message.
+  9. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
+     audio; the raw l (sigmoid, fixed scale [0, 1]) is thresholded at 0.5 after the resize to 224
+     (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
+  10. (O, kept) Metrics as the official tools.py / eval.py, in float32: single source P = l > 0.1 max(l)
+     (`rel0.1`); class-aware CIoU@0.3 = fraction of images with mean class IoU >= 0.05*6 (literally, so
+     0.30000000000000004), and an image without a sounding box scores NaN (np.mean of no class), which fails every
+     AUC threshold including t = 0; the mean class IoU skips those images.
 """
 import argparse
 import copy
@@ -434,6 +441,11 @@ def train(args):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
+# --negatives: the raw l (sigmoid, fixed scale [0, 1]) thresholded at 0.5 after the resize to 224
+# (--neg-threshold changes it).
+NEG_THRESHOLD, NEG_SCALE = 0.5, "l sigmoid in [0, 1]"
+
+
 @torch.no_grad()
 def compute_outputs(model, ds, args, device, with_classes=False):
     """{id: l} (single-source map) and, with_classes, {id: S (K, h, w)} (Eq. 13)."""
@@ -518,6 +530,10 @@ def run_eval(args, device, log, seconds_train=None):
     ds = make_dataset(args, args.test_split, False)
     res = evaluate_single(model, ds, ann, args, device)
     swapped = evaluate_single(model, C.SwapAudio(ds), ann, args, device, baselines=False) if len(ds) > 1 else None
+    if args.negatives:
+        thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
+        res["negatives"], res["negatives_maps"] = C.run_negatives(
+            lambda d: compute_outputs(model, d, args, device)[0], ds, ann, thr, NEG_SCALE, args.align_corners, log)
     extra = {"stage": ck.get("stage")}
     names = args.classes
     if ck.get("stage") == 2 and names and ck.get("assignment") and Path(args.cocktail_test_split).is_file():
@@ -589,6 +605,7 @@ def main(argv=None):
         if getattr(args, f"cocktail_{k}_split") is None:
             setattr(args, f"cocktail_{k}_split", str(root / "splits" / f"cocktail_{k}.txt"))
     args.protocol = args.protocol or "rel0.1"      # CSOL's single-source tools.py: map > 0.1 max
+    args.align_corners = bool(args.align_corners)  # official: cv2.resize INTER_LINEAR (half-pixel)
     if args.train:
         return train(args)
     if not args.ckpt:
