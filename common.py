@@ -1378,8 +1378,9 @@ def derangement(n: int) -> list[int]:
     return [(i + 1) % n for i in range(n)] if n > 1 else [0]
 
 
-def save_maps(path, maps: dict, negatives: dict | None = None) -> None:
-    """One float32 map per id in an .npz (the format eval_cioU.py reads), key = the id.
+def save_maps(path, maps: dict, negatives: dict | None = None, meta: dict | None = None) -> None:
+    """One float32 map per id in an .npz (the format eval_cioU.py reads), key = the id; meta (json under
+    __eval__: the protocol and align_corners the maps were scored with) lets eval_cioU.py resize them the same way.
     With negatives (from run_negatives, --eval --negatives) the same file also holds, for eval_cioU.py:
       raw/<id>           the positive map on the method's fixed scale (the clip's own audio, never normalised)
       neg/<kind>/<id>    the raw map with the negative audio <kind> (silence, noise, offscreen)
@@ -1387,6 +1388,8 @@ def save_maps(path, maps: dict, negatives: dict | None = None) -> None:
                          the ids in __negatives__, columns positive then the kinds
       __negatives__      a json string: threshold, scale, align_corners, kinds, ids"""
     out = {k: np.asarray(v, np.float32) for k, v in maps.items()}
+    if meta:
+        out["__eval__"] = np.array(json.dumps(meta))
     if negatives:
         for k, v in negatives["raw"].items():
             out[f"raw/{k}"] = np.asarray(v, np.float32)
@@ -1424,15 +1427,20 @@ def _read_npz(path) -> dict:
 
 def load_maps(path, with_negatives: bool = False):
     """The maps of an .npz written by save_maps (or any {id: 2-D map} npz), each checked (2-D, non-empty,
-    finite). with_negatives: returns (maps, negatives) with negatives = {"raw", "neg", "meta"} or None."""
+    finite). with_negatives: returns (maps, negatives, eval_meta) with negatives = {"raw", "neg", "meta"} or None
+    and eval_meta = the __eval__ dict ({} if absent)."""
     data = _read_npz(path)
     maps = {k: check_map(k, v, f"{path}: map") for k, v in data.items() if "/" not in k and not k.startswith("__")}
     if not maps:
         raise UserError(f"{path}: no maps in the archive")
     if not with_negatives:
         return maps
+    try:
+        eval_meta = json.loads(str(data["__eval__"])) if "__eval__" in data else {}
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: __eval__ is not valid json") from None
     if "__negatives__" not in data:
-        return maps, None
+        return maps, None, eval_meta
     try:
         meta = json.loads(str(data["__negatives__"]))
     except json.JSONDecodeError:
@@ -1440,7 +1448,7 @@ def load_maps(path, with_negatives: bool = False):
     raw = {k[4:]: check_map(k, v, f"{path}: map") for k, v in data.items() if k.startswith("raw/")}
     neg = {kind: {k[len(f"neg/{kind}/"):]: check_map(k, v, f"{path}: map") for k, v in data.items()
                   if k.startswith(f"neg/{kind}/")} for kind in meta.get("kinds", [])}
-    return maps, {"raw": raw, "neg": neg, "meta": meta}
+    return maps, {"raw": raw, "neg": neg, "meta": meta}, eval_meta
 
 
 class RunLog:
@@ -1618,7 +1626,8 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
     if res["missing"]:
         (out / "missing_ids.txt").write_text("\n".join(res["missing"]) + "\n")
     if args.save_maps:
-        save_maps(args.save_maps, res["maps"], res.get("negatives_maps"))
+        save_maps(args.save_maps, res["maps"], res.get("negatives_maps"),
+                  {"protocol": res["protocol"], "align_corners": res["resize"].endswith("True"), "map": map_name})
         log(f"maps written to {args.save_maps}")
     if args.viz:
         d = out / "viz"

@@ -11,8 +11,8 @@
 Printed: protocol, resize variant, N evaluated / N listed, cIoU@0.5 (the papers' "cIoU"), AUC, mean cIoU, and with
 --baselines the centred prior and the full image on the same samples. The --json summary uses the keys of the
 methods' results.json. The maps are scored in float32 with the official rules of the chosen protocol (common.py
-PROTOCOLS); the default resize is bilinear align_corners=False (cv2 INTER_LINEAR: LVS, SSPL, CSOL); give
---align-corners for EZ-VSL's maps.
+PROTOCOLS); the resize is the one the method stored in the file (EZ-VSL: bilinear align_corners=True; LVS, SSPL,
+CSOL: False = cv2 INTER_LINEAR), else False; --align-corners / --no-align-corners override it.
 
 Input checks (one `error:` line each): a file that is not a readable .npz (an .npy, an empty or garbage file), a
 map that is empty or not 2-D, NaN/inf values. Ids listed twice in --split are reported and scored once;
@@ -36,8 +36,9 @@ def main(argv=None):
     p.add_argument("--gt", required=True, help="annotations json (VGG-SS format) or a Flickr XML folder")
     p.add_argument("--split", help="test id list (one id per line or first csv column); default: the ids of --pred")
     p.add_argument("--protocol", default="median", choices=list(C.PROTOCOLS), help="how a map becomes binary")
-    p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=False,
-                   help="bilinear resize with align_corners=True (EZ-VSL's test); default False (cv2 INTER_LINEAR)")
+    p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=None,
+                   help="bilinear resize with align_corners=True (EZ-VSL's test) or False (cv2 INTER_LINEAR); "
+                        "default: the value the method stored in the file (--save-maps), else False")
     p.add_argument("--per-sample", help="write id,ciou per sample to this csv")
     p.add_argument("--baselines", action="store_true", help="also score the centred prior and the full image")
     p.add_argument("--json", help="write the summary (results.json keys) to this file")
@@ -48,7 +49,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="where the evaluator runs: cpu (default) or cuda")
     a = p.parse_args(argv)
 
-    maps, negs = C.load_maps(a.pred, with_negatives=True)
+    maps, negs, meta_eval = C.load_maps(a.pred, with_negatives=True)
+    if a.align_corners is None:
+        a.align_corners = bool(meta_eval.get("align_corners", False))
     ann = C.load_annotations(a.gt)
     ids = C.read_split(a.split) if a.split else None
     res = C.evaluate_maps(maps, ann, ids, a.protocol, a.align_corners, baselines=a.baselines, device=a.device)
