@@ -872,19 +872,44 @@ def minmax(m):
 
 def _kth(t: torch.Tensor, k: int) -> torch.Tensor:
     """Per map, the value at index k of the ascending sort (the official np.sort(m.flatten())[k]), (B, 1, 1):
-    numpy's introselect on the CPU (1.4x cheaper than torch.kthvalue here), torch.kthvalue on a GPU."""
+    on the CPU an exact windowed selection (_kth_window), torch.kthvalue on a GPU."""
     flat = t.flatten(1)
     if flat.device.type == "cpu":
-        return torch.from_numpy(np.partition(flat.numpy(), k, axis=1)[:, k])[:, None, None]
+        return torch.from_numpy(_kth_window(np.ascontiguousarray(flat.numpy()), k))[:, None, None]
     return flat.kthvalue(k + 1, dim=1).values[:, None, None]
+
+
+def _kth_window(x: np.ndarray, k: int, step: int = 13) -> np.ndarray:
+    """Exact k-th smallest of each row of x (B, L) without selecting over all L values: a window [a, b] is taken
+    around the k-th value of a strided subsample (every 13th value, +-2.5% of its ranks); when
+    #(x < a) <= k < #(x <= b) the answer is the (k - #(x < a))-th smallest value inside the window (about 5% of
+    the row); otherwise that row falls back to np.partition of the whole row."""
+    sub = x[:, ::step]
+    ks, d = k // step, max(8, sub.shape[1] // 40)
+    lo_i, hi_i = max(ks - d, 0), min(ks + d, sub.shape[1] - 1)
+    part = np.partition(sub, [lo_i, hi_i], axis=1)
+    a, b = part[:, lo_i:lo_i + 1], part[:, hi_i:hi_i + 1]
+    below = np.count_nonzero(x < a, axis=1)
+    inwin = (x >= a) & (x <= b)
+    cnt = np.count_nonzero(inwin, axis=1)
+    j = k - below
+    ok = (j >= 0) & (j < cnt)
+    vals, ends = x[inwin], np.cumsum(cnt)
+    out = np.empty(x.shape[0], x.dtype)
+    for i in range(x.shape[0]):
+        if ok[i]:
+            out[i] = np.partition(vals[ends[i] - cnt[i]:ends[i]], j[i])[j[i]]
+        else:
+            out[i] = np.partition(x[i], k)[k]
+    return out
 
 
 _BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))   # the largest float32 below 1
 
 
 def _range(t: torch.Tensor):
-    lo, hi = torch.aminmax(t.flatten(1), dim=1)
-    return lo[:, None, None], hi[:, None, None]
+    flat = t.flatten(1)                     # amin + amax: 30x cheaper than torch.aminmax(dim=1) on the CPU here
+    return flat.amin(1)[:, None, None], flat.amax(1)[:, None, None]
 
 
 def binarize_batch(t: torch.Tensor, protocol: str, threshold: float | None = None) -> torch.Tensor:
@@ -902,7 +927,7 @@ def binarize_batch(t: torch.Tensor, protocol: str, threshold: float | None = Non
     if protocol == "median_strict":                           # LVS: p = 1 - normalize_img(-h); >thr -> 1; <1 -> 0
         # normalize_img(-h) = (-h - min(-h)) / (max(-h) - min(-h)) = (max h - h) / (max h - min h), the same
         # float32 operations; P = {p > thr} | {p >= 1} = {p > thr} if thr < 1, else {p > largest float below 1}
-        p = torch.rsub(torch.sub(hi, t).div_(hi - lo), 1.0)
+        p = torch.sub(hi, t).div_(hi - lo).neg_().add_(1.0)     # 1 - n as (-n) + 1: the same rounding
         if flat.any():
             p[flat] = torch.rsub(-t[flat], 1.0)
         thr = _kth(p, MEDIAN_INDEX).to(t.device)
@@ -948,6 +973,7 @@ class _GtChunk:
         cols = ((ax >= lim[..., 0:1]) & (ax < lim[..., 2:3])).float()
         single = [e.get("gt", "union") == "union" and len(e["bbox"]) == 1 for e in entries]
         self.single = torch.tensor(single)
+        self.box = [[max(0, min(GT_SIZE, v)) for v in lim[i, 0].tolist()] for i in range(len(entries))]
         self.r, self.c = rows[:, 0].to(device), cols[:, 0].to(device)
         self.multi = [i for i, sg in enumerate(single) if not sg]
         self.G = gt_maps_batch([entries[i] for i in self.multi], GT_SIZE, device) if self.multi else None
@@ -961,11 +987,17 @@ class _GtChunk:
     def ciou(self, P: torch.Tensor, pos) -> np.ndarray:
         """cIoU of binary P (b, 224, 224) for the chunk positions `pos`; 0/0 -> NaN."""
         pos_t = torch.tensor(pos, device=self.device)
-        Pf = P.float()
-        rc = torch.stack([self.c[pos_t], torch.ones_like(self.c[pos_t])], 2)          # (b, 224, 2)
-        o = torch.bmm(Pf, rc)                                                           # (P c, row sums of P)
-        inter = (self.r[pos_t] * o[..., 0]).sum(1).double()
-        p_sum = o[..., 1].sum(1).double()
+        if P.device.type == "cpu":           # numpy counts on the bool map: r^T P c = the count inside the box
+            Pn = P.numpy()
+            p_sum = torch.from_numpy(np.count_nonzero(Pn.reshape(len(pos), -1), axis=1).astype(np.float64))
+            inter = torch.tensor([float(np.count_nonzero(Pn[j, y1:y2, x1:x2])) for j, (x1, y1, x2, y2) in
+                                  enumerate(self.box[q] for q in pos)], dtype=torch.float64)
+        else:
+            Pf = P.float()
+            rc = torch.stack([self.c[pos_t], torch.ones_like(self.c[pos_t])], 2)      # (b, 224, 2)
+            o = torch.bmm(Pf, rc)                                                       # (P c, row sums of P)
+            inter = (self.r[pos_t] * o[..., 0]).sum(1).double()
+            p_sum = o[..., 1].sum(1).double()
         p_in = inter.clone()
         where = {q: j for j, q in enumerate(pos)}
         sel = [(where[q], gi) for gi, q in enumerate(self.multi) if q in where]
@@ -973,8 +1005,9 @@ class _GtChunk:
             lp, gi = torch.tensor([a for a, _ in sel], device=self.device), torch.tensor([b for _, b in sel],
                                                                                         device=self.device)
             G = self.G[gi].flatten(1)
-            inter[lp] = (Pf[lp].flatten(1) * G).sum(1).double()
-            p_in[lp] = (Pf[lp].flatten(1) * (G > 0).float()).sum(1).double()
+            Pm = P[lp].flatten(1).float()
+            inter[lp] = (Pm * G).sum(1).double()
+            p_in[lp] = (Pm * (G > 0).float()).sum(1).double()
         den = self.g_sum[pos_t] + p_sum - p_in
         out = inter / den
         return torch.where(den > 0, out, torch.full_like(out, float("nan"))).cpu().numpy()
@@ -1017,7 +1050,7 @@ def check_map(vid: str, m, where: str = "prediction") -> np.ndarray:
         raise UserError(f"{where} for {vid}: expected a 2-D map, got shape {m.shape}")
     if m.size == 0:
         raise UserError(f"{where} for {vid}: empty map of shape {m.shape}")
-    if not np.issubdtype(m.dtype, np.number) or np.iscomplexobj(m):
+    if not (np.issubdtype(m.dtype, np.number) or m.dtype == bool) or np.iscomplexobj(m):
         raise UserError(f"{where} for {vid}: not a real-valued map (dtype {m.dtype})")
     m = m.astype(np.float32)
     if not np.isfinite(m).all():
