@@ -9,7 +9,8 @@ Sections, top to bottom:
   3. Data: WAV reading with `wave`, the standard layout, the dataset reader, clip windows, image transforms.
   4. The synthetic benchmark generator (`python data_prep.py synth --out DIR` calls it; so does every method
      when run without --data).
-  5. The evaluator: ground-truth maps, named protocols, cIoU / AUC, baselines, CSOL's class-aware metrics.
+  5. The evaluator: ground-truth maps, named protocols (each exactly its official script, in float32), batched
+     cIoU / AUC, baselines, CSOL's class-aware metrics, the negative-audio protocol (SLAVC AP / max-F1, pIA).
   6. Helpers: seeding, device/AMP, DDP under torchrun, atomic checkpoints, progress bar, heat-map overlays,
      run folders and the command line every method shares.
 
@@ -1208,7 +1209,8 @@ def format_report(res: dict, title: str = "test") -> str:
         lines.append(f"[{title}] warning: {res['boxes_outside']} annotation boxes have a coordinate outside [0, 1]; "
                      f"clamped as the official code (int(224 * max(v, 0)), cut at 224)")
     if res["empty_gt"]:
-        lines.append(f"[{title}] warning: {len(res['empty_gt'])} entries have an empty ground truth and score 0: "
+        lines.append(f"[{title}] warning: {len(res['empty_gt'])} entries have an empty ground truth and score 0 "
+                     f"(0/0 = NaN, failing every threshold, when nothing is predicted either): "
                      f"{', '.join(res['empty_gt'][:10])}")
     width = max([len("model")] + [len(k) for k in res.get("baselines", {})])
     lines.append(f"[{title}] {'model':<{width}}  {fmt_metrics(res['test'])}   ({res['protocol']}, N={res['n']})")
