@@ -1368,7 +1368,8 @@ def format_negatives(r: dict, title: str = "negatives") -> str:
 
 def run_negatives(compute, ds, ann, threshold: float, scale: str, align_corners: bool, log, device="cpu"):
     """--negatives in a method's --eval: compute(dataset) -> {id: raw map} is called on the test set and on its
-    three negative-audio copies (save_results prints the report). Returns (metrics, {"raw": positive maps, "neg": {kind: maps}})."""
+    three negative-audio copies (save_results prints the report). Returns (metrics, {"raw": positive maps, "neg":
+    {kind: maps}, "per_sample", "meta"}) (the second for save_maps)."""
     raw = compute(ds)
     neg = {k: compute(NegativeAudio(ds, k)) for k in NEGATIVE_KINDS}
     r = negative_metrics(raw, neg, ann, ds.ids, threshold, align_corners, device)

@@ -380,8 +380,8 @@ def predict(args, device, log):
     obj_model = make_obj_model(args, log, device)
     if obj_model is not None:                       # as the official test: both up-sampled to 224, then Eq. 9
         ac = True if args.align_corners is None else args.align_corners
-        heat = ogl_blend(C.resize_maps(heat.float(), C.GT_SIZE, ac), C.resize_maps(obj_model(img).float(), C.GT_SIZE, ac),
-                         args.alpha)
+        heat = ogl_blend(C.resize_maps(heat.float(), C.GT_SIZE, ac),
+                         C.resize_maps(obj_model(img).float(), C.GT_SIZE, ac), args.alpha)
     out = args.out or "heat.png"
     C.save_overlay_png(out, np.asarray(frame.resize((args.image_size, args.image_size))), heat[0].cpu().numpy())
     log(f"heat map written to {out}")

@@ -325,7 +325,8 @@ def run_eval(args, device, log, seconds_train=None):
     if args.negatives:
         thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
         res["negatives"], res["negatives_maps"] = C.run_negatives(
-            lambda d: compute_maps(model, d, device, min(args.batch_size or 32, 64), args.workers), ds, ann, thr, NEG_SCALE, args.align_corners, log)
+            lambda d: compute_maps(model, d, device, min(args.batch_size or 32, 64), args.workers), ds, ann, thr,
+            NEG_SCALE, args.align_corners, log)
     return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0), "S_ii",
                           {"loss": getattr(args, "loss", "official")})
 

@@ -1027,7 +1027,8 @@ def _official_resize(m, align_corners):
     if m.shape == (224, 224):
         return m.copy()
     t = torch.from_numpy(m)[None, None]
-    return torch.nn.functional.interpolate(t, size=(224, 224), mode="bilinear", align_corners=align_corners)[0, 0].numpy()
+    out = torch.nn.functional.interpolate(t, size=(224, 224), mode="bilinear", align_corners=align_corners)
+    return out[0, 0].numpy()
 
 
 def _official_normalize_img(v):                     # utils.normalize_img of LVS / EZ-VSL
@@ -1090,8 +1091,9 @@ def _issue12_cases():
                             ("const", np.full((size, size), [-1.5, 0.0, 2.0, -1e-9][j]))):
                 k = f"{name}{size}_{j}"
                 maps[k], ann[k] = np.asarray(m, np.float32), {"file": k, "bbox": boxes, "gt": kind}
-    maps["empty_neg"], ann["empty_neg"] = np.full((7, 7), -1.0, np.float32), {"file": "e", "bbox": [[.5, .5, -2.88e16, .9]]}
-    maps["empty_pos"], ann["empty_pos"] = np.full((7, 7), 1.0, np.float32), {"file": "e", "bbox": [[.27, 1.0, .75, 1.0]]}
+    # empty ground truth (a corrupt box, a zero-height box) with nothing / everything predicted: 0/0 = NaN and 0
+    maps["empty_neg"], ann["empty_neg"] = np.full((7, 7), -1.0, np.float32), {"file": "e", "bbox": [[.5, .5, -3e16, 1]]}
+    maps["empty_pos"], ann["empty_pos"] = np.full((7, 7), 1.0, np.float32), {"file": "e", "bbox": [[.27, 1., .75, 1.]]}
     return maps, ann
 
 
