@@ -845,6 +845,7 @@ def gt_maps_batch(entries, size: int = GT_SIZE, device="cpu") -> torch.Tensor:
 
 
 _WORKSPACE: dict = {}
+_NUMPY_ON_CPU = True     # CPU chunks: numpy selection / counts; False runs the torch code path of the GPU (tests)
 
 
 def _buffer(name: str, shape, dtype=torch.float32) -> torch.Tensor:
@@ -889,7 +890,7 @@ def _kth(t: torch.Tensor, k: int) -> torch.Tensor:
     """Per map, the value at index k of the ascending sort (the official np.sort(m.flatten())[k]), (B, 1, 1):
     on the CPU an exact windowed selection (_kth_window), torch.kthvalue on a GPU."""
     flat = t.flatten(1)
-    if flat.device.type == "cpu":
+    if flat.device.type == "cpu" and _NUMPY_ON_CPU:
         return torch.from_numpy(_kth_window(np.ascontiguousarray(flat.numpy()), k))[:, None, None]
     return flat.kthvalue(k + 1, dim=1).values[:, None, None]
 
@@ -1013,7 +1014,7 @@ class _GtChunk:
     def ciou(self, P: torch.Tensor, pos) -> np.ndarray:
         """cIoU of binary P (b, 224, 224) for the chunk positions `pos`; 0/0 -> NaN."""
         pos_t = torch.tensor(pos, device=self.device)
-        if P.device.type == "cpu":           # numpy counts on the bool map: r^T P c = the count inside the box
+        if P.device.type == "cpu" and _NUMPY_ON_CPU:   # numpy counts on the bool map: r^T P c = the count inside the box
             Pn = P.numpy()
             p_sum = torch.from_numpy(_row_counts(Pn.reshape(len(pos), -1)).astype(np.float64))
             inter = torch.tensor([float(np.count_nonzero(Pn[j, y1:y2, x1:x2])) for j, (x1, y1, x2, y2) in

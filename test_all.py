@@ -1098,9 +1098,10 @@ def _issue12_cases():
 
 
 @pytest.mark.parametrize("protocol", list(C.PROTOCOLS))
-def test_issue12_every_protocol_equals_the_official_per_sample_rule(protocol):
+def test_issue12_every_protocol_equals_the_official_per_sample_rule(protocol, monkeypatch):
     maps, ann = _issue12_cases()
-    for ac in (False, True):
+    for ac, numpy_path in ((False, True), (True, True), (False, False)):   # False: the torch (GPU) code path
+        monkeypatch.setattr(C, "_NUMPY_ON_CPU", numpy_path)
         res = C.evaluate_maps(maps, ann, protocol=protocol, align_corners=ac, chunk=5)   # chunks and mixed sizes
         ref = np.array([_official_ciou(maps[k], ann[k], protocol, ac) for k in maps])
         ours = np.array([res["per_sample"][k] for k in maps])
