@@ -40,7 +40,7 @@ def run_py(*args, cwd=HERE, check=True, env_extra=None, timeout=600):
 def tiny(tmp_path_factory):
     """A tiny synthetic dataset in the standard layout (shared by the data and smoke tests)."""
     root = tmp_path_factory.mktemp("tiny")
-    C.make_synthetic(root, sizes=dict(train=24, val=8, test=8, cocktail_train=8, cocktail_test=6), log=lambda *a: None)
+    data_prep.make_synthetic(root, sizes=dict(train=24, val=8, test=8, cocktail_train=8, cocktail_test=6), log=lambda *a: None)
     return root
 
 
@@ -227,7 +227,7 @@ def test_reader_on_tiny_dataset_and_bad_input(tiny, tmp_path):
 def test_synthetic_boxes_match_what_was_drawn(tiny):
     from PIL import Image
     ann = C.load_annotations(tiny / "annotations.json")
-    colors = {c[0]: np.array(c[1], float) for c in C.SYNTH_CLASSES}
+    colors = {c[0]: np.array(c[1], float) for c in data_prep.SYNTH_CLASSES}
     checked = 0
     for vid in C.read_split(tiny / "splits" / "test.txt") + C.read_split(tiny / "splits" / "cocktail_test.txt"):
         img = np.asarray(Image.open(tiny / "frames" / f"{vid}.jpg"), float)
@@ -246,7 +246,7 @@ def test_synthetic_boxes_match_what_was_drawn(tiny):
 def test_synthetic_is_deterministic(tmp_path):
     sizes = dict(train=3, test=2)
     for d in ("a", "b"):
-        C.make_synthetic(tmp_path / d, seed=5, sizes=sizes, log=lambda *a: None)
+        data_prep.make_synthetic(tmp_path / d, seed=5, sizes=sizes, log=lambda *a: None)
     assert (tmp_path / "a/annotations.json").read_text() == (tmp_path / "b/annotations.json").read_text()
     assert (tmp_path / "a/audio/test_00001.wav").read_bytes() == (tmp_path / "b/audio/test_00001.wav").read_bytes()
 
@@ -743,7 +743,7 @@ def test_clear_errors_not_tracebacks(script, tiny, tmp_path):
 @pytest.fixture(scope="session")
 def learn_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
-    C.make_synthetic(root, n_classes=4, sizes=dict(train=480, val=64, test=64, cocktail_train=256, cocktail_val=16,
+    data_prep.make_synthetic(root, n_classes=4, sizes=dict(train=480, val=64, test=64, cocktail_train=256, cocktail_val=16,
                                                    cocktail_test=32), log=lambda *a: None)
     return root
 
