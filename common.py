@@ -798,11 +798,35 @@ class Amp:
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype) if self.enabled else contextlib.nullcontext()
 
-    def step(self, loss, optimizer):
-        optimizer.zero_grad(set_to_none=True)
+    def step(self, loss, *optimizers):
+        """zero_grad, (scaled) backward, step every optimizer given (CSOL's classification passes step two)."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
+        for opt in optimizers:
+            self.scaler.step(opt)
         self.scaler.update()
+
+    def describe(self):
+        """What benchmark.json records: the autocast dtype actually used ("bfloat16" / "float16"), or False."""
+        return str(self.dtype).replace("torch.", "") if self.enabled else False
+
+
+def gpu_habits(args, device: torch.device, image_trunk: nn.Module, compiled=()) -> None:
+    """The CUDA habits of every method's training (call before wrapping in DDP): cuDNN autotuning and the image
+    trunk in channels_last (NHWC) memory format; with --compile, nn.Module.compile() in place on each module of
+    `compiled` (parameter names, checkpoints and DDP unchanged). On CPU nothing changes unless --compile is given."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        image_trunk.to(memory_format=torch.channels_last)
+    if args.compile:
+        for m in compiled:
+            m.compile()
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A CUDA image batch in channels_last memory format (matches the trunk of gpu_habits); CPU tensors as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 def init_distributed(device_name: str = "auto"):
@@ -1099,3 +1123,114 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
         log(f"{len(ids)} overlays written to {d}")
     log(f"results written to {out / 'results.json'}")
     return results
+
+
+# --benchmark: the timing harness every method calls from its benchmark(args) (run plumbing, no method logic).
+BENCHMARK_KEYS = ("loader_samples_per_s", "reference_loader_samples_per_s", "model_samples_per_s",
+                  "train_samples_per_s", "peak_memory_mb", "cache_build_s")
+
+
+def single_process(what: str) -> None:
+    """Stop with one line when launched with torchrun over several processes (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"{what} runs in one process; launch it with python (or torchrun --nproc_per_node=1)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _n_samples(inputs) -> int:
+    """Samples in a prepared batch: the first dimension of its first tensor (nested tuples allowed)."""
+    if torch.is_tensor(inputs):
+        return inputs.shape[0]
+    return _n_samples(inputs[0])
+
+
+def _endless(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def _samples_per_s(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Run step() warmup times untimed, then steps times timed (CUDA synchronised at both ends); step() returns
+    the number of samples it processed."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        n += step()
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource                                     # the process's peak RSS (kB on Linux), workers not included
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+
+
+def run_benchmark(args, method: str, device: torch.device, run_dir, log, make_loader, batch_to_device, train_step,
+                  net, opt, amp: Amp, warmup: int = 2) -> dict:
+    """--benchmark: samples per second of (1) the loader: files on disk -> a batch of normalised images and
+    spectrograms on the device (the method's training DataLoader + batch_to_device), with args.decode as given and
+    again with --decode pil (the reference); (2) the model: train_step (forward + loss + backward + optimizer
+    step) on one prepared batch reused; (3) end to end (loader + batch_to_device + train_step). Warm-up steps
+    are excluded, CUDA is synchronised around every timed span. Writes run_dir/benchmark.json; never saves a
+    checkpoint. make_loader() builds the dataset from args (so it follows args.decode) and its training loader."""
+    steps = args.steps or max(3, math.ceil(256 / max(1, args.batch_size)))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    decode = args.decode
+    net.train()
+    res, last = {}, {}
+
+    def loader_rate(mode):
+        args.decode = mode
+        loader = make_loader()
+        batches = _endless(loader)
+
+        def step():
+            last["inputs"] = batch_to_device(next(batches), device, args, True)
+            return _n_samples(last["inputs"])
+        rate = _samples_per_s(step, steps, warmup, device)
+        return rate, getattr(loader.dataset, "cache_build_s", None)
+
+    try:
+        res["loader_samples_per_s"], cache_s = loader_rate(decode)
+        res["reference_loader_samples_per_s"], _ = loader_rate("pil")
+    finally:
+        args.decode = decode
+    inputs = last["inputs"]
+
+    def model_step():
+        train_step(net, opt, amp, inputs, args)
+        return _n_samples(inputs)
+    res["model_samples_per_s"] = _samples_per_s(model_step, steps, warmup, device)
+    batches = _endless(make_loader())
+
+    def train_one():
+        x = batch_to_device(next(batches), device, args, True)
+        train_step(net, opt, amp, x, args)
+        return _n_samples(x)
+    res["train_samples_per_s"] = _samples_per_s(train_one, steps, warmup, device)
+    res["peak_memory_mb"] = _peak_memory_mb(device)
+    res["cache_build_s"] = cache_s
+    res = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}
+    meta = {"method": method, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "batch_size": args.batch_size, "workers": args.workers, "amp": amp.describe(),
+            "compile": bool(args.compile), "image_size": args.image_size, "preset": args.preset, "decode": decode,
+            "steps": steps, "warmup_steps": warmup, "data": str(args.data), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    out = {**meta, **res}
+    width = max(map(len, out))
+    log("\n".join(f"{k:<{width}}  {v}" for k, v in out.items()))
+    write_json(Path(run_dir) / "benchmark.json", out)
+    log(f"benchmark written to {Path(run_dir) / 'benchmark.json'}")
+    return out
