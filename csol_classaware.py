@@ -28,6 +28,7 @@ Run:
   python csol_classaware.py --train --data ROOT --clusters 11 --cocktail-train-split ROOT/splits/synthetic_train.txt ...
   python csol_classaware.py --eval --ckpt runs/<run>/stage2.pt --data ROOT
   python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --image frame.jpg --audio clip.wav --out heat.png
+  python csol_classaware.py --benchmark --data ROOT --preset paper --no-pretrained   # samples/s of stage one's step
 
 Deviations (from the paper P, from the official code O), and why:
   1. (O) Cluster-to-category assignment by an exact optimum (Hungarian, scipy) of the official objective

@@ -23,6 +23,7 @@ Run:
   python ez_vsl.py --eval --ckpt runs/<run>/best.pt --data ROOT --test-split ROOT/splits/test.txt --viz 20
   python ez_vsl.py --eval --ckpt ezvsl_vggss144k/best.pth --data ROOT    # the authors' released checkpoint
   python ez_vsl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python ez_vsl.py --benchmark --data ROOT --preset paper --no-pretrained --batch-size 128 --workers 8   # samples/s
 
 Deviations (from the paper P, from the official code O), and why:
   1. (P, O) The spectrogram rate: the paper says 11025 Hz and 257x300; the official code uses the file's rate.

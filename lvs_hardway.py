@@ -33,6 +33,7 @@ Run:
   torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT --amp                      # batch 256 over 4 GPUs
   python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT     # the authors' released checkpoint
   python lvs_hardway.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python lvs_hardway.py --benchmark --data ROOT --preset paper --no-pretrained --workers 8     # samples/s, memory
   Table 4 ablations: --no-trimap (model a/b), --no-hard-neg, --epsilon-p 0.6 --epsilon-n 0.45 (models c-f).
 
 Deviations (from the paper P, from the official code O), and why:

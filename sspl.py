@@ -26,6 +26,7 @@ Run:
   torchrun --nproc_per_node=2 sspl.py --train --data ROOT ...                   # 2 x 128 = 256 (paper)
   python sspl.py --eval --ckpt runs/<run>/best.pt --data ROOT --pcm-cycles 8    # Fig. 6: other test-time T
   python sspl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python sspl.py --benchmark --data ROOT --preset paper --no-pretrained --workers 8        # samples/s, memory
 
 Deviations (from the paper P, from the official code O), and why:
   1. (O) Checkpoint selection on a validation split (the official code saves the best epoch by *test-set*
