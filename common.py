@@ -10,8 +10,9 @@ Sections, top to bottom:
   4. (empty: the synthetic benchmark generator lives in data_prep.py; resolve_data imports it only when a method
      runs without --data, so a method file and common.py copied elsewhere train on that project's data alone.)
   5. The evaluator: ground-truth maps, named protocols, cIoU / AUC, baselines, CSOL's class-aware metrics.
-  6. Helpers: seeding, device/AMP, DDP under torchrun, atomic checkpoints, progress bar, heat-map overlays,
-     run folders and the command line every method shares.
+  6. Helpers: seeding, device/AMP, the CUDA habits (cudnn.benchmark, channels_last, --compile), DDP under
+     torchrun, atomic checkpoints, progress bar, heat-map overlays, run folders, the command line every method
+     shares and the --benchmark timing harness.
 
 The standard data layout (the contract between data_prep.py, the methods and the evaluator):
   ROOT/frames/<id>.jpg        one RGB frame per clip

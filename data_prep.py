@@ -8,6 +8,9 @@
     python data_prep.py vggss --json vggss.json --clips ROOT the VGG-SS test split + annotations from the clips present
     python data_prep.py split LIST --name NAME --root ROOT   any id list (*.txt / *.csv) as ROOT/splits/NAME.txt
 
+The synthetic benchmark's generator lives here: a method run without --data imports it (data_prep.py must then
+sit beside common.py); with --data nothing here is needed.
+
 Every ingesting command writes ROOT/manifest.csv (id, status ok/missing/failed, reason, frame time, duration,
 source sample rate, fps), skips ids already done when re-run, never replaces a broken clip by another one, writes
 each output atomically, and ends with a summary table. Run `python data_prep.py SUBCOMMAND --help` for details.

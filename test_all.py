@@ -40,7 +40,8 @@ def run_py(*args, cwd=HERE, check=True, env_extra=None, timeout=600):
 def tiny(tmp_path_factory):
     """A tiny synthetic dataset in the standard layout (shared by the data and smoke tests)."""
     root = tmp_path_factory.mktemp("tiny")
-    data_prep.make_synthetic(root, sizes=dict(train=24, val=8, test=8, cocktail_train=8, cocktail_test=6), log=lambda *a: None)
+    data_prep.make_synthetic(root, sizes=dict(train=24, val=8, test=8, cocktail_train=8, cocktail_test=6),
+                             log=lambda *a: None)
     return root
 
 
@@ -743,8 +744,8 @@ def test_clear_errors_not_tracebacks(script, tiny, tmp_path):
 @pytest.fixture(scope="session")
 def learn_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
-    data_prep.make_synthetic(root, n_classes=4, sizes=dict(train=480, val=64, test=64, cocktail_train=256, cocktail_val=16,
-                                                   cocktail_test=32), log=lambda *a: None)
+    data_prep.make_synthetic(root, n_classes=4, log=lambda *a: None,
+                             sizes=dict(train=480, val=64, test=64, cocktail_train=256, cocktail_val=16, cocktail_test=32))
     return root
 
 
