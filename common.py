@@ -7,11 +7,12 @@ Sections, top to bottom:
   2. Audio front ends (batched torch, run on the training device): the LVS/EZ-VSL log spectrogram, the VGGish
      log-mel examples, the CSOL log-mel.
   3. Data: WAV reading with `wave`, the standard layout, the dataset reader, clip windows, image transforms.
-  4. The synthetic benchmark generator (`python data_prep.py synth --out DIR` calls it; so does every method
-     when run without --data).
+  4. (empty: the synthetic benchmark generator lives in data_prep.py; resolve_data imports it only when a method
+     runs without --data, so a method file and common.py copied elsewhere train on that project's data alone.)
   5. The evaluator: ground-truth maps, named protocols, cIoU / AUC, baselines, CSOL's class-aware metrics.
-  6. Helpers: seeding, device/AMP, DDP under torchrun, atomic checkpoints, progress bar, heat-map overlays,
-     run folders and the command line every method shares.
+  6. Helpers: seeding, device/AMP, the CUDA habits (cudnn.benchmark, channels_last, --compile), DDP under
+     torchrun, atomic checkpoints, progress bar, heat-map overlays, run folders, the command line every method
+     shares and the --benchmark timing harness.
 
 The standard data layout (the contract between data_prep.py, the methods and the evaluator):
   ROOT/frames/<id>.jpg        one RGB frame per clip
@@ -492,211 +493,8 @@ def denormalize(img: torch.Tensor) -> np.ndarray:
 
 
 # =====================================================================================================
-# 4. The synthetic benchmark
+# 4. (The synthetic benchmark generator lives in data_prep.py; resolve_data imports it only without --data.)
 # =====================================================================================================
-# Each class has a look (colour, shape, texture) and a sound (fundamental, timbre = harmonic amplitudes,
-# rhythm = pulse rate). Frames show the sounding object plus silent objects of other classes of the same size
-# distribution on a cluttered grey background, so only the sound says which object to localise.
-SYNTH_CLASSES = [  # name, RGB, shape, texture, f0 (Hz), harmonic amplitudes, pulses per second
-    ("red_disc", (215, 45, 45), "disc", "plain", 300.0, (1.0, 0.5, 0.25, 0.12), 2.0),
-    ("green_square", (45, 180, 60), "square", "stripes", 450.0, (1.0, 0.0, 0.6, 0.0), 3.0),
-    ("blue_triangle", (50, 85, 225), "triangle", "dots", 675.0, (1.0, 0.8, 0.0, 0.4), 4.5),
-    ("yellow_diamond", (230, 205, 40), "diamond", "plain", 1010.0, (1.0, 0.2, 0.2, 0.2), 6.0),
-    ("magenta_cross", (205, 50, 195), "cross", "stripes", 1520.0, (1.0, 0.6, 0.0, 0.0), 1.5),
-    ("cyan_ring", (40, 195, 205), "ring", "dots", 2280.0, (1.0, 0.0, 0.0, 0.3), 8.0),
-    ("orange_disc", (240, 140, 30), "disc", "stripes", 370.0, (1.0, 0.9, 0.7, 0.5), 5.0),
-    ("purple_square", (120, 50, 170), "square", "dots", 820.0, (1.0, 0.3, 0.6, 0.1), 2.5),
-]
-SYNTH_DEFAULTS = dict(seed=0, n_classes=6, image_size=128, seconds=3.0, sr=16000,
-                      sizes=dict(train=1200, val=150, test=300, cocktail_train=800, cocktail_val=100, cocktail_test=200))
-
-
-def default_synth_root() -> Path:
-    """Where methods look for (and generate) the synthetic benchmark: $AVSL_SYNTH or data/synth beside this file."""
-    return Path(os.environ.get("AVSL_SYNTH", Path(__file__).resolve().parent / "data" / "synth"))
-
-
-def _class_sound(rng, c: int, n: int, sr: int) -> np.ndarray:
-    _, _, _, _, f0, amps, rate = SYNTH_CLASSES[c]
-    t = np.arange(n) / sr
-    f0 = f0 * (1 + rng.uniform(-0.02, 0.02))
-    tone = sum(a * np.sin(2 * np.pi * (h + 1) * f0 * t + rng.uniform(0, 2 * np.pi)) for h, a in enumerate(amps) if a)
-    env = 0.15 + 0.85 / (1 + np.exp(-8 * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))))
-    return tone * env / sum(amps)
-
-
-def synth_audio(rng, classes, n: int, sr: int) -> np.ndarray:
-    """The mixture of the given classes' sounds plus white background noise, peak-normalised to 0.7."""
-    x = sum(_class_sound(rng, c, n, sr) for c in classes) + rng.normal(0, rng.uniform(0.05, 0.2), n)
-    return 0.7 * x / np.abs(x).max()
-
-
-def _background(rng, size: int) -> Image.Image:
-    low = rng.normal(0, 1, (6, 6))
-    low = np.asarray(Image.fromarray(((low - low.min()) / (np.ptp(low) + 1e-9) * 255).astype(np.uint8))
-                     .resize((size, size), Image.BICUBIC), np.float64)
-    base = rng.uniform(90, 170) + (low - 127) * 0.25
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).convert("RGB")
-    d = ImageDraw.Draw(img)
-    for _ in range(rng.integers(6, 13)):  # grey clutter
-        s = rng.uniform(0.06, 0.18) * size
-        x, y = rng.uniform(-s / 2, size - s / 2, 2)
-        g = int(rng.uniform(50, 210))
-        fill = tuple(int(np.clip(g + rng.integers(-8, 9), 0, 255)) for _ in range(3))
-        (d.ellipse if rng.random() < 0.5 else d.rectangle)([x, y, x + s, y + s * rng.uniform(0.5, 1.5)], fill=fill)
-    return img
-
-
-def _draw_object(img: Image.Image, rng, c: int, box) -> np.ndarray:
-    """Draw class c filling the integer pixel box [x1, y1, x2, y2) (the shape touches all four sides).
-    Returns the boolean mask of the drawn pixels."""
-    _, rgb, shape, texture, *_ = SYNTH_CLASSES[c]
-    x1, y1, x2, y2 = box
-    w, h = x2 - x1, y2 - y1
-    m = Image.new("L", img.size, 0)
-    d = ImageDraw.Draw(m)
-    r = [x1, y1, x2 - 1, y2 - 1]
-    if shape == "disc":
-        d.ellipse(r, fill=255)
-    elif shape == "square":
-        d.rectangle(r, fill=255)
-    elif shape == "triangle":
-        d.polygon([(x1 + (w - 1) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=255)
-    elif shape == "diamond":
-        d.polygon([(x1 + (w - 1) / 2, y1), (x2 - 1, y1 + (h - 1) / 2), (x1 + (w - 1) / 2, y2 - 1), (x1, y1 + (h - 1) / 2)],
-                  fill=255)
-    elif shape == "cross":
-        d.rectangle([x1 + w // 3, y1, x2 - 1 - w // 3, y2 - 1], fill=255)
-        d.rectangle([x1, y1 + h // 3, x2 - 1, y2 - 1 - h // 3], fill=255)
-    elif shape == "ring":
-        d.ellipse(r, fill=255)
-        t = max(2, int(0.22 * min(w, h)))
-        d.ellipse([x1 + t, y1 + t, x2 - 1 - t, y2 - 1 - t], fill=0)
-    mask = np.asarray(m) > 0
-    col = np.clip(np.array(rgb) + rng.integers(-12, 13, 3), 0, 255).astype(np.float64)
-    tex = np.ones(img.size[::-1])
-    yy, xx = np.mgrid[0:img.size[1], 0:img.size[0]]
-    if texture == "stripes":
-        tex[((xx + yy) // 3) % 3 == 0] = 0.78
-    elif texture == "dots":
-        tex[((xx % 6) < 2) & ((yy % 6) < 2)] = 0.78
-    arr = np.asarray(img, np.float64).copy()
-    arr[mask] = col * tex[mask][:, None]
-    img.paste(Image.fromarray(arr.astype(np.uint8)))
-    return mask
-
-
-def _place(rng, size, sides, tries=200, max_overlap=0.2):
-    """Random non-overlapping (up to max_overlap of the smaller box) integer boxes of the given side lengths."""
-    boxes = []
-    for s in sides:
-        s = int(round(s * size))
-        for _ in range(tries):
-            x, y = rng.integers(0, size - s + 1, 2)
-            b = (int(x), int(y), int(x) + s, int(y) + s)
-            ok = all(max(0, min(b[2], o[2]) - max(b[0], o[0])) * max(0, min(b[3], o[3]) - max(b[1], o[1]))
-                     <= max_overlap * min(s, o[2] - o[0]) ** 2 for o in boxes)
-            if ok:
-                boxes.append(b)
-                break
-    return boxes
-
-
-def render_single(rng, n_classes: int, size: int):
-    """One single-source scene: (PIL image, sounding class, its normalised box, objects list, sounding mask)."""
-    img = _background(rng, size)
-    c = int(rng.integers(n_classes))
-    others = [int(o) for o in rng.permutation([k for k in range(n_classes) if k != c])[:rng.choice([1, 2], p=[0.6, 0.4])]]
-    boxes = _place(rng, size, rng.uniform(0.48, 0.62, 1 + len(others)))
-    others = others[:len(boxes) - 1]                # a distractor that does not fit is left out
-    objects = []
-    for k, b in zip(others, boxes[1:]):            # silent ones first; the sounding object is drawn on top
-        _draw_object(img, rng, k, b)
-        objects.append((k, b, False))
-    mask = _draw_object(img, rng, c, boxes[0])
-    objects.append((c, boxes[0], True))
-    return img, c, objects, mask
-
-
-def render_cocktail(rng, n_classes: int, size: int):
-    """A 2x2 grid of four single-object tiles of distinct classes; two of them sound."""
-    tile = size // 2
-    img = Image.new("RGB", (size, size))
-    classes = [int(k) for k in rng.permutation(n_classes)[:4]]
-    sounding = set(int(i) for i in rng.permutation(4)[:2])
-    objects = []
-    for q, k in enumerate(classes):
-        t = _background(rng, tile)
-        s = int(round(rng.uniform(0.6, 0.85) * tile))
-        x, y = (int(v) for v in rng.integers(0, tile - s + 1, 2))
-        _draw_object(t, rng, k, (x, y, x + s, y + s))
-        ox, oy = (q % 2) * tile, (q // 2) * tile
-        img.paste(t, (ox, oy))
-        objects.append((k, (ox + x, oy + y, ox + x + s, oy + y + s), q in sounding))
-    return img, objects
-
-
-def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 128, seconds: float = 3.0,
-                   sr: int = 16000, sizes: dict | None = None, log=print) -> Path:
-    """Write the synthetic benchmark in the standard layout (deterministic by seed; one rng per clip).
-
-    Splits: train/val/test (single source: the sounding object plus 1-2 silent ones), cocktail_train/val/test
-    (2x2 grids, two sounding + two silent tiles, audio mixed). annotations.json covers every id (the methods read
-    boxes only for val/test; CSOL's evaluation reads the classes of the clustered items).
-    """
-    if not 4 <= n_classes <= len(SYNTH_CLASSES):
-        raise UserError(f"n_classes must be between 4 and {len(SYNTH_CLASSES)}")
-    sizes = dict(SYNTH_DEFAULTS["sizes"] if sizes is None else sizes)
-    root = Path(root)
-    for d in ("frames", "audio", "splits"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    names = [c[0] for c in SYNTH_CLASSES[:n_classes]]
-    n = int(round(seconds * sr))
-    ann, t0 = [], time.time()
-    for si, (split, count) in enumerate(sizes.items()):
-        ids = []
-        for i in range(count):
-            vid = f"{split}_{i:05d}"
-            rng = np.random.default_rng([seed, si, i])
-            if split.startswith("cocktail"):
-                img, objects = render_cocktail(rng, n_classes, image_size)
-                snd = [k for k, _, s in objects if s]
-                audio = synth_audio(rng, snd, n, sr)
-                entry_class = "+".join(names[k] for k in snd)
-            else:
-                img, c, objects, _ = render_single(rng, n_classes, image_size)
-                audio = synth_audio(rng, [c], n, sr)
-                entry_class = names[c]
-            norm = lambda b: [round(v / image_size, 6) for v in b]  # noqa: E731
-            tmp = root / "frames" / f"{vid}.jpg.part"
-            img.save(tmp, format="JPEG", quality=95)
-            os.replace(tmp, root / "frames" / f"{vid}.jpg")
-            write_wav(root / "audio" / f"{vid}.wav", audio, sr)
-            ann.append({"file": vid, "class": entry_class, "bbox": [norm(b) for _, b, s in objects if s],
-                        "objects": [{"class": names[k], "bbox": norm(b), "sounding": bool(s)} for k, b, s in objects]})
-            ids.append(vid)
-        (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-        log(f"  synthetic {split}: {count} clips")
-    write_json(root / "annotations.json", ann)
-    meta = dict(seed=seed, n_classes=n_classes, image_size=image_size, seconds=seconds, sr=sr, sizes=sizes,
-                classes=names)
-    write_json(root / "synth.json", meta)
-    log(f"  synthetic benchmark written to {root} in {time.time() - t0:.1f}s")
-    return root
-
-
-def ensure_synthetic(root=None, log=print, **kw) -> Path:
-    """Generate the synthetic benchmark once (announced on the console); reuse it when its synth.json matches."""
-    root = Path(root) if root else default_synth_root()
-    want = {**SYNTH_DEFAULTS, **kw}
-    meta_path = root / "synth.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if all(meta.get(k) == v for k, v in want.items()):
-            return root
-        log(f"synthetic benchmark at {root} was made with other settings; regenerating")
-    log(f"no --data given: generating the built-in synthetic benchmark at {root} (once; about a minute)")
-    return make_synthetic(root, log=log, **want)
 
 
 # =====================================================================================================
@@ -1001,11 +799,35 @@ class Amp:
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype) if self.enabled else contextlib.nullcontext()
 
-    def step(self, loss, optimizer):
-        optimizer.zero_grad(set_to_none=True)
+    def step(self, loss, *optimizers):
+        """zero_grad, (scaled) backward, step every optimizer given (CSOL's classification passes step two)."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
+        for opt in optimizers:
+            self.scaler.step(opt)
         self.scaler.update()
+
+    def describe(self):
+        """What benchmark.json records: the autocast dtype actually used ("bfloat16" / "float16"), or False."""
+        return str(self.dtype).replace("torch.", "") if self.enabled else False
+
+
+def gpu_habits(args, device: torch.device, image_trunk: nn.Module, compiled=()) -> None:
+    """The CUDA habits of every method's training (call before wrapping in DDP): cuDNN autotuning and the image
+    trunk in channels_last (NHWC) memory format; with --compile, nn.Module.compile() in place on each module of
+    `compiled` (parameter names, checkpoints and DDP unchanged). On CPU nothing changes unless --compile is given."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        image_trunk.to(memory_format=torch.channels_last)
+    if args.compile:
+        for m in compiled:
+            m.compile()
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A CUDA image batch in channels_last memory format (matches the trunk of gpu_habits); CPU tensors as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 def init_distributed(device_name: str = "auto"):
@@ -1187,7 +1009,15 @@ def resolve_data(args, log=print):
     """Fill the data arguments: no --data -> the synthetic benchmark (generated once) and the cpu preset; real
     data -> the paper preset; splits and annotations default to the standard layout's files."""
     if args.data is None:
-        args.data = str(ensure_synthetic(log=log))
+        try:
+            import data_prep                            # the generator: only needed for the synthetic default
+        except ModuleNotFoundError as e:
+            if e.name != "data_prep":
+                raise
+            raise UserError(f"no --data given, and the synthetic benchmark needs data_prep.py (its generator) beside "
+                            f"common.py in {Path(__file__).resolve().parent}; pass --data ROOT or copy data_prep.py "
+                            "there") from None
+        args.data = str(data_prep.ensure_synthetic(log=log))
         args.preset = args.preset or "cpu"
     args.preset = args.preset or "paper"
     root = Path(args.data)
@@ -1294,3 +1124,114 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
         log(f"{len(ids)} overlays written to {d}")
     log(f"results written to {out / 'results.json'}")
     return results
+
+
+# --benchmark: the timing harness every method calls from its benchmark(args) (run plumbing, no method logic).
+BENCHMARK_KEYS = ("loader_samples_per_s", "reference_loader_samples_per_s", "model_samples_per_s",
+                  "train_samples_per_s", "peak_memory_mb", "cache_build_s")
+
+
+def single_process(what: str) -> None:
+    """Stop with one line when launched with torchrun over several processes (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"{what} runs in one process; launch it with python (or torchrun --nproc_per_node=1)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _n_samples(inputs) -> int:
+    """Samples in a prepared batch: the first dimension of its first tensor (nested tuples allowed)."""
+    if torch.is_tensor(inputs):
+        return inputs.shape[0]
+    return _n_samples(inputs[0])
+
+
+def _endless(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def _samples_per_s(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Run step() warmup times untimed, then steps times timed (CUDA synchronised at both ends); step() returns
+    the number of samples it processed."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        n += step()
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource                                     # the process's peak RSS (kB on Linux), workers not included
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+
+
+def run_benchmark(args, method: str, device: torch.device, run_dir, log, make_loader, batch_to_device, train_step,
+                  net, opt, amp: Amp, warmup: int = 2) -> dict:
+    """--benchmark: samples per second of (1) the loader: files on disk -> a batch of normalised images and
+    spectrograms on the device (the method's training DataLoader + batch_to_device), with args.decode as given and
+    again with --decode pil (the reference); (2) the model: train_step (forward + loss + backward + optimizer
+    step) on one prepared batch reused; (3) end to end (loader + batch_to_device + train_step). Warm-up steps
+    are excluded, CUDA is synchronised around every timed span. Writes run_dir/benchmark.json; never saves a
+    checkpoint. make_loader() builds the dataset from args (so it follows args.decode) and its training loader."""
+    steps = args.steps or max(3, math.ceil(256 / max(1, args.batch_size)))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    decode = args.decode
+    net.train()
+    res, last = {}, {}
+
+    def loader_rate(mode):
+        args.decode = mode
+        loader = make_loader()
+        batches = _endless(loader)
+
+        def step():
+            last["inputs"] = batch_to_device(next(batches), device, args, True)
+            return _n_samples(last["inputs"])
+        rate = _samples_per_s(step, steps, warmup, device)
+        return rate, getattr(loader.dataset, "cache_build_s", None)
+
+    try:
+        res["loader_samples_per_s"], cache_s = loader_rate(decode)
+        res["reference_loader_samples_per_s"], _ = loader_rate("pil")
+    finally:
+        args.decode = decode
+    inputs = last["inputs"]
+
+    def model_step():
+        train_step(net, opt, amp, inputs, args)
+        return _n_samples(inputs)
+    res["model_samples_per_s"] = _samples_per_s(model_step, steps, warmup, device)
+    batches = _endless(make_loader())
+
+    def train_one():
+        x = batch_to_device(next(batches), device, args, True)
+        train_step(net, opt, amp, x, args)
+        return _n_samples(x)
+    res["train_samples_per_s"] = _samples_per_s(train_one, steps, warmup, device)
+    res["peak_memory_mb"] = _peak_memory_mb(device)
+    res["cache_build_s"] = cache_s
+    res = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}
+    meta = {"method": method, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "batch_size": args.batch_size, "workers": args.workers, "amp": amp.describe(),
+            "compile": bool(args.compile), "image_size": args.image_size, "preset": args.preset, "decode": decode,
+            "steps": steps, "warmup_steps": warmup, "data": str(args.data), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    out = {**meta, **res}
+    width = max(map(len, out))
+    log("\n".join(f"{k:<{width}}  {v}" for k, v in out.items()))
+    write_json(Path(run_dir) / "benchmark.json", out)
+    log(f"benchmark written to {Path(run_dir) / 'benchmark.json'}")
+    return out

@@ -28,6 +28,7 @@ Run:
   python csol_classaware.py --train --data ROOT --clusters 11 --cocktail-train-split ROOT/splits/synthetic_train.txt ...
   python csol_classaware.py --eval --ckpt runs/<run>/stage2.pt --data ROOT
   python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --image frame.jpg --audio clip.wav --out heat.png
+  python csol_classaware.py --benchmark --data ROOT --preset paper --no-pretrained   # samples/s of stage one's step
 
 Deviations (from the paper P, from the official code O), and why:
   1. (O) Cluster-to-category assignment by an exact optimum (Hungarian, scipy) of the official objective
@@ -260,6 +261,24 @@ def make_dataset(args, split_file, train: bool):
     return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
 
 
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what a training step consumes: (images, log-mels (B, 1, T, 64)) on the device."""
+    img, wav, _ = batch
+    return img.to(device), C.csol_log_mel(wav.to(device), SR)
+
+
+def train_step(model, opt, amp, inputs, args):
+    """One stage-one localization step (Eq. 2; stage one is what the paper preset trains most: 15 epochs, against
+    5 of stage two): trunks under mixed precision on CUDA, the map and the BCE in float32, backward, Adam step.
+    Returns the loss. (Stage one's classification passes and stage two have their own steps in their loops.)"""
+    img, spec = inputs
+    with amp.autocast():
+        v_fea, a_fea = model.features(C.channels_last(img), spec)
+    loss = stage1_loc_loss(model, v_fea.float(), a_fea.float())         # Eq. 2
+    amp.step(loss, opt)
+    return loss
+
+
 def loader_for(ds, args, epoch, shuffle=True):
     return torch.utils.data.DataLoader(ds, args.batch_size, shuffle=shuffle, num_workers=args.workers,
                                        drop_last=shuffle and len(ds) >= args.batch_size,
@@ -283,8 +302,10 @@ def class_labels(ann, ids, names):
 
 def train_stage1(args, device, log, run_dir, ck=None):
     model = build_model(args).to(device)
+    C.gpu_habits(args, device, model.imgnet, [model.imgnet, model.audnet])   # CUDA: cudnn.benchmark, channels_last
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
                            lr=args.lr, weight_decay=1e-4)
+    amp = C.Amp(device, args.amp)
     start, best, history, assign, nmi = 0, -1.0, [], None, None
     if ck:                                                                # --resume inside stage one
         model.load_state_dict(ck["model"])
@@ -302,14 +323,10 @@ def train_stage1(args, device, log, run_dir, ck=None):
         C.seed_everything(args.seed * 1000 + epoch)
         model.train()
         tot, n = 0.0, 0
-        for step, (img, wav, _) in enumerate(C.progress(loader_for(train_ds, args, epoch), f"stage 1 loc {epoch + 1}")):
+        for step, batch in enumerate(C.progress(loader_for(train_ds, args, epoch), f"stage 1 loc {epoch + 1}")):
             if args.max_steps and step >= args.max_steps:
                 break
-            v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
-            loss = stage1_loc_loss(model, v_fea, a_fea)                   # Eq. 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = train_step(model, opt, amp, batch_to_device(batch, device, args, True), args)   # Eq. 2
             tot, n = tot + loss.item(), n + 1
         if epoch >= 1:                                                    # official: cluster + classify from epoch 1
             feats = extract_objects(model, train_ds, args, device)
@@ -323,15 +340,16 @@ def train_stage1(args, device, log, run_dir, ck=None):
             lab = dict(zip(train_ds.ids, labels.tolist()))
             for it in range(args.class_iter):                             # Eq. 6 on the pseudo labels
                 model.train()
-                for step, (img, wav, ids) in enumerate(loader_for(train_ds, args, epoch * 10 + it + 1)):
+                for step, batch in enumerate(loader_for(train_ds, args, epoch * 10 + it + 1)):
                     if args.max_steps and step >= args.max_steps:
                         break
-                    v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
-                    y = torch.tensor([lab[i] for i in ids], device=device)
+                    img, spec = batch_to_device(batch, device, args, True)
+                    y = torch.tensor([lab[i] for i in batch[-1]], device=device)
+                    with amp.autocast():
+                        v_fea, a_fea = model.features(C.channels_last(img), spec)
+                    v_fea, a_fea = v_fea.float(), a_fea.float()
                     loss = F.cross_entropy(model.h_v(v_fea.mean((2, 3))), y) + F.cross_entropy(model.h_a(a_fea), y)
-                    opt.zero_grad(set_to_none=True), heads.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step(), heads.step()
+                    amp.step(loss, opt, heads)
         res = evaluate_single(model, val_ds, ann, args, device, baselines=False)
         score = res["test"]["ciou@0.5"]
         history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "val": res["test"], "nmi": nmi})
@@ -359,8 +377,11 @@ def nmi_score(y_true, y_pred):
 
 def train_stage2(args, device, log, run_dir, model, stage1_info, ck=None):
     fixed = copy.deepcopy(model).eval().requires_grad_(False)            # the frozen stage-one audio model (Eq. 10)
+    C.gpu_habits(args, device, model.imgnet, [model.imgnet, model.audnet])   # after the copy: fixed stays uncompiled
+    C.gpu_habits(args, device, fixed.imgnet)
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
                            lr=args.lr, weight_decay=1e-4)
+    amp = C.Amp(device, args.amp)
     start, history = 0, []
     if ck:                                                                # --resume inside stage two
         model.load_state_dict(ck["model"])
@@ -375,19 +396,22 @@ def train_stage2(args, device, log, run_dir, model, stage1_info, ck=None):
         model.train()
         tot = totc = 0.0
         n = 0
-        for step, (img, wav, _) in enumerate(C.progress(loader_for(train_ds, args, 500 + epoch), f"stage 2 {epoch + 1}")):
+        for step, batch in enumerate(C.progress(loader_for(train_ds, args, 500 + epoch), f"stage 2 {epoch + 1}")):
             if args.max_steps and step >= args.max_steps:
                 break
-            img, spec = img.to(device), C.csol_log_mel(wav.to(device), SR)
-            v_fea, a_fea = model.features(img, spec)
+            img, spec = batch_to_device(batch, device, args, True)
+            img = C.channels_last(img)
+            with amp.autocast():                                          # trunks in mixed precision on CUDA
+                v_fea, a_fea = model.features(img, spec)
+            v_fea, a_fea = v_fea.float(), a_fea.float()
             s = class_maps(model, v_fea, model.loc_map(v_fea, a_fea), not args.no_obj_affine)   # Eq. 7-8
             with torch.no_grad():
-                a_logits = fixed.h_a(fixed.features(img, spec)[1])
+                with amp.autocast():
+                    a_fixed = fixed.features(img, spec)[1]
+                a_logits = fixed.h_a(a_fixed.float())
             L_c = kl_consistency(s, a_logits, args.kl)                    # Eq. 9-11
             loss = L_c + args.lam * stage2_loc_loss(model, v_fea, a_fea)  # Eq. 12
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            amp.step(loss, opt)
             tot, totc, n = tot + loss.item(), totc + L_c.item(), n + 1
         history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "L_c": totc / max(n, 1)})
         log(f"stage 2 epoch {epoch + 1}/{args.epochs2} L2 {tot / max(n, 1):.4f} L_c {totc / max(n, 1):.4f} | "
@@ -429,6 +453,21 @@ def train(args):
     args.ckpt = str(run_dir / ("stage2.pt" if args.stage != "1" else "stage1.pt"))
     args.out = str(run_dir)
     run_eval(args, device, log, seconds_train=time.time() - t0)
+
+
+def benchmark(args):
+    """--benchmark: samples/s of the loader, of train_step (stage one, Eq. 2) and end to end, peak memory
+    (common.run_benchmark); trains a few steps on the side, writes benchmark.json, never a checkpoint."""
+    C.single_process("--benchmark")
+    device, run_dir = C.resolve_device(args.device), C.make_run_dir(args, METHOD)
+    C.seed_everything(args.seed)
+    model = build_model(args).to(device)
+    C.gpu_habits(args, device, model.imgnet, [model.imgnet, model.audnet])
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
+                           lr=args.lr, weight_decay=1e-4)
+    make_loader = lambda: loader_for(make_dataset(args, args.train_split, True), args, 0)   # noqa: E731
+    return C.run_benchmark(args, METHOD, device, run_dir, C.RunLog(run_dir / "log.txt"), make_loader,
+                           batch_to_device, train_step, model, opt, C.Amp(device, args.amp))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -572,8 +611,8 @@ def predict(args, device, log):
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not (args.train or args.eval or args.predict):
-        raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    if not (args.train or args.eval or args.predict or args.benchmark):
+        raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise C.UserError("csol_classaware.py runs in one process (k-means needs every object feature in one place); "
                           "launch it with python, not torchrun")
@@ -589,6 +628,8 @@ def main(argv=None):
         if getattr(args, f"cocktail_{k}_split") is None:
             setattr(args, f"cocktail_{k}_split", str(root / "splits" / f"cocktail_{k}.txt"))
     args.protocol = args.protocol or "rel0.1"      # CSOL's single-source tools.py: map > 0.1 max
+    if args.benchmark:
+        return benchmark(args)
     if args.train:
         return train(args)
     if not args.ckpt:

@@ -8,6 +8,9 @@
     python data_prep.py vggss --json vggss.json --clips ROOT the VGG-SS test split + annotations from the clips present
     python data_prep.py split LIST --name NAME --root ROOT   any id list (*.txt / *.csv) as ROOT/splits/NAME.txt
 
+The synthetic benchmark's generator lives here: a method run without --data imports it (data_prep.py must then
+sit beside common.py); with --data nothing here is needed.
+
 Every ingesting command writes ROOT/manifest.csv (id, status ok/missing/failed, reason, frame time, duration,
 source sample rate, fps), skips ids already done when re-run, never replaces a broken clip by another one, writes
 each output atomically, and ends with a summary table. Run `python data_prep.py SUBCOMMAND --help` for details.
@@ -17,11 +20,13 @@ import csv
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 import common as C
 
@@ -243,6 +248,215 @@ def files_by_stem(src, exts) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The synthetic benchmark (`synth`; every method imports it from here when run without --data)
+# ----------------------------------------------------------------------------------------------------------
+# Each class has a look (colour, shape, texture) and a sound (fundamental, timbre = harmonic amplitudes,
+# rhythm = pulse rate). Frames show the sounding object plus silent objects of other classes of the same size
+# distribution on a cluttered grey background, so only the sound says which object to localise.
+SYNTH_CLASSES = [  # name, RGB, shape, texture, f0 (Hz), harmonic amplitudes, pulses per second
+    ("red_disc", (215, 45, 45), "disc", "plain", 300.0, (1.0, 0.5, 0.25, 0.12), 2.0),
+    ("green_square", (45, 180, 60), "square", "stripes", 450.0, (1.0, 0.0, 0.6, 0.0), 3.0),
+    ("blue_triangle", (50, 85, 225), "triangle", "dots", 675.0, (1.0, 0.8, 0.0, 0.4), 4.5),
+    ("yellow_diamond", (230, 205, 40), "diamond", "plain", 1010.0, (1.0, 0.2, 0.2, 0.2), 6.0),
+    ("magenta_cross", (205, 50, 195), "cross", "stripes", 1520.0, (1.0, 0.6, 0.0, 0.0), 1.5),
+    ("cyan_ring", (40, 195, 205), "ring", "dots", 2280.0, (1.0, 0.0, 0.0, 0.3), 8.0),
+    ("orange_disc", (240, 140, 30), "disc", "stripes", 370.0, (1.0, 0.9, 0.7, 0.5), 5.0),
+    ("purple_square", (120, 50, 170), "square", "dots", 820.0, (1.0, 0.3, 0.6, 0.1), 2.5),
+]
+SYNTH_DEFAULTS = dict(seed=0, n_classes=6, image_size=128, seconds=3.0, sr=16000,
+                      sizes=dict(train=1200, val=150, test=300, cocktail_train=800, cocktail_val=100, cocktail_test=200))
+
+
+def default_synth_root() -> Path:
+    """Where methods look for (and generate) the synthetic benchmark: $AVSL_SYNTH or data/synth beside this file
+    (data_prep.py sits beside common.py and the method files)."""
+    return Path(os.environ.get("AVSL_SYNTH", Path(__file__).resolve().parent / "data" / "synth"))
+
+
+def _class_sound(rng, c: int, n: int, sr: int) -> np.ndarray:
+    _, _, _, _, f0, amps, rate = SYNTH_CLASSES[c]
+    t = np.arange(n) / sr
+    f0 = f0 * (1 + rng.uniform(-0.02, 0.02))
+    tone = sum(a * np.sin(2 * np.pi * (h + 1) * f0 * t + rng.uniform(0, 2 * np.pi)) for h, a in enumerate(amps) if a)
+    env = 0.15 + 0.85 / (1 + np.exp(-8 * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))))
+    return tone * env / sum(amps)
+
+
+def synth_audio(rng, classes, n: int, sr: int) -> np.ndarray:
+    """The mixture of the given classes' sounds plus white background noise, peak-normalised to 0.7."""
+    x = sum(_class_sound(rng, c, n, sr) for c in classes) + rng.normal(0, rng.uniform(0.05, 0.2), n)
+    return 0.7 * x / np.abs(x).max()
+
+
+def _background(rng, size: int) -> Image.Image:
+    low = rng.normal(0, 1, (6, 6))
+    low = np.asarray(Image.fromarray(((low - low.min()) / (np.ptp(low) + 1e-9) * 255).astype(np.uint8))
+                     .resize((size, size), Image.BICUBIC), np.float64)
+    base = rng.uniform(90, 170) + (low - 127) * 0.25
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).convert("RGB")
+    d = ImageDraw.Draw(img)
+    for _ in range(rng.integers(6, 13)):  # grey clutter
+        s = rng.uniform(0.06, 0.18) * size
+        x, y = rng.uniform(-s / 2, size - s / 2, 2)
+        g = int(rng.uniform(50, 210))
+        fill = tuple(int(np.clip(g + rng.integers(-8, 9), 0, 255)) for _ in range(3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)([x, y, x + s, y + s * rng.uniform(0.5, 1.5)], fill=fill)
+    return img
+
+
+def _draw_object(img: Image.Image, rng, c: int, box) -> np.ndarray:
+    """Draw class c filling the integer pixel box [x1, y1, x2, y2) (the shape touches all four sides).
+    Returns the boolean mask of the drawn pixels."""
+    _, rgb, shape, texture, *_ = SYNTH_CLASSES[c]
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    m = Image.new("L", img.size, 0)
+    d = ImageDraw.Draw(m)
+    r = [x1, y1, x2 - 1, y2 - 1]
+    if shape == "disc":
+        d.ellipse(r, fill=255)
+    elif shape == "square":
+        d.rectangle(r, fill=255)
+    elif shape == "triangle":
+        d.polygon([(x1 + (w - 1) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=255)
+    elif shape == "diamond":
+        d.polygon([(x1 + (w - 1) / 2, y1), (x2 - 1, y1 + (h - 1) / 2), (x1 + (w - 1) / 2, y2 - 1), (x1, y1 + (h - 1) / 2)],
+                  fill=255)
+    elif shape == "cross":
+        d.rectangle([x1 + w // 3, y1, x2 - 1 - w // 3, y2 - 1], fill=255)
+        d.rectangle([x1, y1 + h // 3, x2 - 1, y2 - 1 - h // 3], fill=255)
+    elif shape == "ring":
+        d.ellipse(r, fill=255)
+        t = max(2, int(0.22 * min(w, h)))
+        d.ellipse([x1 + t, y1 + t, x2 - 1 - t, y2 - 1 - t], fill=0)
+    mask = np.asarray(m) > 0
+    col = np.clip(np.array(rgb) + rng.integers(-12, 13, 3), 0, 255).astype(np.float64)
+    tex = np.ones(img.size[::-1])
+    yy, xx = np.mgrid[0:img.size[1], 0:img.size[0]]
+    if texture == "stripes":
+        tex[((xx + yy) // 3) % 3 == 0] = 0.78
+    elif texture == "dots":
+        tex[((xx % 6) < 2) & ((yy % 6) < 2)] = 0.78
+    arr = np.asarray(img, np.float64).copy()
+    arr[mask] = col * tex[mask][:, None]
+    img.paste(Image.fromarray(arr.astype(np.uint8)))
+    return mask
+
+
+def _place(rng, size, sides, tries=200, max_overlap=0.2):
+    """Random non-overlapping (up to max_overlap of the smaller box) integer boxes of the given side lengths."""
+    boxes = []
+    for s in sides:
+        s = int(round(s * size))
+        for _ in range(tries):
+            x, y = rng.integers(0, size - s + 1, 2)
+            b = (int(x), int(y), int(x) + s, int(y) + s)
+            ok = all(max(0, min(b[2], o[2]) - max(b[0], o[0])) * max(0, min(b[3], o[3]) - max(b[1], o[1]))
+                     <= max_overlap * min(s, o[2] - o[0]) ** 2 for o in boxes)
+            if ok:
+                boxes.append(b)
+                break
+    return boxes
+
+
+def render_single(rng, n_classes: int, size: int):
+    """One single-source scene: (PIL image, sounding class, its normalised box, objects list, sounding mask)."""
+    img = _background(rng, size)
+    c = int(rng.integers(n_classes))
+    others = [int(o) for o in rng.permutation([k for k in range(n_classes) if k != c])[:rng.choice([1, 2], p=[0.6, 0.4])]]
+    boxes = _place(rng, size, rng.uniform(0.48, 0.62, 1 + len(others)))
+    others = others[:len(boxes) - 1]                # a distractor that does not fit is left out
+    objects = []
+    for k, b in zip(others, boxes[1:]):            # silent ones first; the sounding object is drawn on top
+        _draw_object(img, rng, k, b)
+        objects.append((k, b, False))
+    mask = _draw_object(img, rng, c, boxes[0])
+    objects.append((c, boxes[0], True))
+    return img, c, objects, mask
+
+
+def render_cocktail(rng, n_classes: int, size: int):
+    """A 2x2 grid of four single-object tiles of distinct classes; two of them sound."""
+    tile = size // 2
+    img = Image.new("RGB", (size, size))
+    classes = [int(k) for k in rng.permutation(n_classes)[:4]]
+    sounding = set(int(i) for i in rng.permutation(4)[:2])
+    objects = []
+    for q, k in enumerate(classes):
+        t = _background(rng, tile)
+        s = int(round(rng.uniform(0.6, 0.85) * tile))
+        x, y = (int(v) for v in rng.integers(0, tile - s + 1, 2))
+        _draw_object(t, rng, k, (x, y, x + s, y + s))
+        ox, oy = (q % 2) * tile, (q // 2) * tile
+        img.paste(t, (ox, oy))
+        objects.append((k, (ox + x, oy + y, ox + x + s, oy + y + s), q in sounding))
+    return img, objects
+
+
+def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 128, seconds: float = 3.0,
+                   sr: int = 16000, sizes: dict | None = None, log=print) -> Path:
+    """Write the synthetic benchmark in the standard layout (deterministic by seed; one rng per clip).
+
+    Splits: train/val/test (single source: the sounding object plus 1-2 silent ones), cocktail_train/val/test
+    (2x2 grids, two sounding + two silent tiles, audio mixed). annotations.json covers every id (the methods read
+    boxes only for val/test; CSOL's evaluation reads the classes of the clustered items).
+    """
+    if not 4 <= n_classes <= len(SYNTH_CLASSES):
+        raise C.UserError(f"n_classes must be between 4 and {len(SYNTH_CLASSES)}")
+    sizes = dict(SYNTH_DEFAULTS["sizes"] if sizes is None else sizes)
+    root = Path(root)
+    for d in ("frames", "audio", "splits"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    names = [c[0] for c in SYNTH_CLASSES[:n_classes]]
+    n = int(round(seconds * sr))
+    ann, t0 = [], time.time()
+    for si, (split, count) in enumerate(sizes.items()):
+        ids = []
+        for i in range(count):
+            vid = f"{split}_{i:05d}"
+            rng = np.random.default_rng([seed, si, i])
+            if split.startswith("cocktail"):
+                img, objects = render_cocktail(rng, n_classes, image_size)
+                snd = [k for k, _, s in objects if s]
+                audio = synth_audio(rng, snd, n, sr)
+                entry_class = "+".join(names[k] for k in snd)
+            else:
+                img, c, objects, _ = render_single(rng, n_classes, image_size)
+                audio = synth_audio(rng, [c], n, sr)
+                entry_class = names[c]
+            norm = lambda b: [round(v / image_size, 6) for v in b]  # noqa: E731
+            tmp = root / "frames" / f"{vid}.jpg.part"
+            img.save(tmp, format="JPEG", quality=95)
+            os.replace(tmp, root / "frames" / f"{vid}.jpg")
+            C.write_wav(root / "audio" / f"{vid}.wav", audio, sr)
+            ann.append({"file": vid, "class": entry_class, "bbox": [norm(b) for _, b, s in objects if s],
+                        "objects": [{"class": names[k], "bbox": norm(b), "sounding": bool(s)} for k, b, s in objects]})
+            ids.append(vid)
+        (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        log(f"  synthetic {split}: {count} clips")
+    C.write_json(root / "annotations.json", ann)
+    meta = dict(seed=seed, n_classes=n_classes, image_size=image_size, seconds=seconds, sr=sr, sizes=sizes,
+                classes=names)
+    C.write_json(root / "synth.json", meta)
+    log(f"  synthetic benchmark written to {root} in {time.time() - t0:.1f}s")
+    return root
+
+
+def ensure_synthetic(root=None, log=print, **kw) -> Path:
+    """Generate the synthetic benchmark once (announced on the console); reuse it when its synth.json matches."""
+    root = Path(root) if root else default_synth_root()
+    want = {**SYNTH_DEFAULTS, **kw}
+    meta_path = root / "synth.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if all(meta.get(k) == v for k, v in want.items()):
+            return root
+        log(f"synthetic benchmark at {root} was made with other settings; regenerating")
+    log(f"no --data given: generating the built-in synthetic benchmark at {root} (once; about a minute)")
+    return make_synthetic(root, log=log, **want)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Subcommands
 # ----------------------------------------------------------------------------------------------------------
 def cmd_videos(a):
@@ -326,10 +540,10 @@ def cmd_vggss(a):
 
 
 def cmd_synth(a):
-    sizes = dict(C.SYNTH_DEFAULTS["sizes"])
+    sizes = dict(SYNTH_DEFAULTS["sizes"])
     if a.scale != 1.0:
         sizes = {k: max(4, int(round(v * a.scale))) for k, v in sizes.items()}
-    C.make_synthetic(a.out, seed=a.seed, n_classes=a.classes, image_size=a.image_size, sizes=sizes)
+    make_synthetic(a.out, seed=a.seed, n_classes=a.classes, image_size=a.image_size, sizes=sizes)
 
 
 def cmd_split(a):

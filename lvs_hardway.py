@@ -33,6 +33,7 @@ Run:
   torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT --amp                      # batch 256 over 4 GPUs
   python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT     # the authors' released checkpoint
   python lvs_hardway.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python lvs_hardway.py --benchmark --data ROOT --preset paper --no-pretrained --workers 8     # samples/s, memory
   Table 4 ablations: --no-trimap (model a/b), --no-hard-neg, --epsilon-p 0.6 --epsilon-n 0.45 (models c-f).
 
 Deviations (from the paper P, from the official code O), and why:
@@ -217,11 +218,29 @@ def make_dataset(args, split_file, train: bool):
                        "start", SR, cache=args.preset == "cpu")
 
 
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what train_step consumes: (images, log spectrograms (B, 1, 257, T)) on the device."""
+    img, wav, _ = batch
+    return img.to(device, non_blocking=True), C.log_spectrogram(wav.to(device), SR)
+
+
+def train_step(net, opt, amp, inputs, args):
+    """One optimisation step: forward (mixed precision on CUDA), the loss in float32 outside autocast, backward,
+    Adam step. Returns the loss."""
+    img, spec = inputs
+    with amp.autocast():
+        V, A = net(C.channels_last(img), spec)
+    loss = lvs_loss(V, A, args)                           # in float32, outside autocast
+    amp.step(loss, opt)
+    return loss
+
+
 def train(args):
     run = C.Run(args, METHOD)                         # DDP / device, seed, run folder (or --resume), log
     device, world, main_proc, ck, run_dir, log = run.device, run.world, run.main, run.ck, run.dir, run.log
     log(f"LVS | loss {args.loss} | data {args.data} | preset {args.preset} | device {device} x{world} | run {run_dir}")
     model = build_model(args).to(device)
+    C.gpu_habits(args, device, model.imgnet, [model])    # CUDA: cudnn.benchmark, channels_last; --compile
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     start, best, history = 0, -1.0, []
     if ck:
@@ -241,14 +260,10 @@ def train(args):
         loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
         net.train()
         tot, n = 0.0, 0
-        for step, (img, wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
+        for step, batch in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
             if args.max_steps and step >= args.max_steps:
                 break
-            img, spec = img.to(device, non_blocking=True), C.log_spectrogram(wav.to(device), SR)
-            with amp.autocast():
-                V, A = net(img, spec)
-            loss = lvs_loss(V, A, args)                           # in float32, outside autocast
-            amp.step(loss, opt)
+            loss = train_step(net, opt, amp, batch_to_device(batch, device, args, True), args)
             tot, n = tot + loss.item(), n + 1
         if main_proc:
             res = evaluate(model, val_ds, ann, args, device, baselines=False)
@@ -268,6 +283,19 @@ def train(args):
         log(f"training done in {time.time() - t0:.0f}s; best val cIoU@0.5 {100 * best:.2f}; testing best.pt")
         args.ckpt, args.out = str(run_dir / "best.pt"), str(run_dir)
         run_eval(args, device, log, seconds_train=time.time() - t0)
+
+
+def benchmark(args):
+    """--benchmark: samples/s of the loader, of train_step and end to end, peak memory (common.run_benchmark);
+    trains a few steps on the side, writes benchmark.json, never a checkpoint."""
+    C.single_process("--benchmark")
+    run = C.Run(args, METHOD)                         # device, seed, run folder, log
+    model = build_model(args).to(run.device)
+    C.gpu_habits(args, run.device, model.imgnet, [model])
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    make_loader = lambda: run.loader(make_dataset(args, args.train_split, True), args, 0)   # noqa: E731
+    return C.run_benchmark(args, METHOD, run.device, run.dir, run.log, make_loader, batch_to_device, train_step,
+                           model, opt, C.Amp(run.device, args.amp))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,8 +367,8 @@ def predict(args, device, log):
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not (args.train or args.eval or args.predict):
-        raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    if not (args.train or args.eval or args.predict or args.benchmark):
+        raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
     log = C.RunLog()
     if args.predict:
         args.preset = args.preset or "paper"
@@ -349,6 +377,8 @@ def main(argv=None):
     C.resolve_data(args, log)
     C.apply_preset(args, PRESETS)
     args.protocol = args.protocol or "median_strict"     # the official LVS test script, exactly
+    if args.benchmark:
+        return benchmark(args)
     if args.train:
         return train(args)
     if not args.ckpt:

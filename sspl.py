@@ -26,6 +26,7 @@ Run:
   torchrun --nproc_per_node=2 sspl.py --train --data ROOT ...                   # 2 x 128 = 256 (paper)
   python sspl.py --eval --ckpt runs/<run>/best.pt --data ROOT --pcm-cycles 8    # Fig. 6: other test-time T
   python sspl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python sspl.py --benchmark --data ROOT --preset paper --no-pretrained --workers 8        # samples/s, memory
 
 Deviations (from the paper P, from the official code O), and why:
   1. (O) Checkpoint selection on a validation split (the official code saves the best epoch by *test-set*
@@ -194,7 +195,8 @@ class SSPL(nn.Module):
     def audio(self, wav):
         """(B, N) 16 kHz waveform -> per-clip normalisation -> (B, P, 1, 96, 64) log-mel patches ->
         f~_a = mean_k g(f_a,k) (B, c) and f_a = L2norm(mean_k f_a,k)."""
-        patches = C.vggish_examples(normalize_audio(wav), SR)
+        with torch.autocast(wav.device.type, enabled=False):       # the log-mel front end in float32 under AMP
+            patches = C.vggish_examples(normalize_audio(wav.float()), SR)
         B, P = patches.shape[:2]
         emb = self.enc_a(patches.flatten(0, 1))
         emb = emb.amax((2, 3)) if emb.dim() == 4 else emb             # small CNN: global max pool
@@ -290,6 +292,23 @@ def make_dataset(args, split_file, train: bool):
     return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
 
 
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what train_step consumes: (view 1, view 2, waveforms) on the device (the VGGish
+    log-mel patches are computed inside the model, SSPL.audio)."""
+    (im1, im2), wav, _ = batch
+    return im1.to(device), im2.to(device), wav.to(device)
+
+
+def train_step(net, opt, amp, inputs, args):
+    """One optimisation step: both views with the same audio through every shared module (mixed precision on
+    CUDA), Eq. 8, backward, AdamW step. Returns (loss, f_av of view 1) (f_av feeds the collapse monitor)."""
+    im1, im2, wav = inputs
+    with amp.autocast():
+        loss, f_av1 = net(C.channels_last(im1), C.channels_last(im2), wav)   # through DDP: gradients are averaged
+    amp.step(loss.float(), opt)
+    return loss, f_av1
+
+
 def param_groups(model: SSPL, args):
     """Table S1: lr1 for the projector/predictor MLPs, lr2 for the rest; no weight decay on a_l, b_l."""
     head = [p for p in model.head.parameters()]
@@ -308,6 +327,7 @@ def train(args):
     log(f"SSPL {'w/' if args.pcm else 'w/o'} PCM | data {args.data} | preset {args.preset} | device {device} x{world} "
         f"| run {run_dir}")
     model = build_model(args).to(device)
+    C.gpu_habits(args, device, model.enc_v, [model])     # CUDA: cudnn.benchmark, channels_last; --compile
     opt = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
     start, best, history = 0, -1.0, []
     if ck:
@@ -326,14 +346,10 @@ def train(args):
         loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
         net.train()
         tot, n, f_std = 0.0, 0, 0.0
-        for step, ((im1, im2), wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}",
-                                                                enabled=main_proc)):
+        for step, batch in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
             if args.max_steps and step >= args.max_steps:
                 break
-            im1, im2, wav = im1.to(device), im2.to(device), wav.to(device)
-            with amp.autocast():
-                loss, f_av1 = net(im1, im2, wav)                        # through DDP: gradients are averaged
-            amp.step(loss.float(), opt)
+            loss, f_av1 = train_step(net, opt, amp, batch_to_device(batch, device, args, True), args)
             tot, n = tot + loss.item(), n + 1
             f_std += collapse_std(f_av1)
         if main_proc:
@@ -356,6 +372,19 @@ def train(args):
         log(f"training done in {time.time() - t0:.0f}s; best val cIoU@0.5 {100 * best:.2f}; testing best.pt")
         args.ckpt, args.out = str(run_dir / "best.pt"), str(run_dir)
         run_eval(args, device, log, seconds_train=time.time() - t0)
+
+
+def benchmark(args):
+    """--benchmark: samples/s of the loader, of train_step and end to end, peak memory (common.run_benchmark);
+    trains a few steps on the side, writes benchmark.json, never a checkpoint."""
+    C.single_process("--benchmark")
+    run = C.Run(args, METHOD)                         # device, seed, run folder, log
+    model = build_model(args).to(run.device)
+    C.gpu_habits(args, run.device, model.enc_v, [model])
+    opt = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
+    make_loader = lambda: run.loader(make_dataset(args, args.train_split, True), args, 0)   # noqa: E731
+    return C.run_benchmark(args, METHOD, run.device, run.dir, run.log, make_loader, batch_to_device, train_step,
+                           model, opt, C.Amp(run.device, args.amp))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,8 +455,8 @@ def predict(args, device, log):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.train or args.eval or args.predict):
-        raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    if not (args.train or args.eval or args.predict or args.benchmark):
+        raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
     # --pcm-cycles at --eval/--predict is the *test-time* T (Fig. 6); at --train it sets the architecture
     args.eval_cycles = None if args.train else args.pcm_cycles
     log = C.RunLog()
@@ -441,6 +470,8 @@ def main(argv=None):
         C.apply_preset(args, {"paper": dict(lr_head=lr1, lr=lr2, epochs=20 if args.pcm else 100)})
     C.apply_preset(args, PRESETS)
     args.protocol = args.protocol or "abs0.5"      # the official SSPL test: fixed 0.5 on the min-max map
+    if args.benchmark:
+        return benchmark(args)
     if args.train:
         return train(args)
     if not args.ckpt:

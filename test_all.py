@@ -40,7 +40,8 @@ def run_py(*args, cwd=HERE, check=True, env_extra=None, timeout=600):
 def tiny(tmp_path_factory):
     """A tiny synthetic dataset in the standard layout (shared by the data and smoke tests)."""
     root = tmp_path_factory.mktemp("tiny")
-    C.make_synthetic(root, sizes=dict(train=24, val=8, test=8, cocktail_train=8, cocktail_test=6), log=lambda *a: None)
+    data_prep.make_synthetic(root, sizes=dict(train=24, val=8, test=8, cocktail_train=8, cocktail_test=6),
+                             log=lambda *a: None)
     return root
 
 
@@ -227,7 +228,7 @@ def test_reader_on_tiny_dataset_and_bad_input(tiny, tmp_path):
 def test_synthetic_boxes_match_what_was_drawn(tiny):
     from PIL import Image
     ann = C.load_annotations(tiny / "annotations.json")
-    colors = {c[0]: np.array(c[1], float) for c in C.SYNTH_CLASSES}
+    colors = {c[0]: np.array(c[1], float) for c in data_prep.SYNTH_CLASSES}
     checked = 0
     for vid in C.read_split(tiny / "splits" / "test.txt") + C.read_split(tiny / "splits" / "cocktail_test.txt"):
         img = np.asarray(Image.open(tiny / "frames" / f"{vid}.jpg"), float)
@@ -246,7 +247,7 @@ def test_synthetic_boxes_match_what_was_drawn(tiny):
 def test_synthetic_is_deterministic(tmp_path):
     sizes = dict(train=3, test=2)
     for d in ("a", "b"):
-        C.make_synthetic(tmp_path / d, seed=5, sizes=sizes, log=lambda *a: None)
+        data_prep.make_synthetic(tmp_path / d, seed=5, sizes=sizes, log=lambda *a: None)
     assert (tmp_path / "a/annotations.json").read_text() == (tmp_path / "b/annotations.json").read_text()
     assert (tmp_path / "a/audio/test_00001.wav").read_bytes() == (tmp_path / "b/audio/test_00001.wav").read_bytes()
 
@@ -743,8 +744,8 @@ def test_clear_errors_not_tracebacks(script, tiny, tmp_path):
 @pytest.fixture(scope="session")
 def learn_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
-    C.make_synthetic(root, n_classes=4, sizes=dict(train=480, val=64, test=64, cocktail_train=256, cocktail_val=16,
-                                                   cocktail_test=32), log=lambda *a: None)
+    data_prep.make_synthetic(root, n_classes=4, log=lambda *a: None,
+                             sizes=dict(train=480, val=64, test=64, cocktail_train=256, cocktail_val=16, cocktail_test=32))
     return root
 
 
@@ -1016,3 +1017,67 @@ def test_data_prep_audio_only_and_frames_subcommand(tmp_path):
     data_prep.main(["videos", str(vids), "--out", str(tmp_path / "o2")])
     r = data_prep.read_manifest(tmp_path / "o2")["audio_only"]
     assert r["status"] == "failed" and r["reason"] == "no video stream"
+
+
+# ===== issue 11B: benchmark =====
+ALL_METHODS = {**METHODS, "csol_classaware.py": csol}
+
+
+@pytest.mark.parametrize("script", list(ALL_METHODS))
+def test_benchmark_writes_every_key_and_runs_each_phase(script, tiny, tmp_path, monkeypatch):
+    mod, seen, calls = ALL_METHODS[script], [], {"to_device": 0, "step": 0}
+    make_dataset, to_device, step = mod.make_dataset, mod.batch_to_device, mod.train_step
+
+    def counting_dataset(args, split, train):
+        seen.append(args.decode)
+        return make_dataset(args, split, train)
+
+    def counting_to_device(*a):
+        calls["to_device"] += 1
+        return to_device(*a)
+
+    def counting_step(*a):
+        calls["step"] += 1
+        return step(*a)
+    monkeypatch.setattr(mod, "make_dataset", counting_dataset)
+    monkeypatch.setattr(mod, "batch_to_device", counting_to_device)
+    monkeypatch.setattr(mod, "train_step", counting_step)
+    out = mod.main(["--benchmark", "--data", str(tiny), "--preset", "cpu", "--batch-size", "4", "--steps", "3",
+                    "--out", str(tmp_path)])
+    run = next(tmp_path.iterdir())
+    b = json.loads((run / "benchmark.json").read_text())
+    assert b == out and b["method"] == script[:-3]
+    for k in ("loader_samples_per_s", "reference_loader_samples_per_s", "model_samples_per_s", "train_samples_per_s",
+              "peak_memory_mb"):
+        assert isinstance(b[k], float) and b[k] > 0, (k, b)
+    assert "cache_build_s" in b and (b["cache_build_s"] is None or b["cache_build_s"] >= 0)
+    assert (b["device"], b["batch_size"], b["workers"], b["amp"], b["compile"], b["image_size"], b["preset"],
+            b["decode"], b["steps"]) == ("cpu", 4, 0, False, False, 112, "cpu", "fast", 3)
+    assert b["torch"] == torch.__version__ and b["date"].startswith("20")
+    # the loader as given, the --decode pil reference (dataset rebuilt), then end to end; 2 warm-up + 3 steps each
+    assert seen == ["fast", "pil", "fast"]
+    assert calls == {"to_device": 3 * 5, "step": 2 * 5}
+    assert not list(run.glob("*.pt"))                                      # never a checkpoint
+
+
+def test_benchmark_refuses_several_processes(tiny, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(C.UserError, match="one process"):
+        ez_vsl.main(["--benchmark", "--data", str(tiny), "--preset", "cpu"])
+
+
+def test_copied_method_trains_on_given_data_and_needs_data_prep_only_for_the_synthetic_default(tiny, tmp_path):
+    import shutil
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    for f in ("ez_vsl.py", "common.py"):
+        shutil.copy(HERE / f, work / f)
+    env = {"PYTHONPATH": "", "AVSL_SYNTH": str(tmp_path / "synth")}
+    r = run_py(work / "ez_vsl.py", "--train", "--out", tmp_path / "runs", cwd=work, check=False, env_extra=env)
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(errors) == 1 and errors[0].startswith("error:"), r.stderr
+    assert "data_prep.py" in errors[0] and not (tmp_path / "synth").exists()
+    run_py(work / "ez_vsl.py", *_quick(tiny, tmp_path / "runs", "--epochs", "1", "--no-pretrained"), cwd=work,
+           env_extra=env)
+    run = next((tmp_path / "runs").iterdir())
+    assert {"last.pt", "best.pt", "results.json"} <= {p.name for p in run.iterdir()}
