@@ -1339,15 +1339,30 @@ def check_file_writable(path, what: str) -> None:
     check_writable(Path(path).absolute().parent, what)
 
 
+def check_numbers(args) -> None:
+    """--batch-size, --epochs, --limit, --max-steps >= 1 and --workers >= 0 where given (never a silent 1)."""
+    for k, lo in (("batch_size", 1), ("epochs", 1), ("limit", 1), ("max_steps", 1), ("workers", 0)):
+        v = getattr(args, k, None)
+        if v is not None and v < lo:
+            raise UserError(f"--{k.replace('_', '-')} {v}: must be at least {lo}")
+
+
+def check_command(args) -> None:
+    """What a command line can be checked for before any work: its numbers and its outputs."""
+    check_numbers(args)
+    check_outputs(args)
+
+
 def check_outputs(args) -> None:
     """Every output the command will write can be written: checked before any work."""
     if getattr(args, "predict", False):
         check_file_writable(args.out or "heat.png", "--out")
         return
     if getattr(args, "train", False):
-        check_writable(args.out or "runs", "--out")
+        check_writable(args.out or "runs", "--out" if args.out else "the run folder's parent (choose one with --out)")
     elif args.ckpt:
-        check_writable(args.out or Path(args.ckpt).parent, "--out")
+        check_writable(args.out or Path(args.ckpt).parent,
+                       "--out" if args.out else "the output folder (the checkpoint's; choose one with --out)")
     if args.save_maps:
         check_file_writable(args.save_maps, "--save-maps")
 
@@ -1372,10 +1387,7 @@ def preflight(args, method: str, resume=None, splits=("train_split", "val_split"
     if resume:
         ck = load_checkpoint(resume, method=method)
         apply_resume(args, ck, resume, free, raisable)
-    for k, lo in (("batch_size", 1), ("epochs", 1), ("limit", 1), ("max_steps", 1), ("workers", 0)):
-        v = getattr(args, k, None)
-        if v is not None and v < lo:
-            raise UserError(f"--{k.replace('_', '-')} {v}: must be at least {lo}")
+    check_numbers(args)
     if ckpt:
         load_checkpoint(ckpt, method=method)
     ann, counts = None, {}
@@ -1559,9 +1571,13 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         ids = [i for i in res["per_sample"]][: args.viz]
-        for vid in ids:
-            img = np.asarray(load_image(Path(args.data) / "frames" / f"{vid}.jpg"))
-            save_overlay_png(tmp / f"{vid}.png", img, res["maps"][vid], ann[vid]["bbox"])
+        try:
+            for vid in ids:
+                img = np.asarray(load_image(Path(args.data) / "frames" / f"{vid}.jpg"))
+                save_overlay_png(tmp / f"{vid}.png", img, res["maps"][vid], ann[vid]["bbox"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if args.save_maps:
         save_maps(args.save_maps, res["maps"])
         log(f"maps written to {args.save_maps}")

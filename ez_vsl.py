@@ -374,7 +374,7 @@ def main(argv=None):
     args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
     if not (args.train or args.eval or args.predict):
         raise C.UserError("choose one of --train, --eval, --predict (see --help)")
-    C.check_outputs(args)                             # every output writable, before any work
+    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
     log = C.RunLog()
     if args.predict:
         args.preset = args.preset or "paper"

@@ -431,7 +431,7 @@ def main(argv=None):
     args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
     if not (args.train or args.eval or args.predict):
         raise C.UserError("choose one of --train, --eval, --predict (see --help)")
-    C.check_outputs(args)                             # every output writable, before any work
+    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
     # --pcm-cycles at --eval/--predict is the *test-time* T (Fig. 6); at --train it sets the architecture
     args.eval_cycles = None if args.train else args.pcm_cycles
     log = C.RunLog()
