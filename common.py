@@ -10,8 +10,10 @@ Sections, top to bottom:
   4. The synthetic benchmark generator (`python data_prep.py synth --out DIR` calls it; so does every method
      when run without --data).
   5. The evaluator: ground-truth maps, named protocols, cIoU / AUC, baselines, CSOL's class-aware metrics.
-  6. Helpers: seeding, device/AMP, DDP under torchrun, atomic checkpoints, progress bar, heat-map overlays,
-     run folders and the command line every method shares.
+  6. Helpers: seeding, device/AMP, DDP under torchrun, atomic checkpoints (validated on load, recording their
+     method), progress bar, heat-map overlays, run folders, the command line every method shares, the preflight
+     every training run passes before its run folder exists, resume settings, one-line errors (also under
+     torchrun) and the atomic writing of evaluation outputs.
 
 The standard data layout (the contract between data_prep.py, the methods and the evaluator):
   ROOT/frames/<id>.jpg        one RGB frame per clip
@@ -1408,11 +1410,14 @@ def preflight(args, method: str, resume=None, splits=("train_split", "val_split"
             raise UserError(f"--batch-size {b} cannot be split evenly over {world} processes; use a multiple of "
                             f"{world}")
         per, share = b // world, n // world
+        if share < per and world == 1:
+            raise UserError(f"{n} training clips ({getattr(args, train_key)}) are fewer than one batch of {b} "
+                            f"(--batch-size): no whole batch to train on; use --batch-size {n} or less, or more clips")
         if share < per:
-            raise UserError(f"{n} training clips ({getattr(args, train_key)}) over {world} process(es) give {share} "
+            raise UserError(f"{n} training clips ({getattr(args, train_key)}) over {world} processes give {share} "
                             f"per process, fewer than one batch of {per} (--batch-size {b} / {world}): no whole "
-                            f"batch to train on; use --batch-size {max(share, 1) * world if share else 'N'} or less, "
-                            f"or more clips")
+                            f"batch to train on; use --batch-size {share * world if share else world} or less, "
+                            f"or more clips" + ("" if share else " (at least one per process)"))
     if resume:
         check_writable(Path(resume) if Path(resume).is_dir() else Path(resume).parent, "--resume run folder")
     else:

@@ -732,7 +732,7 @@ def test_eval_maps_viz_and_predict(script, tiny, tmp_path):
 @pytest.mark.parametrize("script", list(METHODS))
 def test_clear_errors_not_tracebacks(script, tiny, tmp_path):
     # real data defaults to the paper preset, whose ImageNet weights cannot be downloaded here
-    r = run_py(script, "--train", "--data", tiny, "--out", tmp_path, check=False,
+    r = run_py(script, "--train", "--data", tiny, "--out", tmp_path, "--batch-size", "8", check=False,
                env_extra={"TORCH_HOME": str(tmp_path / "th"), "https_proxy": "http://127.0.0.1:9",
                           "HTTPS_PROXY": "http://127.0.0.1:9"})
     assert r.returncode == 2 and "--no-pretrained" in r.stderr and "Traceback" not in r.stderr
@@ -1048,10 +1048,11 @@ def test_ddp_torchrun_two_cpu_processes(tiny, tmp_path):
     assert means[0] != means[1] and abs(loss - sum(means) / 2) <= 1e-4 + 1e-9, r.stdout
     run = next((tmp_path / "ok").iterdir())
     assert json.loads((run / "results.json").read_text())["n"] == 8
+    assert torch.load(run / "best.pt", weights_only=False)["args"]["method"] == "ez_vsl"   # checkpoints say whose
     # 6 clips cannot give each of 2 processes a batch of 4: refused before training, no run folder
     r = _torchrun("ez_vsl.py", *common, "--limit", "6", "--batch-size", "8", "--out", tmp_path / "few")
     line = _one_error_line(r.stderr)
-    assert r.returncode != 0 and "6 training clips" in line and "2 process" in line and "batch of 4" in line
+    assert r.returncode != 0 and "6 training clips" in line and "2 processes" in line and "batch of 4" in line
     assert not (tmp_path / "few").exists()
     # a bad frame met by one rank mid-epoch: one line naming it; the other rank stops without a traceback
     bad = tmp_path / "bad"
@@ -1088,7 +1089,8 @@ def test_preflight_refuses_before_any_run_folder(tiny, tmp_path):
              (["--annotations", tmp_path / "notest.json"], f"(first: {test0})"),
              (["--val-split", tmp_path / "nope.txt"], "split file not found"),
              (["--test-split", tmp_path / "empty.txt"], f"split file {tmp_path / 'empty.txt'} lists no ids"),
-             (["--batch-size", "16"], "8 training clips"),                       # fewer clips than one batch
+             (["--batch-size", "16"], "8 training clips (" + str(tiny / "splits" / "train.txt") + ") are fewer "
+                                      "than one batch of 16"),
              (["--resume", tmp_path / "text.pt"], "not a readable PyTorch checkpoint"),
              (["--out", tmp_path / "a_file" / "runs"], "is a file, not a folder"),
              (["--save-maps", tmp_path / "a_file" / "m.npz"], "--save-maps")]
@@ -1108,11 +1110,20 @@ def test_preflight_refuses_before_any_run_folder(tiny, tmp_path):
     assert C.read_split(tmp_path / "bom.txt") == ["abc_000001", "abc_000002"]
 
 
-def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, monkeypatch):
+def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, monkeypatch, capsys):
     import re
-    ez_vsl.main(_prefl(tiny, tmp_path / "a", "--seed", "3", "--limit", "16", "--lr", "1e-3"))
-    run = next((tmp_path / "a").iterdir())
+    # a checkpoint as train() writes it after epoch 1 (args after the preflight), without the minute of training
+    args = C.parse_args(ez_vsl.build_parser(), _prefl(tiny, tmp_path / "a", "--seed", "3", "--limit", "16", "--lr",
+                                                      "1e-3", "--no-ogl"))
+    C.resolve_data(args)
+    C.apply_preset(args, ez_vsl.PRESETS)
+    args.protocol = "median"
+    C.preflight(args, ez_vsl.METHOD)
+    run = tmp_path / "a" / "run"
+    run.mkdir(parents=True)
     ck = run / "last.pt"
+    C.save_checkpoint(ck, {"model": ez_vsl.build_model(args).state_dict(), "optimizer": {}, "epoch": 1, "best": 0.0,
+                           "history": [], "args": vars(args)})
     # contradicting flags are refused, naming the flag and both values; --epochs may be raised
     for flag, val, saved in (("--batch-size", "4", "8"), ("--seed", "5", "3"), ("--limit", "12", "16"),
                              ("--dim", "64", "128"), ("--lr", "0.01", "0.001")):
@@ -1121,11 +1132,17 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
             ez_vsl.main(["--train", "--data", str(tiny), "--epochs", "2", flag, val, "--resume", str(ck)])
     with pytest.raises(C.UserError, match="already trained 1 epochs"):
         ez_vsl.main(["--train", "--data", str(tiny), "--resume", str(run)])
-    # flags not given come from the checkpoint (not from the cpu preset's batch 64 / seed 0 / no limit)
-    ez_vsl.main(["--train", "--data", str(tiny), "--epochs", "2", "--batch-size", "8", "--resume", str(run)])
+    # flags not given come from the checkpoint (not from the paper preset real data gets, seed 0, no limit);
+    # a given flag equal to the saved value is fine (test_same_seed_same_result_and_exact_resume trains on)
+    args = C.parse_args(ez_vsl.build_parser(), ["--train", "--data", str(tiny), "--epochs", "2", "--batch-size", "8",
+                                                "--resume", str(run)])
+    C.resolve_data(args)
+    C.apply_preset(args, ez_vsl.PRESETS)
+    assert (args.preset, args.seed, args.limit, args.lr, args.dim) == ("paper", 0, None, 1e-4, 512)   # real data
+    C.preflight(args, "ez_vsl", args.resume)
+    assert (args.preset, args.seed, args.limit, args.lr, args.dim, args.epochs) == ("cpu", 3, 16, 1e-3, 128, 2)
     saved = torch.load(ck, weights_only=False)
-    assert saved["epoch"] == 2 and saved["args"]["seed"] == 3 and saved["args"]["limit"] == 16
-    assert saved["args"]["batch_size"] == 8 and saved["args"]["lr"] == 1e-3 and saved["args"]["method"] == "ez_vsl"
+    assert saved["args"]["method"] == "ez_vsl" and saved["args"]["given_options"][:3] == ["batch_size", "data", "epochs"]
     # unreadable checkpoints and other methods' checkpoints: one line naming the file
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "cut.pt").write_bytes(ck.read_bytes()[:5000])
@@ -1148,9 +1165,12 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
     torch.save({"model": {"x": torch.zeros(1)}}, tmp_path / "official_like.pt")      # no args: official format
     with pytest.raises(C.UserError, match="weights do not fit the ez_vsl model"):
         ez_vsl.load_model(tmp_path / "official_like.pt", _lvs_args(), "cpu")
-    r = run_py("sspl.py", "--eval", "--ckpt", tmp_path / "cut.pt", "--data", tiny, check=False)
-    assert r.returncode == 2 and r.stderr.count("error: ") == 1 and "Traceback" not in r.stderr
-    assert f"{tmp_path / 'cut.pt'}: not a readable PyTorch checkpoint" in r.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                                        # the CLI wrapper: one line, status 2
+        C.run_cli(lambda: sspl.main(["--eval", "--ckpt", str(tmp_path / "cut.pt"), "--data", str(tiny)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {tmp_path / 'cut.pt'}: not a readable PyTorch checkpoint")
     # --eval: an unwritable --save-maps is refused before any work; a failure while writing the outputs leaves
     # no results.json (and no maps) behind
     (tmp_path / "a_file").write_text("x")
@@ -1227,7 +1247,7 @@ def test_data_prep_time_settings_vfr_short_audio(tmp_path, capsys):
     assert "2 already done, 0 to process" in capsys.readouterr().out
 
 
-def test_data_prep_check_decodes_every_clip(tiny, tmp_path):
+def test_data_prep_check_decodes_every_clip(tiny, tmp_path, capsys):
     import shutil
     root = tmp_path / "root"
     shutil.copytree(tiny, root)
@@ -1235,10 +1255,12 @@ def test_data_prep_check_decodes_every_clip(tiny, tmp_path):
     (root / "frames" / f"{ids[1]}.jpg").write_bytes((tiny / "frames" / f"{ids[1]}.jpg").read_bytes()[:400])
     wav = (tiny / "audio" / f"{ids[4]}.wav").read_bytes()
     (root / "audio" / f"{ids[4]}.wav").write_bytes(wav[:44] + b"\x00")      # header only, no whole sample
-    r = run_py("data_prep.py", "check", root, "--split", "val", "--workers", "2", check=False)
-    assert r.returncode == 1 and f"checked {len(ids)} clips" in r.stdout and "2 bad" in r.stdout
+    with pytest.raises(SystemExit) as e:
+        data_prep.main(["check", str(root), "--split", "val", "--workers", "2"])
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and f"checked {len(ids)} clips" in out and "2 bad" in out
     rows = dict(ln.split("\t", 1) for ln in (root / "check_val.txt").read_text().splitlines())
     assert set(rows) == {ids[1], ids[4]}
     assert "cannot decode image" in rows[ids[1]] and f"audio/{ids[4]}.wav" in rows[ids[4]]
-    r = run_py("data_prep.py", "check", root, "--split", "test", check=False)
-    assert r.returncode == 0 and "0 bad" in r.stdout and (root / "check_test.txt").read_text() == ""
+    data_prep.main(["check", str(root), "--split", "test"])                     # all good: returns (status 0)
+    assert "0 bad" in capsys.readouterr().out and (root / "check_test.txt").read_text() == ""
