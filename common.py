@@ -1241,6 +1241,10 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def resolve_data(args, log=print):
     """Fill the data arguments: no --data -> the synthetic benchmark (generated once) and the cpu preset; real
     data -> the paper preset; splits and annotations default to the standard layout's files."""
+    if args.data is None and getattr(args, "resume", None):      # a resumed run's data: its own (see apply_resume)
+        rd = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            args.data = json.loads((rd / "args.json").read_text()).get("data")
     if args.data is None:
         args.data = str(ensure_synthetic(log=log))
         args.preset = args.preset or "cpu"
@@ -1342,8 +1346,8 @@ def check_file_writable(path, what: str) -> None:
 
 
 def check_numbers(args) -> None:
-    """--batch-size, --epochs, --limit, --max-steps >= 1 and --workers >= 0 where given (never a silent 1)."""
-    for k, lo in (("batch_size", 1), ("epochs", 1), ("limit", 1), ("max_steps", 1), ("workers", 0)):
+    """--batch-size, --epochs (CSOL --epochs2), --limit, --max-steps >= 1 and --workers >= 0 where given."""
+    for k, lo in (("batch_size", 1), ("epochs", 1), ("epochs2", 1), ("limit", 1), ("max_steps", 1), ("workers", 0)):
         v = getattr(args, k, None)
         if v is not None and v < lo:
             raise UserError(f"--{k.replace('_', '-')} {v}: must be at least {lo}")

@@ -1022,8 +1022,9 @@ def test_data_prep_audio_only_and_frames_subcommand(tmp_path):
 def _torchrun(script, *args, timeout=300):
     import os
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", script,
-                           *map(str, args)], cwd=HERE, capture_output=True, text=True, env=env, timeout=timeout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]  # free port
+    return subprocess.run(cmd + list(map(str, args)), cwd=HERE, capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
 def _one_error_line(stderr: str) -> str:
@@ -1124,14 +1125,16 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
     ck = run / "last.pt"
     C.save_checkpoint(ck, {"model": ez_vsl.build_model(args).state_dict(), "optimizer": {}, "epoch": 1, "best": 0.0,
                            "history": [], "args": vars(args)})
+    C.write_json(run / "args.json", vars(args))
     # contradicting flags are refused, naming the flag and both values; --epochs may be raised
     for flag, val, saved in (("--batch-size", "4", "8"), ("--seed", "5", "3"), ("--limit", "12", "16"),
                              ("--dim", "64", "128"), ("--lr", "0.01", "0.001")):
         with pytest.raises(C.UserError, match=re.escape(f"{flag} {val} contradicts the checkpoint's "
                                                         f"{flag[2:].replace('-', '_')} = {saved}")):
             ez_vsl.main(["--train", "--data", str(tiny), "--epochs", "2", flag, val, "--resume", str(ck)])
-    with pytest.raises(C.UserError, match="already trained 1 epochs"):
-        ez_vsl.main(["--train", "--data", str(tiny), "--resume", str(run)])
+    monkeypatch.setattr(C, "ensure_synthetic", lambda **k: pytest.fail("a resumed run uses its own data"))
+    with pytest.raises(C.UserError, match="already trained 1 epochs"):           # no --data: the run's own
+        ez_vsl.main(["--train", "--resume", str(run)])
     # flags not given come from the checkpoint (not from the paper preset real data gets, seed 0, no limit);
     # a given flag equal to the saved value is fine (test_same_seed_same_result_and_exact_resume trains on)
     args = C.parse_args(ez_vsl.build_parser(), ["--train", "--data", str(tiny), "--epochs", "2", "--batch-size", "8",
@@ -1142,7 +1145,8 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
     C.preflight(args, "ez_vsl", args.resume)
     assert (args.preset, args.seed, args.limit, args.lr, args.dim, args.epochs) == ("cpu", 3, 16, 1e-3, 128, 2)
     saved = torch.load(ck, weights_only=False)
-    assert saved["args"]["method"] == "ez_vsl" and saved["args"]["given_options"][:3] == ["batch_size", "data", "epochs"]
+    assert saved["args"]["method"] == "ez_vsl"
+    assert saved["args"]["given_options"][:4] == ["batch_size", "data", "epochs", "limit"]    # what the user typed
     # unreadable checkpoints and other methods' checkpoints: one line naming the file
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "cut.pt").write_bytes(ck.read_bytes()[:5000])
