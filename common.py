@@ -1517,9 +1517,10 @@ def _torchrun_error_file(msg: str, root_cause: bool = True) -> None:
 def run_cli(main_fn) -> None:
     """Run a CLI entry point; a UserError becomes one 'error: ...' line and exit status 2, not a traceback.
 
-    Under torchrun (WORLD_SIZE > 1) a run stops with ONE line as well: an error found before the preflight passed
-    is the same on every rank and printed by rank 0 only; a later one by the rank that met it; the other ranks,
-    whose collectives then fail, exit without a traceback of their own. Processes end with os._exit so that no
+    Under torchrun (WORLD_SIZE > 1) a run stops with ONE line as well: the other ranks wait a few seconds before
+    printing theirs, so an error every rank meets (the preflight's, missing weights) is printed by rank 0 alone
+    (torchrun stops the others when it exits); an error of one rank (a bad file in its share) is printed by that
+    rank; the ranks whose collectives then fail exit without a traceback of their own. Processes end with os._exit so that no
     rank waits on a process group whose peers are gone; torchrun still prints its own failure summary, whose
     root cause then shows the same message."""
     from tqdm import tqdm
@@ -1530,9 +1531,11 @@ def run_cli(main_fn) -> None:
         if world == 1:
             tqdm.write(f"error: {e}", file=sys.stderr)         # on its own line, below an unfinished progress bar
             sys.exit(2)
-        if int(os.environ.get("RANK", "0")) != 0 and not _PREFLIGHT_PASSED:
+        if int(os.environ.get("RANK", "0")) != 0:
+            # an error every rank meets (the preflight's, missing weights ...) is reported by rank 0, and torchrun
+            # stops this process meanwhile; an error of this rank alone is printed after the wait
             sys.stdout.flush()
-            time.sleep(10)        # rank 0 meets the same error and reports it; torchrun stops this process meanwhile
+            time.sleep(3 if _PREFLIGHT_PASSED else 10)
         tqdm.write(f"error: {e}", file=sys.stderr)
         sys.stderr.flush(), sys.stdout.flush()
         _torchrun_error_file(str(e))
