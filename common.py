@@ -11,8 +11,10 @@ Sections, top to bottom:
      runs without --data, so a method file and common.py copied elsewhere train on that project's data alone.)
   5. The evaluator: ground-truth maps, named protocols, cIoU / AUC, baselines, CSOL's class-aware metrics.
   6. Helpers: seeding, device/AMP, the CUDA habits (cudnn.benchmark, channels_last, --compile), DDP under
-     torchrun, atomic checkpoints, progress bar, heat-map overlays, run folders, the command line every method
-     shares and the --benchmark timing harness.
+     torchrun, atomic checkpoints (validated on load, recording their method), progress bar, heat-map overlays,
+     run folders, the command line every method shares, the preflight every training run passes before its run
+     folder exists, resume settings, one-line errors (also under torchrun), the atomic writing of evaluation
+     outputs and the --benchmark timing harness.
 
 The standard data layout (the contract between data_prep.py, the methods and the evaluator):
   ROOT/frames/<id>.jpg        one RGB frame per clip
@@ -34,7 +36,9 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 import wave
 import xml.etree.ElementTree as ET
@@ -382,8 +386,11 @@ def read_split(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"split file not found: {path}")
-    ids = [ln.split(",")[0].strip() for ln in path.read_text().splitlines()]
-    return [i for i in ids if i]
+    ids = [ln.split(",")[0].strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]   # strips a BOM
+    ids = [i for i in ids if i]
+    if not ids:
+        raise UserError(f"split file {path} lists no ids (empty file)")
+    return ids
 
 
 def load_image(path) -> Image.Image:
@@ -421,7 +428,7 @@ class AVDataset(torch.utils.data.Dataset):
         self.root, self.ids, self.image_tf = Path(root), list(ids), image_tf
         self.seconds, self.where, self.sr = seconds, where, sample_rate
         if not self.ids:
-            raise UserError(f"empty split for {root}")
+            raise UserError(f"empty id list for {root} (an empty split file, or --limit)")
         check_layout(self.root, self.ids)
         self._cache = {} if cache else None
 
@@ -862,13 +869,56 @@ def save_checkpoint(path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", method: str | None = None) -> dict:
+    """torch.load a checkpoint (a run folder means its last.pt). Anything that is not a readable checkpoint (empty,
+    truncated, a text file) is one UserError naming the file; with `method`, a checkpoint that records another
+    method (ours record it in their args) is refused. Checkpoints without a record (the authors' releases) pass:
+    each method's load_model checks their content."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # PytorchStreamReader failed / EOFError / UnpicklingError ... all mean the same here
+        msg = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (empty, truncated or another kind of file: "
+                        f"{type(e).__name__}{': ' + msg if msg else ''})") from None
+    if not isinstance(ck, dict):
+        raise UserError(f"{path}: not a checkpoint (holds a {type(ck).__name__}, expected a dict)")
+    saved = checkpoint_method(ck)
+    if method and saved and saved != method:
+        raise UserError(f"{path}: a checkpoint of {saved}, not of {method}; use {saved}.py with it")
+    return ck
+
+
+def checkpoint_method(ck: dict) -> str | None:
+    """The method a checkpoint records (in its args, set by preflight), None for the authors' releases."""
+    a = ck.get("args")
+    a = vars(a) if isinstance(a, argparse.Namespace) else a
+    return ck.get("method") or (a.get("method") if isinstance(a, dict) else None)
+
+
+def checkpoint_args(ck: dict, path, method: str, keys) -> dict:
+    """The saved settings a method's load_model needs; a checkpoint without them is not this method's."""
+    a = ck.get("args")
+    missing = [k for k in keys if not isinstance(a, dict) or k not in a]
+    if missing:
+        raise UserError(f"{path}: not a {method} checkpoint (its settings lack {', '.join(missing)})")
+    return a
+
+
+def load_state(model: nn.Module, sd, path, method: str) -> None:
+    """model.load_state_dict with one line naming the file when the weights are not this model's."""
+    if not isinstance(sd, dict):
+        raise UserError(f"{path}: no model weights a {method} model can use (not a {method} checkpoint)")
+    try:
+        model.load_state_dict(sd)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"{path}: the weights do not fit the {method} model (another method or architecture: "
+                        f"{' '.join(first[:2])[:200]})") from None
 
 
 def strip_prefix(sd: dict, prefix: str = "module.") -> dict:
@@ -925,8 +975,13 @@ def derangement(n: int) -> list[int]:
 
 
 def save_maps(path, maps: dict) -> None:
-    """One float map per id in an .npz (the format eval_cioU.py reads)."""
-    np.savez_compressed(path, **{k: np.asarray(v, np.float32) for k, v in maps.items()})
+    """One float map per id in an .npz (the format eval_cioU.py reads), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **{k: np.asarray(v, np.float32) for k, v in maps.items()})
+    os.replace(tmp, path)
 
 
 def load_maps(path) -> dict:
@@ -1008,6 +1063,10 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def resolve_data(args, log=print):
     """Fill the data arguments: no --data -> the synthetic benchmark (generated once) and the cpu preset; real
     data -> the paper preset; splits and annotations default to the standard layout's files."""
+    if args.data is None and getattr(args, "resume", None):      # a resumed run's data: its own (see apply_resume)
+        rd = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            args.data = json.loads((rd / "args.json").read_text()).get("data")
     if args.data is None:
         try:
             import data_prep                            # the generator: only needed for the synthetic default
@@ -1045,21 +1104,185 @@ def make_run_dir(args, method: str) -> Path:
     return d
 
 
-class Run:
-    """What a training run needs before its model exists: rank / world / device (DDP under torchrun), the seed,
-    the run folder (new, or the one of --resume with its checkpoint loaded into .ck) and the log."""
+# ---- command line, resume settings, preflight -------------------------------------------------------------
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parser.parse_args(argv), plus args.given_options: the options the user actually typed (a resumed run
+    takes every other setting from its checkpoint; only a typed flag can contradict it)."""
+    args = parser.parse_args(argv)
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=ns)        # argparse fills defaults only for attributes not already set
+    args.given_options = sorted(k for k, v in vars(ns).items() if v is not unset)
+    return args
 
-    def __init__(self, args, method: str):
+
+# Options that say what to do with a run, where to write, or on what hardware: never taken from a checkpoint,
+# never a contradiction. Every other option is a training setting a resumed run takes from its checkpoint.
+RESUME_FREE = {"train", "eval", "predict", "ckpt", "image", "audio", "resume", "out", "device", "workers", "amp",
+               "compile", "no_cache", "skip_bad", "benchmark", "steps", "negatives", "save_maps", "viz",
+               "given_options", "method"}
+RESUME_RAISABLE = {"epochs"}        # taken from the checkpoint unless given: a resumed run may train longer
+
+
+def _same_setting(key: str, a, b) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and (key in ("data", "annotations", "weights") or
+                                                      key.endswith("_split")):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return False
+
+
+def apply_resume(args, ck: dict, path, free=(), raisable=()) -> None:
+    """A resumed run takes its settings (seed, batch size, --limit, preset, architecture, lr ...) from the
+    checkpoint's args; a flag the user gave that contradicts one is refused in one line naming both values."""
+    saved = ck.get("args")
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {path}: the checkpoint records no settings (not written by a --train run)")
+    given = set(getattr(args, "given_options", vars(args)))
+    free, raisable = RESUME_FREE | set(free), RESUME_RAISABLE | set(raisable)
+    for k, v in saved.items():
+        if k in free or not hasattr(args, k):
+            continue
+        cur = getattr(args, k)
+        if k in given and not _same_setting(k, cur, v):
+            if k in raisable:
+                continue
+            raise UserError(f"--resume {path}: --{k.replace('_', '-')} {cur} contradicts the checkpoint's "
+                            f"{k} = {v}; drop the flag (a resumed run keeps its settings) or start a new run")
+        setattr(args, k, v)
+
+
+def check_writable(folder, what: str) -> None:
+    """The folder exists and is writable, or can be created: tested on its nearest existing ancestor with a
+    temporary file (nothing is created)."""
+    p = Path(folder).absolute()
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{what} {folder}: cannot write there ({anc} is a file, not a folder)")
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {folder}: not writable ({e.strerror or e})") from None
+
+
+def check_file_writable(path, what: str) -> None:
+    if Path(path).is_dir():
+        raise UserError(f"{what} {path}: is a folder, expected a file name")
+    check_writable(Path(path).absolute().parent, what)
+
+
+def check_numbers(args) -> None:
+    """--batch-size, --epochs (CSOL --epochs2), --limit, --max-steps >= 1 and --workers >= 0 where given."""
+    for k, lo in (("batch_size", 1), ("epochs", 1), ("epochs2", 1), ("limit", 1), ("max_steps", 1), ("workers", 0)):
+        v = getattr(args, k, None)
+        if v is not None and v < lo:
+            raise UserError(f"--{k.replace('_', '-')} {v}: must be at least {lo}")
+
+
+def check_command(args) -> None:
+    """What a command line can be checked for before any work: its numbers and its outputs."""
+    check_numbers(args)
+    check_outputs(args)
+
+
+def check_outputs(args) -> None:
+    """Every output the command will write can be written: checked before any work."""
+    if getattr(args, "predict", False):
+        check_file_writable(args.out or "heat.png", "--out")
+        return
+    if getattr(args, "train", False):
+        check_writable(args.out or "runs", "--out" if args.out else "the run folder's parent (choose one with --out)")
+    elif args.ckpt:
+        check_writable(args.out or Path(args.ckpt).parent,
+                       "--out" if args.out else "the output folder (the checkpoint's; choose one with --out)")
+    if args.save_maps:
+        check_file_writable(args.save_maps, "--save-maps")
+
+
+_PREFLIGHT_PASSED = False   # under torchrun, a UserError before this is the same on every rank: rank 0 reports it
+
+
+def preflight(args, method: str, resume=None, splits=("train_split", "val_split", "test_split"),
+              annotated=("val_split", "test_split"), ckpt=None, world: int = 1, train_key="train_split",
+              free=(), raisable=()):
+    """Everything a training run can check before its first step and before its run folder exists; each
+    failure is one UserError. Records args.method (saved in every checkpoint's args).
+      numbers: --batch-size, --epochs >= 1, --limit, --max-steps >= 1, --workers >= 0;
+      resume: the checkpoint is readable and of this method; its settings replace the command line's (a typed
+        flag that contradicts one is refused); ckpt: another checkpoint the run reads (readable, this method);
+      splits: each exists and lists ids whose frame and WAV exist; every id of the `annotated` splits has an
+        annotation; DDP: the training split gives every process at least one whole per-process batch;
+      outputs: --out (or the resumed run folder) and --save-maps are writable.
+    Returns the loaded resume checkpoint (or None)."""
+    args.method = method
+    ck = None
+    if resume:
+        ck = load_checkpoint(resume, method=method)
+        apply_resume(args, ck, resume, free, raisable)
+    check_numbers(args)
+    if ckpt:
+        load_checkpoint(ckpt, method=method)
+    ann, counts = None, {}
+    for k in splits:
+        path = getattr(args, k)
+        ids = read_split(path)[: args.limit]
+        check_layout(args.data, ids)
+        counts[k] = len(ids)
+        if k in annotated:
+            ann = ann if ann is not None else load_annotations(args.annotations)
+            miss = [i for i in ids if i not in ann]
+            if miss:
+                raise UserError(f"{len(miss)} of {len(ids)} ids of {path} have no annotation in {args.annotations} "
+                                f"(first: {', '.join(miss[:5])}); add them, or remove them from the split")
+    if train_key and train_key in counts:
+        n, b = counts[train_key], args.batch_size
+        if b % world:
+            raise UserError(f"--batch-size {b} cannot be split evenly over {world} processes; use a multiple of "
+                            f"{world}")
+        per, share = b // world, n // world
+        if share < per and world == 1:
+            raise UserError(f"{n} training clips ({getattr(args, train_key)}) are fewer than one batch of {b} "
+                            f"(--batch-size): no whole batch to train on; use --batch-size {n} or less, or more clips")
+        if share < per:
+            raise UserError(f"{n} training clips ({getattr(args, train_key)}) over {world} processes give {share} "
+                            f"per process, fewer than one batch of {per} (--batch-size {b} / {world}): no whole "
+                            f"batch to train on; use --batch-size {share * world if share else world} or less, "
+                            f"or more clips" + ("" if share else " (at least one per process)"))
+    if resume:
+        check_writable(Path(resume) if Path(resume).is_dir() else Path(resume).parent, "--resume run folder")
+    else:
+        check_outputs(args)
+    if args.save_maps:
+        check_file_writable(args.save_maps, "--save-maps")
+    global _PREFLIGHT_PASSED
+    _PREFLIGHT_PASSED = True
+    return ck
+
+
+class Run:
+    """What a training run needs before its model exists: the preflight (before the process group and the run
+    folder), rank / world / device (DDP under torchrun), the seed, the run folder (new, or the one of --resume
+    with its checkpoint loaded into .ck) and the log."""
+
+    def __init__(self, args, method: str, free=(), raisable=()):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.ck = preflight(args, method, args.resume, world=world, free=free, raisable=raisable)
+        if self.ck and self.ck.get("epoch", 0) >= args.epochs:
+            raise UserError(f"--resume {args.resume}: the run has already trained {self.ck.get('epoch')} epochs "
+                            f"(--epochs {args.epochs}); give a larger --epochs to train longer")
         self.rank, self.world, self.device = init_distributed(args.device)
         self.main = self.rank == 0
         seed_everything(args.seed)
         if args.resume:
-            self.ck = load_checkpoint(args.resume)
             self.dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         else:
-            self.ck, self.dir = None, (make_run_dir(args, method) if self.main else None)
+            self.dir = make_run_dir(args, method) if self.main else None
         self.log = RunLog(self.dir / "log.txt" if self.main else None, self.main)
-        self.per_proc = max(1, args.batch_size // self.world)
+        self.per_proc = args.batch_size // self.world
 
     def wrap(self, model):
         """DistributedDataParallel under torchrun, the model itself otherwise."""
@@ -1070,30 +1293,105 @@ class Run:
 
     def loader(self, ds, args, epoch: int):
         """The epoch's shuffled loader: reseeds python/numpy/torch from (seed, epoch) first, so an epoch is
-        reproducible on its own and a resumed run continues exactly; DistributedSampler under DDP."""
+        reproducible on its own and a resumed run continues exactly; DistributedSampler under DDP. Every process
+        gets the same number of whole batches (floor(N / world) clips each, the rest dropped; preflight refused
+        a split with less than one batch per process)."""
         seed_everything(args.seed * 1000 + epoch)
         sampler = None
         if self.world > 1:
-            sampler = torch.utils.data.distributed.DistributedSampler(ds, self.world, self.rank, seed=args.seed)
+            sampler = torch.utils.data.distributed.DistributedSampler(ds, self.world, self.rank, seed=args.seed,
+                                                                      drop_last=True)
             sampler.set_epoch(epoch)
         return torch.utils.data.DataLoader(ds, self.per_proc, shuffle=sampler is None, sampler=sampler,
-                                           num_workers=args.workers, drop_last=len(ds) >= self.per_proc,
+                                           num_workers=args.workers, drop_last=True,
                                            generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+
+    def sums(self, *values):
+        """Sum per-epoch totals (loss sum, step count, ...) over the DDP processes, so `total / steps` is the
+        mean over every rank's steps; under DDP the main process logs each rank's mean loss and step count."""
+        if self.world == 1:
+            return values
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        parts = [torch.zeros_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t)
+        per = [p.tolist() for p in parts]
+        self.log("per-rank loss (steps): " + ", ".join(f"rank {r} {p[0] / max(p[1], 1):.4f} ({p[1]:.0f})"
+                                                         for r, p in enumerate(per)))
+        tot = [sum(p[i] for p in per) for i in range(len(values))]
+        return tuple(type(v)(x) for v, x in zip(values, tot))
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """An error of a collective because another process died (it has reported its own error)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "gloo", "Gloo", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL",
+        "ProcessGroup", "Socket Timeout"))
+
+
+def _torchrun_error_file(msg: str, root_cause: bool = True) -> None:
+    """The message torchrun's failure summary shows for this process ('traceback :'), instead of its pointer to
+    the elastic-errors documentation. torchrun names the failure with the smallest timestamp (whole seconds) the
+    root cause; the process that met the error dates it one second back so that it wins over the processes that
+    stopped because of it in the same second."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        ts = str(int(time.time()) - (1 if root_cause else 0))
+        with contextlib.suppress(OSError):       # the format torchrun's own @record writes
+            Path(path).write_text(json.dumps({"message": {"message": msg, "extraInfo": {"py_callstack": msg,
+                                                                                       "timestamp": ts}}}))
 
 
 def run_cli(main_fn) -> None:
-    """Run a CLI entry point; a UserError becomes one 'error: ...' line and exit status 2, not a traceback."""
+    """Run a CLI entry point; a UserError becomes one 'error: ...' line and exit status 2, not a traceback.
+
+    Under torchrun (WORLD_SIZE > 1) a run stops with ONE line as well: the other ranks wait a few seconds before
+    printing theirs, so an error every rank meets (the preflight's, missing weights) is printed by rank 0 alone
+    (torchrun stops the others when it exits); an error of one rank (a bad file in its share) is printed by that
+    rank; the ranks whose collectives then fail exit without a traceback of their own. Processes end with os._exit so that no
+    rank waits on a process group whose peers are gone; torchrun still prints its own failure summary, whose
+    root cause then shows the same message."""
+    from tqdm import tqdm
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         main_fn()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if world == 1:
+            tqdm.write(f"error: {e}", file=sys.stderr)         # on its own line, below an unfinished progress bar
+            sys.exit(2)
+        if int(os.environ.get("RANK", "0")) != 0:
+            # an error every rank meets (the preflight's, missing weights ...) is reported by rank 0, and torchrun
+            # stops this process meanwhile; an error of this rank alone is printed after the wait
+            sys.stdout.flush()
+            time.sleep(3 if _PREFLIGHT_PASSED else 10)
+        tqdm.write(f"error: {e}", file=sys.stderr)
+        sys.stderr.flush(), sys.stdout.flush()
+        _torchrun_error_file(str(e))
+        os._exit(2)
+    except Exception as e:
+        if world > 1 and _peer_failure(e):
+            _torchrun_error_file("stopped: another process failed (its error is above)", root_cause=False)
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(3)
+        raise
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds: float, map_name: str,
                  extra: dict | None = None) -> dict:
-    """Print the report, then write results.json (the contract's keys), --save-maps and --viz overlays.
+    """Print the report, then write --save-maps, the --viz overlays, missing_ids.txt and results.json last.
 
+    Called only once everything they report on has been computed; every file is written to a temporary name and
+    renamed, and results.json comes last, so a failure never leaves a results.json beside missing outputs.
     res: an evaluate_maps() result with res["maps"] = the maps it scored; swapped: the same for the
     audio-swapped control (or None); out folder: --out, else the checkpoint's folder.
     """
@@ -1108,20 +1406,34 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
                "test": res["test"], "baselines": res["baselines"],
                "audio_swapped": swapped["test"] if swapped else None, "map": map_name,
                "missing": res["missing"], "empty_gt": res["empty_gt"], **(extra or {})}
-    write_json(out / "results.json", results)
-    if res["missing"]:
-        (out / "missing_ids.txt").write_text("\n".join(res["missing"]) + "\n")
+    viz = None
+    if args.viz:                                   # rendered into a temporary folder first (the slow part)
+        viz = out / "viz"
+        tmp = out / "viz.part"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        ids = [i for i in res["per_sample"]][: args.viz]
+        try:
+            for vid in ids:
+                img = np.asarray(load_image(Path(args.data) / "frames" / f"{vid}.jpg"))
+                save_overlay_png(tmp / f"{vid}.png", img, res["maps"][vid], ann[vid]["bbox"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if args.save_maps:
         save_maps(args.save_maps, res["maps"])
         log(f"maps written to {args.save_maps}")
-    if args.viz:
-        d = out / "viz"
-        d.mkdir(exist_ok=True)
-        ids = [i for i in res["per_sample"]][: args.viz]
-        for vid in ids:
-            img = np.asarray(load_image(Path(args.data) / "frames" / f"{vid}.jpg"))
-            save_overlay_png(d / f"{vid}.png", img, res["maps"][vid], ann[vid]["bbox"])
-        log(f"{len(ids)} overlays written to {d}")
+    if viz is not None:
+        viz.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, viz / f.name)
+        tmp.rmdir()
+        log(f"{len(ids)} overlays written to {viz}")
+    if res["missing"]:
+        _write_text_atomic(out / "missing_ids.txt", "\n".join(res["missing"]) + "\n")
+    elif (out / "missing_ids.txt").is_file():
+        (out / "missing_ids.txt").unlink()          # a stale list from an earlier evaluation
+    write_json(out / "results.json", results)
     log(f"results written to {out / 'results.json'}")
     return results
 

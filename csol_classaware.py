@@ -425,6 +425,19 @@ def train_stage2(args, device, log, run_dir, model, stage1_info, ck=None):
 def train(args):
     """Both stages (or --stage 1 / 2). --resume RUN continues the run in RUN: stage one from its last epoch, or
     stage two from its last epoch (the frozen audio model of Eq. 10 is the finished stage one, reloaded)."""
+    if args.stage == "2" and not (args.ckpt or args.resume):
+        raise C.UserError("--stage 2 needs --ckpt <stage-one run folder or stage1.pt>")
+    resume_ck = stage1_ck = None
+    if args.resume:                                   # the settings come from the run's latest checkpoint
+        rd = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        resume_ck = rd / "stage2.pt" if (rd / "stage2.pt").is_file() else rd / "stage1.pt"
+    elif args.stage == "2":
+        stage1_ck = Path(args.ckpt) / "stage1.pt" if Path(args.ckpt).is_dir() else args.ckpt
+    splits = (("train_split", "val_split") if args.stage != "2" else ()) + \
+        (("cocktail_train_split",) if args.stage != "1" else ()) + ("test_split",) + \
+        (("cocktail_test_split",) if Path(args.cocktail_test_split).is_file() else ())
+    C.preflight(args, METHOD, resume_ck, splits=splits, annotated=("val_split", "test_split", "cocktail_test_split"),
+                ckpt=stage1_ck, train_key=None, free=("stage",), raisable=("epochs2",))   # before the run folder
     device = C.resolve_device(args.device)
     C.seed_everything(args.seed)
     if args.resume:
@@ -540,13 +553,13 @@ def class_aware_eval(cls_maps, ann, ids, assign, names, frac=0.5, tau=0.2):
 
 
 def load_model(path, args, device):
-    ck = C.load_checkpoint(path)
-    a = ck["args"]
+    ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
+    a = C.checkpoint_args(ck, path, METHOD, ("encoder", "clusters", "image_size", "preset"))
     for k in ("encoder", "clusters", "image_size", "preset"):
         setattr(args, k, a[k])
     args.classes = ck.get("classes")
     model = LocationNet(args.encoder, args.clusters)
-    model.load_state_dict(ck["model"])
+    C.load_state(model, ck.get("model"), path, METHOD)
     return model.to(device), ck
 
 
@@ -610,9 +623,10 @@ def predict(args, device, log):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
     if not (args.train or args.eval or args.predict or args.benchmark):
         raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
+    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise C.UserError("csol_classaware.py runs in one process (k-means needs every object feature in one place); "
                           "launch it with python, not torchrun")

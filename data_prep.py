@@ -7,18 +7,24 @@
     python data_prep.py flickr SRC --out ROOT                the Flickr-SoundNet test download (Data/... + Annotations/*.xml)
     python data_prep.py vggss --json vggss.json --clips ROOT the VGG-SS test split + annotations from the clips present
     python data_prep.py split LIST --name NAME --root ROOT   any id list (*.txt / *.csv) as ROOT/splits/NAME.txt
+    python data_prep.py check ROOT [--split NAME] [--workers N]  decode every frame and WAV (before a long run)
 
 The synthetic benchmark's generator lives here: a method run without --data imports it (data_prep.py must then
 sit beside common.py); with --data nothing here is needed.
 
 Every ingesting command writes ROOT/manifest.csv (id, status ok/missing/failed, reason, frame time, duration,
-source sample rate, fps), skips ids already done when re-run, never replaces a broken clip by another one, writes
-each output atomically, and ends with a summary table. Run `python data_prep.py SUBCOMMAND --help` for details.
+source sample rate, fps measured from the frame timestamps, audio duration, the settings the clip was made with),
+skips ids already done with the same settings when re-run (a clip made with another --sr / --time is made again),
+never replaces a broken clip by another one, writes each output atomically, and ends with a summary table. A clip
+whose audio is much shorter than its video is kept ('ok') with a warning in its reason.
+Run `python data_prep.py SUBCOMMAND --help` for details.
 """
 import argparse
 import csv
 import json
+import math
 import os
+import sys
 import shutil
 import time
 from collections import Counter
@@ -33,7 +39,8 @@ import common as C
 VIDEO_EXT = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp"}
 IMAGE_EXT = {".jpg", ".jpeg", ".png"}
 AUDIO_EXT = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus"}
-MANIFEST_FIELDS = ["id", "status", "reason", "frame_time", "duration", "src_sr", "fps"]
+MANIFEST_FIELDS = ["id", "status", "reason", "frame_time", "duration", "src_sr", "fps", "audio_duration", "settings"]
+SHORT_AUDIO = 0.8    # audio shorter than this fraction of the video (and by more than 0.5 s) is reported
 FLICKR_MISSING = "3908875357"   # in the original 250-image test list, absent from the released data
 
 
@@ -99,6 +106,16 @@ def frame_at(container, t: float):
     return best[0].to_image().convert("RGB"), best[1] - start, fps
 
 
+def measured_fps(path) -> float | None:
+    """The frame rate measured from the video packets' timestamps: (frames - 1) / (last - first timestamp).
+    A variable-frame-rate file reports its real mean rate, not the nominal rate of its header."""
+    import av
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        pts = sorted(float(p.pts * vs.time_base) for p in c.demux(vs) if p.pts is not None and p.size)
+    return (len(pts) - 1) / (pts[-1] - pts[0]) if len(pts) > 1 and pts[-1] > pts[0] else None
+
+
 def video_duration(container) -> float:
     if container.duration:
         return container.duration / 1e6
@@ -116,7 +133,8 @@ def process_video(job):
     """One video -> frames/<id>.jpg + audio/<id>.wav; returns a manifest row (never raises)."""
     import av
     vid, src, out, sr, when = job
-    row = dict(id=vid, status="failed", reason="", frame_time="", duration="", src_sr="", fps="")
+    row = dict(id=vid, status="failed", reason="", frame_time="", duration="", src_sr="", fps="", audio_duration="",
+               settings=settings_key(sr, when))
     try:
         try:
             container = av.open(str(src))
@@ -131,10 +149,12 @@ def process_video(job):
             if t > dur:
                 raise ClipError(f"shorter ({dur:.2f} s) than the requested frame time {t:.2f} s")
             img, ft, fps = frame_at(container, t)
-            row["frame_time"], row["fps"] = f"{ft:.3f}", f"{fps:.3f}"
+            row["frame_time"], row["fps"] = f"{ft:.3f}", f"{measured_fps(src) or fps:.3f}"
         with av.open(str(src)) as container:
             x, src_sr = decode_audio(container, sr)
-            row["src_sr"] = str(src_sr)
+            row["src_sr"], row["audio_duration"] = str(src_sr), f"{len(x) / sr:.3f}"
+        if len(x) / sr < SHORT_AUDIO * dur and dur - len(x) / sr > 0.5:
+            row["reason"] = f"warning: audio much shorter than the video ({len(x) / sr:.2f} s of {dur:.2f} s)"
         save_jpeg(img, Path(out) / "frames" / f"{vid}.jpg")
         C.write_wav(Path(out) / "audio" / f"{vid}.wav", x, sr)
         row["status"] = "ok"
@@ -150,7 +170,8 @@ def process_pair(job):
     PCM16 at sr)."""
     import av
     vid, img_path, aud_path, out, sr = job
-    row = dict(id=vid, status="failed", reason="", frame_time="", duration="", src_sr="", fps="")
+    row = dict(id=vid, status="failed", reason="", frame_time="", duration="", src_sr="", fps="", audio_duration="",
+               settings=settings_key(sr))
     try:
         if img_path is None or aud_path is None:
             row["status"], row["reason"] = "missing", "no frame" if img_path is None else "no audio"
@@ -165,6 +186,7 @@ def process_pair(job):
         except av.error.FFmpegError as e:
             raise ClipError(f"cannot decode audio ({e})") from None
         row["duration"], row["src_sr"] = f"{len(x) / sr:.3f}", str(src_sr)
+        row["audio_duration"] = row["duration"]
         save_jpeg(img, Path(out) / "frames" / f"{vid}.jpg")
         C.write_wav(Path(out) / "audio" / f"{vid}.wav", x, sr)
         row["status"] = "ok"
@@ -196,10 +218,16 @@ def write_manifest(root, rows: dict):
     os.replace(tmp, p)
 
 
-def done(root, vid, manifest) -> bool:
+def settings_key(sr: int, when=None) -> str:
+    """The settings a clip is made with, recorded in the manifest: a re-run with others makes the clip again."""
+    return f"sr={sr}" + (f";time={when}" if when is not None else "")
+
+
+def done(root, vid, manifest, settings: str | None = None) -> bool:
     r = Path(root)
-    return manifest.get(vid, {}).get("status") == "ok" and (r / "frames" / f"{vid}.jpg").is_file() \
-        and (r / "audio" / f"{vid}.wav").is_file()
+    row = manifest.get(vid, {})
+    return row.get("status") == "ok" and (settings is None or row.get("settings") == settings) \
+        and (r / "frames" / f"{vid}.jpg").is_file() and (r / "audio" / f"{vid}.wav").is_file()
 
 
 def run_jobs(fn, jobs, root, workers: int, manifest: dict):
@@ -207,8 +235,7 @@ def run_jobs(fn, jobs, root, workers: int, manifest: dict):
     interrupted run keeps what it finished), then print the summary table."""
     if jobs:
         log_path = Path(root) / "manifest.csv"
-        if not log_path.is_file():
-            write_manifest(root, manifest)
+        write_manifest(root, manifest)                  # (re)written with the current columns before appending
         with open(log_path, "a", newline="") as f:
             w = csv.DictWriter(f, MANIFEST_FIELDS)
             pool = Pool(workers) if workers > 1 else None
@@ -225,7 +252,7 @@ def run_jobs(fn, jobs, root, workers: int, manifest: dict):
 
 
 def summary(manifest: dict):
-    by = Counter((r["status"], r["reason"].split(" (")[0]) for r in manifest.values())
+    by = Counter((r["status"], (r.get("reason") or "").split(" (")[0]) for r in manifest.values())
     print(f"{'status':<8} {'count':>7}  reason")
     for (status, reason), n in sorted(by.items(), key=lambda kv: (kv[0][0] != "ok", -kv[1])):
         print(f"{status:<8} {n:>7}  {reason}")
@@ -465,7 +492,8 @@ def cmd_videos(a):
     if not videos:
         raise C.UserError(f"no video files ({', '.join(sorted(VIDEO_EXT))}) under {a.src}")
     manifest = read_manifest(out)
-    todo = [(v, p, str(out), a.sr, a.time) for v, p in videos.items() if not done(out, v, manifest)]
+    key = settings_key(a.sr, a.time)
+    todo = [(v, p, str(out), a.sr, a.time) for v, p in videos.items() if not done(out, v, manifest, key)]
     print(f"{len(videos)} videos under {a.src}: {len(videos) - len(todo)} already done, {len(todo)} to process")
     run_jobs(process_video, todo, out, a.workers, manifest)
     write_all_split(out, manifest)
@@ -478,7 +506,8 @@ def cmd_frames(a):
     if not ids:
         raise C.UserError(f"no frames or audio files under {a.src}")
     manifest = read_manifest(out)
-    todo = [(v, imgs.get(v), auds.get(v), str(out), a.sr) for v in ids if not done(out, v, manifest)]
+    todo = [(v, imgs.get(v), auds.get(v), str(out), a.sr) for v in ids
+            if not done(out, v, manifest, settings_key(a.sr))]
     print(f"{len(ids)} ids under {a.src}: {len(ids) - len(todo)} already done, {len(todo)} to process")
     run_jobs(process_pair, todo, out, a.workers, manifest)
     write_all_split(out, manifest)
@@ -512,7 +541,8 @@ def cmd_flickr(a):
     data = src / "Data" if (src / "Data").is_dir() else src
     imgs, auds = files_by_stem(data, IMAGE_EXT), files_by_stem(data, AUDIO_EXT)
     manifest = read_manifest(out)
-    todo = [(v, imgs.get(v), auds.get(v), str(out), a.sr) for v in sorted(ann) if not done(out, v, manifest)]
+    todo = [(v, imgs.get(v), auds.get(v), str(out), a.sr) for v in sorted(ann)
+            if not done(out, v, manifest, settings_key(a.sr))]
     run_jobs(process_pair, todo, out, a.workers, manifest)
     ok = [v for v in sorted(ann) if manifest.get(v, {}).get("status") == "ok"]
     merge_annotations(out, [ann[v] for v in sorted(ann)])
@@ -561,6 +591,68 @@ def cmd_split(a):
         print(f"{len(missing)} listed ids have no frame/wav under {root}; listed in {miss}")
 
 
+def frame_time(v: str) -> str:
+    """--time: 'middle' or a finite number of seconds >= 0 (checked once, as an argument error)."""
+    if v == "middle":
+        return v
+    try:
+        t = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{v}' is neither 'middle' nor a number of seconds") from None
+    if not math.isfinite(t) or t < 0:
+        raise argparse.ArgumentTypeError(f"{v}: the frame time must be a finite number of seconds >= 0")
+    return v
+
+
+def check_clip(job):
+    """Decode one clip's frame (PIL, every pixel) and WAV (common.read_wav) -> (id, reason or None)."""
+    root, vid = job
+    reasons = []
+    for what, fn in (("frame", lambda: C.load_image(Path(root) / "frames" / f"{vid}.jpg")),
+                     ("audio", lambda: C.read_wav(Path(root) / "audio" / f"{vid}.wav"))):
+        try:
+            fn()
+        except C.UserError as e:
+            reasons.append(str(e))
+        except Exception as e:  # anything a broken file raises is a reason, never a crash of the check
+            reasons.append(f"{what}: {type(e).__name__}: {e}")
+    return vid, "; ".join(reasons) or None
+
+
+def cmd_check(a):
+    """Decode every frame and WAV of a split (or of every clip under ROOT) in parallel; write the bad ids with
+    their reasons to ROOT/check_<NAME>.txt; exit status 1 if any is bad."""
+    root = Path(a.root)
+    if not root.is_dir():
+        raise C.UserError(f"{root}: no such dataset root")
+    if a.split:
+        split = Path(a.split) if Path(a.split).suffix == ".txt" else root / "splits" / f"{a.split}.txt"
+        ids, name = C.read_split(split), split.stem
+    else:
+        ids = sorted({p.stem for p in (root / "frames").glob("*.jpg")} |
+                     {p.stem for p in (root / "audio").glob("*.wav")})
+        name = "all"
+        if not ids:
+            raise C.UserError(f"{root}: no frames/*.jpg or audio/*.wav to check")
+    jobs = [(str(root), v) for v in ids]
+    pool = Pool(a.workers) if a.workers > 1 else None
+    it = pool.imap_unordered(check_clip, jobs, chunksize=16) if pool else map(check_clip, jobs)
+    bad = dict(r for r in C.progress(it, "check", total=len(jobs)) if r[1])
+    if pool:
+        pool.close()
+        pool.join()
+    out = root / f"check_{name}.txt"
+    tmp = Path(str(out) + ".part")
+    tmp.write_text("".join(f"{v}\t{bad[v]}\n" for v in sorted(bad)))
+    os.replace(tmp, out)
+    print(f"checked {len(ids)} clips ({'split ' + name if a.split else 'every clip under ' + str(root)}): "
+          f"{len(ids) - len(bad)} ok, {len(bad)} bad; bad ids and reasons in {out}")
+    for v in sorted(bad)[:5]:
+        print(f"  {v}: {bad[v]}")
+    if bad:
+        sys.exit(1)
+
+
 def ingest_args(s, src_help: str):
     """The arguments every ingesting subcommand shares."""
     s.add_argument("src", help=src_help)
@@ -578,7 +670,8 @@ def build_parser():
                                    "found by timestamp, not index), ROOT/audio/<id>.wav (the whole audio track, mono "
                                    "PCM16 at --sr), ROOT/manifest.csv and ROOT/splits/all.txt.")
     ingest_args(s, "folder with the videos")
-    s.add_argument("--time", default="middle", help="frame time: 'middle' of the clip or SECONDS from its start")
+    s.add_argument("--time", default="middle", type=frame_time,
+                   help="frame time: 'middle' of the clip or SECONDS (>= 0) from its start")
     s.set_defaults(fn=cmd_videos)
     s = sub.add_parser("frames", help="already-extracted frames + audio -> the layout",
                        description="Pairs image files (jpg/png) and audio files (wav/flac/mp3/m4a/...) under SRC by "
@@ -619,6 +712,15 @@ def build_parser():
     s.add_argument("--root", required=True, help="dataset root in the standard layout")
     s.add_argument("--present-only", action="store_true", help="keep only the ids whose files are present")
     s.set_defaults(fn=cmd_split)
+    s = sub.add_parser("check", help="decode every frame and WAV (run before a long training run)",
+                       description="Decodes every frame (PIL, all pixels) and WAV (the reader the methods use) of "
+                                   "a split, or of every clip under ROOT, in parallel. Writes the bad ids with their "
+                                   "reasons to ROOT/check_<NAME>.txt (NAME: the split, or 'all'), prints a summary "
+                                   "and exits with status 1 if any clip is bad.")
+    s.add_argument("root", help="dataset root in the standard layout")
+    s.add_argument("--split", help="split name (ROOT/splits/NAME.txt) or a .txt id list (default: every clip)")
+    s.add_argument("--workers", type=int, default=1, help="parallel processes")
+    s.set_defaults(fn=cmd_check)
     return p
 
 

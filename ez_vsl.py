@@ -253,6 +253,7 @@ def train(args):
                 break
             loss = train_step(net, opt, amp, batch_to_device(batch, device, args, True), args)
             tot, n = tot + loss.item(), n + 1
+        tot, n = run.sums(tot, n)                        # over every DDP rank: the logged loss is their mean
         if main_proc:
             res = evaluate(model, val_ds, ann, args, device, ogl=False, baselines=False)
             score = res["test"]["ciou@0.5"]
@@ -332,14 +333,17 @@ def evaluate(model, ds, ann, args, device, ogl=True, baselines=True, obj_model=N
 
 def load_model(path, args, device):
     """Our checkpoints carry their args; the official release is {'model': state_dict} (module.-prefixed)."""
-    ck = C.load_checkpoint(Path(path) / "best.pt" if Path(path).is_dir() else path)
+    path = Path(path) / "best.pt" if Path(path).is_dir() else path
+    ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
     if "args" in ck:
+        a = C.checkpoint_args(ck, path, METHOD, ("encoder", "dim", "image_size", "preset"))
         for k in ("encoder", "dim", "image_size", "preset"):
-            setattr(args, k, ck["args"][k])
+            setattr(args, k, a[k])
     else:                                                   # the authors' release: paper architecture
         args.encoder, args.dim, args.image_size = "resnet18", 512, 224
     model = EZVSL(args.encoder, args.dim)
-    model.load_state_dict(C.strip_prefix(ck["model"]))
+    sd = ck.get("model")
+    C.load_state(model, C.strip_prefix(sd) if isinstance(sd, dict) else sd, path, METHOD)
     return model.to(device).eval()
 
 
@@ -395,9 +399,10 @@ def predict(args, device, log):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
     if not (args.train or args.eval or args.predict or args.benchmark):
         raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
+    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
     log = C.RunLog()
     if args.predict:
         args.preset = args.preset or "paper"

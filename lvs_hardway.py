@@ -265,6 +265,7 @@ def train(args):
                 break
             loss = train_step(net, opt, amp, batch_to_device(batch, device, args, True), args)
             tot, n = tot + loss.item(), n + 1
+        tot, n = run.sums(tot, n)                        # over every DDP rank: the logged loss is their mean
         if main_proc:
             res = evaluate(model, val_ds, ann, args, device, baselines=False)
             score = res["test"]["ciou@0.5"]
@@ -322,15 +323,20 @@ def evaluate(model, ds, ann, args, device, baselines=True):
 
 def load_model(path, args, device):
     """Our checkpoints carry their args; the authors' release stores 'model_state_dict' with their key names."""
-    ck = C.load_checkpoint(Path(path) / "best.pt" if Path(path).is_dir() else path)
+    path = Path(path) / "best.pt" if Path(path).is_dir() else path
+    ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
     if "args" in ck:
-        args.encoder, args.image_size = ck["args"]["encoder"], ck["args"]["image_size"]
-        sd = ck["model"]
+        a = C.checkpoint_args(ck, path, METHOD, ("encoder", "image_size", "loss"))
+        args.encoder, args.image_size = a["encoder"], a["image_size"]
+        sd = ck.get("model")
     else:
         args.encoder, args.image_size = "resnet18", 224
-        sd = convert_official_state_dict(ck.get("model_state_dict", ck))
+        try:
+            sd = convert_official_state_dict(ck.get("model_state_dict", ck))
+        except (KeyError, ValueError, AttributeError, TypeError) as e:
+            raise C.UserError(f"{path}: not an LVS checkpoint (official key layout not found: {e})") from None
     model = AVENet(args.encoder)
-    model.load_state_dict(sd)
+    C.load_state(model, sd, path, METHOD)
     return model.to(device).eval()
 
 
@@ -366,9 +372,10 @@ def predict(args, device, log):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
     if not (args.train or args.eval or args.predict or args.benchmark):
         raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
+    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
     log = C.RunLog()
     if args.predict:
         args.preset = args.preset or "paper"

@@ -352,6 +352,7 @@ def train(args):
             loss, f_av1 = train_step(net, opt, amp, batch_to_device(batch, device, args, True), args)
             tot, n = tot + loss.item(), n + 1
             f_std += collapse_std(f_av1)
+        tot, n, f_std = run.sums(tot, n, f_std)          # over every DDP rank: the logged loss is their mean
         if main_proc:
             res = evaluate(model, val_ds, ann, args, device, baselines=False)
             score = res["test"]["ciou@0.5"]
@@ -410,13 +411,16 @@ def evaluate(model, ds, ann, args, device, baselines=True):
 
 
 def load_model(path, args, device):
-    ck = C.load_checkpoint(Path(path) / "best.pt" if Path(path).is_dir() else path)
+    path = Path(path) / "best.pt" if Path(path).is_dir() else path
+    ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
     if "args" not in ck:
         raise C.UserError(f"{path}: not a checkpoint written by sspl.py (the official code released no weights)")
-    for k in ("encoder", "pcm", "dim_proj", "dim_pred", "image_size", "preset", "freeze_visual"):
-        setattr(args, k, ck["args"][k])
-    model = SSPL(args.encoder, args.pcm, ck["args"]["pcm_cycles"], args.dim_proj, args.dim_pred, args.freeze_visual)
-    model.load_state_dict(ck["model"])
+    keys = ("encoder", "pcm", "dim_proj", "dim_pred", "image_size", "preset", "freeze_visual")
+    a = C.checkpoint_args(ck, path, METHOD, keys + ("pcm_cycles",))
+    for k in keys:
+        setattr(args, k, a[k])
+    model = SSPL(args.encoder, args.pcm, a["pcm_cycles"], args.dim_proj, args.dim_pred, args.freeze_visual)
+    C.load_state(model, ck.get("model"), path, METHOD)
     return model.to(device).eval()
 
 
@@ -453,10 +457,10 @@ def predict(args, device, log):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
     if not (args.train or args.eval or args.predict or args.benchmark):
         raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
+    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
     # --pcm-cycles at --eval/--predict is the *test-time* T (Fig. 6); at --train it sets the architecture
     args.eval_cycles = None if args.train else args.pcm_cycles
     log = C.RunLog()

@@ -733,7 +733,7 @@ def test_eval_maps_viz_and_predict(script, tiny, tmp_path):
 @pytest.mark.parametrize("script", list(METHODS))
 def test_clear_errors_not_tracebacks(script, tiny, tmp_path):
     # real data defaults to the paper preset, whose ImageNet weights cannot be downloaded here
-    r = run_py(script, "--train", "--data", tiny, "--out", tmp_path, check=False,
+    r = run_py(script, "--train", "--data", tiny, "--out", tmp_path, "--batch-size", "8", check=False,
                env_extra={"TORCH_HOME": str(tmp_path / "th"), "https_proxy": "http://127.0.0.1:9",
                           "HTTPS_PROXY": "http://127.0.0.1:9"})
     assert r.returncode == 2 and "--no-pretrained" in r.stderr and "Traceback" not in r.stderr
@@ -1081,3 +1081,255 @@ def test_copied_method_trains_on_given_data_and_needs_data_prep_only_for_the_syn
            env_extra=env)
     run = next((tmp_path / "runs").iterdir())
     assert {"last.pt", "best.pt", "results.json"} <= {p.name for p in run.iterdir()}
+
+
+# ===== issue 13: reliability =====
+def _torchrun(script, *args, timeout=300):
+    import os
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]  # free port
+    return subprocess.run(cmd + list(map(str, args)), cwd=HERE, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _one_error_line(stderr: str) -> str:
+    """Exactly one 'error:' message; no traceback of a rank (gloo, DDP), only torchrun's own summary."""
+    assert stderr.count("error: ") == 1, stderr
+    assert stderr.count("Traceback") <= 1 and "ChildFailedError" in stderr, stderr       # torchrun's summary only
+    for noise in ("gloo", "DistBackendError", "Connection closed", "UserError"):
+        assert noise not in stderr, stderr
+    return stderr[stderr.index("error: "):].splitlines()[0]
+
+
+def test_ddp_torchrun_two_cpu_processes(tiny, tmp_path):
+    import re
+    common = ["--train", "--data", tiny, "--preset", "cpu", "--device", "cpu", "--epochs", "1", "--no-pretrained"]
+    # 16 clips, global batch 8: 8 clips and 2 whole batches of 4 per process; the logged loss is the rank mean
+    r = _torchrun("ez_vsl.py", *common, "--limit", "16", "--batch-size", "8", "--out", tmp_path / "ok")
+    assert r.returncode == 0, r.stderr
+    per = re.findall(r"rank (\d) ([\d.]+) \((\d+)\)", r.stdout)
+    assert [p[0] for p in per] == ["0", "1"] and all(int(p[2]) == 2 for p in per), r.stdout      # equal, nonzero
+    loss = float(re.search(r"epoch 1/1 loss ([\d.]+)", r.stdout).group(1))
+    means = [float(p[1]) for p in per]
+    assert means[0] != means[1] and abs(loss - sum(means) / 2) <= 1e-4 + 1e-9, r.stdout
+    run = next((tmp_path / "ok").iterdir())
+    assert json.loads((run / "results.json").read_text())["n"] == 8
+    assert torch.load(run / "best.pt", weights_only=False)["args"]["method"] == "ez_vsl"   # checkpoints say whose
+    # 6 clips cannot give each of 2 processes a batch of 4: refused before training, no run folder
+    r = _torchrun("ez_vsl.py", *common, "--limit", "6", "--batch-size", "8", "--out", tmp_path / "few")
+    line = _one_error_line(r.stderr)
+    assert r.returncode != 0 and "6 training clips" in line and "2 processes" in line and "batch of 4" in line
+    assert not (tmp_path / "few").exists()
+    # a bad frame met by one rank mid-epoch: one line naming it; the other rank stops without a traceback
+    bad = tmp_path / "bad"
+    import shutil
+    shutil.copytree(tiny, bad)
+    vid = C.read_split(tiny / "splits" / "train.txt")[0]
+    (bad / "frames" / f"{vid}.jpg").write_bytes((tiny / "frames" / f"{vid}.jpg").read_bytes()[:300])
+    r = _torchrun("ez_vsl.py", *common, "--data", bad, "--limit", "8", "--batch-size", "8", "--out", tmp_path / "b")
+    line = _one_error_line(r.stderr)
+    assert r.returncode != 0 and f"frames/{vid}.jpg" in line
+    assert f"traceback : {line[len('error: '):]}" in r.stderr           # torchrun's root cause shows the same line
+
+
+def _prefl(tiny, out, *extra):
+    return ["--train", "--data", str(tiny), "--preset", "cpu", "--batch-size", "8", "--max-steps", "1",
+            "--epochs", "1", "--limit", "8", "--out", str(out), *extra]
+
+
+def test_preflight_refuses_before_any_run_folder(tiny, tmp_path):
+    import re
+    ann = json.loads((tiny / "annotations.json").read_text())
+    val0, test0 = C.read_split(tiny / "splits" / "val.txt")[0], C.read_split(tiny / "splits" / "test.txt")[0]
+    for vid, name in ((val0, "noval.json"), (test0, "notest.json")):
+        (tmp_path / name).write_text(json.dumps([e for e in ann if e["file"] != vid]))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    out = tmp_path / "runs"
+    cases = [(["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+             (["--batch-size", "-4"], "--batch-size -4"),
+             (["--epochs", "0"], "--epochs 0: must be at least 1"),
+             (["--limit", "0"], "--limit 0"),
+             (["--annotations", tmp_path / "noval.json"], f"ids of {tiny / 'splits' / 'val.txt'} have no annotation"),
+             (["--annotations", tmp_path / "notest.json"], f"(first: {test0})"),
+             (["--val-split", tmp_path / "nope.txt"], "split file not found"),
+             (["--test-split", tmp_path / "empty.txt"], f"split file {tmp_path / 'empty.txt'} lists no ids"),
+             (["--batch-size", "16"], "8 training clips (" + str(tiny / "splits" / "train.txt") + ") are fewer "
+                                      "than one batch of 16"),
+             (["--resume", tmp_path / "text.pt"], "not a readable PyTorch checkpoint"),
+             (["--out", tmp_path / "a_file" / "runs"], "is a file, not a folder"),
+             (["--save-maps", tmp_path / "a_file" / "m.npz"], "--save-maps")]
+    for mod in (ez_vsl, lvs, sspl):
+        for extra, msg in cases:
+            argv = _prefl(tiny, out, *map(str, extra))                       # a later --out wins
+            with pytest.raises(C.UserError, match=re.escape(msg)):
+                mod.main(argv)
+        assert not out.exists()                                             # no run folder of a failed start
+    with pytest.raises(C.UserError, match="annotation"):                    # CSOL: the same preflight
+        csol.main(_prefl(tiny, out, "--annotations", str(tmp_path / "noval.json")))
+    with pytest.raises(C.UserError, match="not a readable PyTorch checkpoint"):
+        csol.main(_prefl(tiny, out, "--stage", "2", "--ckpt", str(tmp_path / "text.pt")))
+    assert not out.exists()
+    # a UTF-8 BOM (Windows editors) is not part of the first id
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfabc_000001\r\nabc_000002\n")
+    assert C.read_split(tmp_path / "bom.txt") == ["abc_000001", "abc_000002"]
+
+
+def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, monkeypatch, capsys):
+    import re
+    # a checkpoint as train() writes it after epoch 1 (args after the preflight), without the minute of training
+    args = C.parse_args(ez_vsl.build_parser(), _prefl(tiny, tmp_path / "a", "--seed", "3", "--limit", "16", "--lr",
+                                                      "1e-3", "--no-ogl"))
+    C.resolve_data(args)
+    C.apply_preset(args, ez_vsl.PRESETS)
+    args.protocol = "median"
+    C.preflight(args, ez_vsl.METHOD)
+    run = tmp_path / "a" / "run"
+    run.mkdir(parents=True)
+    ck = run / "last.pt"
+    C.save_checkpoint(ck, {"model": ez_vsl.build_model(args).state_dict(), "optimizer": {}, "epoch": 1, "best": 0.0,
+                           "history": [], "args": vars(args)})
+    C.write_json(run / "args.json", vars(args))
+    # contradicting flags are refused, naming the flag and both values; --epochs may be raised
+    for flag, val, saved in (("--batch-size", "4", "8"), ("--seed", "5", "3"), ("--limit", "12", "16"),
+                             ("--dim", "64", "128"), ("--lr", "0.01", "0.001")):
+        with pytest.raises(C.UserError, match=re.escape(f"{flag} {val} contradicts the checkpoint's "
+                                                        f"{flag[2:].replace('-', '_')} = {saved}")):
+            ez_vsl.main(["--train", "--data", str(tiny), "--epochs", "2", flag, val, "--resume", str(ck)])
+    monkeypatch.setattr(C, "ensure_synthetic", lambda **k: pytest.fail("a resumed run uses its own data"))
+    with pytest.raises(C.UserError, match="already trained 1 epochs"):           # no --data: the run's own
+        ez_vsl.main(["--train", "--resume", str(run)])
+    # flags not given come from the checkpoint (not from the paper preset real data gets, seed 0, no limit);
+    # a given flag equal to the saved value is fine (test_same_seed_same_result_and_exact_resume trains on)
+    args = C.parse_args(ez_vsl.build_parser(), ["--train", "--data", str(tiny), "--epochs", "2", "--batch-size", "8",
+                                                "--resume", str(run)])
+    C.resolve_data(args)
+    C.apply_preset(args, ez_vsl.PRESETS)
+    assert (args.preset, args.seed, args.limit, args.lr, args.dim) == ("paper", 0, None, 1e-4, 512)   # real data
+    C.preflight(args, "ez_vsl", args.resume)
+    assert (args.preset, args.seed, args.limit, args.lr, args.dim, args.epochs) == ("cpu", 3, 16, 1e-3, 128, 2)
+    saved = torch.load(ck, weights_only=False)
+    assert saved["args"]["method"] == "ez_vsl"
+    assert saved["args"]["given_options"][:4] == ["batch_size", "data", "epochs", "limit"]    # what the user typed
+    # unreadable checkpoints and other methods' checkpoints: one line naming the file
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(ck.read_bytes()[:5000])
+    (tmp_path / "text.pt").write_text("hello\n")
+    for f in ("empty.pt", "cut.pt", "text.pt"):
+        for mod in (ez_vsl, lvs, sspl):
+            with pytest.raises(C.UserError, match=re.escape(f"{tmp_path / f}: not a readable PyTorch checkpoint")):
+                mod.load_model(tmp_path / f, _lvs_args(), "cpu")
+    for mod, name in ((lvs, "lvs_hardway"), (sspl, "sspl"), (csol, "csol_classaware")):
+        with pytest.raises(C.UserError, match=f"a checkpoint of ez_vsl, not of {name}"):
+            mod.load_model(ck, _lvs_args(), "cpu")
+    old = dict(saved, args={k: v for k, v in saved["args"].items() if k != "method"})   # written before issue 13
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(C.UserError, match="not a sspl checkpoint .its settings lack pcm"):
+        sspl.load_model(tmp_path / "old.pt", _lvs_args(), "cpu")
+    with pytest.raises(C.UserError, match="not a csol_classaware checkpoint"):
+        csol.load_model(tmp_path / "old.pt", _lvs_args(), "cpu")
+    with pytest.raises(C.UserError, match="not a lvs_hardway checkpoint .its settings lack loss"):
+        lvs.load_model(tmp_path / "old.pt", _lvs_args(), "cpu")
+    torch.save({"model": {"x": torch.zeros(1)}}, tmp_path / "official_like.pt")      # no args: official format
+    with pytest.raises(C.UserError, match="weights do not fit the ez_vsl model"):
+        ez_vsl.load_model(tmp_path / "official_like.pt", _lvs_args(), "cpu")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                                        # the CLI wrapper: one line, status 2
+        C.run_cli(lambda: sspl.main(["--eval", "--ckpt", str(tmp_path / "cut.pt"), "--data", str(tiny)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {tmp_path / 'cut.pt'}: not a readable PyTorch checkpoint")
+    # --eval: an unwritable --save-maps is refused before any work; a failure while writing the outputs leaves
+    # no results.json (and no maps) behind
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(C.UserError, match="--save-maps"):
+        ez_vsl.main(["--eval", "--ckpt", str(ck), "--data", str(tiny), "--out", str(tmp_path / "ev"),
+                     "--save-maps", str(tmp_path / "a_file" / "m.npz")])
+    assert not (tmp_path / "ev").exists()
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(C, "save_overlay_png", broken)
+    with pytest.raises(OSError):
+        ez_vsl.main(["--eval", "--ckpt", str(ck), "--data", str(tiny), "--out", str(tmp_path / "ev"), "--viz", "2",
+                     "--save-maps", str(tmp_path / "m.npz"), "--no-ogl"])
+    assert not (tmp_path / "ev" / "results.json").exists() and not (tmp_path / "m.npz").exists()
+    assert not (tmp_path / "ev" / "viz").exists() and not (tmp_path / "ev" / "viz.part").exists()
+
+
+def _timestamped_video(path, ts_ms, audio_seconds, sr=16000):
+    """mpeg4 frames at the given timestamps (ms; header rate 25) and a mono PCM track of audio_seconds."""
+    import av
+    from fractions import Fraction
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mpeg4", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 64, "yuv420p"
+        vs.codec_context.time_base = Fraction(1, 1000)
+        st = c.add_stream("pcm_s16le", rate=sr)
+        st.layout = "mono"
+        for k, t in enumerate(ts_ms):
+            fr = av.VideoFrame.from_ndarray(_bits_frame(k), format="rgb24")
+            fr.pts, fr.time_base = t, Fraction(1, 1000)
+            for pkt in vs.encode(fr):
+                c.mux(pkt)
+        for pkt in vs.encode():
+            c.mux(pkt)
+        for i in range(0, int(audio_seconds * sr), 1000):
+            fr = av.AudioFrame.from_ndarray(np.full((1, 1000), 1000, np.int16), format="s16p", layout="mono")
+            fr.sample_rate, fr.pts = sr, i
+            for pkt in st.encode(fr):
+                c.mux(pkt)
+        for pkt in st.encode():
+            c.mux(pkt)
+
+
+def test_data_prep_time_settings_vfr_short_audio(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for bad in ("abc", "-1", "nan"):                                    # one argument error, before any clip
+        with pytest.raises(SystemExit) as e:
+            data_prep.main(["videos", str(src), "--out", str(tmp_path / "o"), "--time", bad])
+        assert e.value.code == 2
+    assert "argument --time" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # variable frame rate: 1 s at 25 fps then 2 s at 10 fps (header rate 25); and 1 s of audio in a 3 s video
+    ts = [40 * i for i in range(25)] + [1000 + 100 * i for i in range(1, 21)]
+    _timestamped_video(src / "vfr.mkv", ts, 3.0)
+    _timestamped_video(src / "short_audio.mkv", [40 * i for i in range(75)], 1.0)
+    out = tmp_path / "root"
+    data_prep.main(["videos", str(src), "--out", str(out)])
+    rows = data_prep.read_manifest(out)
+    measured = (len(ts) - 1) / ((ts[-1] - ts[0]) / 1000)                 # 14.67 fps, not the header's 25
+    assert abs(float(rows["vfr"]["fps"]) - measured) < 0.01 and abs(float(rows["short_audio"]["fps"]) - 25) < 0.01
+    assert abs(float(rows["vfr"]["audio_duration"]) - 3.0) < 0.01 and rows["vfr"]["reason"] == ""
+    r = rows["short_audio"]
+    assert r["status"] == "ok" and abs(float(r["audio_duration"]) - 1.0) < 0.01
+    assert r["reason"].startswith("warning: audio much shorter than the video (1.00 s of 3.")
+    assert "warning: audio much shorter than the video" in capsys.readouterr().out       # in the summary table
+    # another --sr makes the clips again (recorded settings differ); the same settings skip them
+    assert rows["vfr"]["settings"] == "sr=16000;time=middle"
+    data_prep.main(["videos", str(src), "--out", str(out), "--sr", "8000"])
+    assert "0 already done, 2 to process" in capsys.readouterr().out
+    assert C.read_wav(out / "audio" / "vfr.wav")[1] == 8000
+    assert data_prep.read_manifest(out)["vfr"]["settings"] == "sr=8000;time=middle"
+    data_prep.main(["videos", str(src), "--out", str(out), "--sr", "8000"])
+    assert "2 already done, 0 to process" in capsys.readouterr().out
+
+
+def test_data_prep_check_decodes_every_clip(tiny, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "root"
+    shutil.copytree(tiny, root)
+    ids = C.read_split(root / "splits" / "val.txt")
+    (root / "frames" / f"{ids[1]}.jpg").write_bytes((tiny / "frames" / f"{ids[1]}.jpg").read_bytes()[:400])
+    wav = (tiny / "audio" / f"{ids[4]}.wav").read_bytes()
+    (root / "audio" / f"{ids[4]}.wav").write_bytes(wav[:44] + b"\x00")      # header only, no whole sample
+    with pytest.raises(SystemExit) as e:
+        data_prep.main(["check", str(root), "--split", "val", "--workers", "2"])
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and f"checked {len(ids)} clips" in out and "2 bad" in out
+    rows = dict(ln.split("\t", 1) for ln in (root / "check_val.txt").read_text().splitlines())
+    assert set(rows) == {ids[1], ids[4]}
+    assert "cannot decode image" in rows[ids[1]] and f"audio/{ids[4]}.wav" in rows[ids[4]]
+    data_prep.main(["check", str(root), "--split", "test"])                     # all good: returns (status 0)
+    assert "0 bad" in capsys.readouterr().out and (root / "check_test.txt").read_text() == ""
