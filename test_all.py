@@ -1197,7 +1197,8 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
         with pytest.raises(C.UserError, match=re.escape(f"{flag} {val} contradicts the checkpoint's "
                                                         f"{flag[2:].replace('-', '_')} = {saved}")):
             ez_vsl.main(["--train", "--data", str(tiny), "--epochs", "2", flag, val, "--resume", str(ck)])
-    monkeypatch.setattr(C, "ensure_synthetic", lambda **k: pytest.fail("a resumed run uses its own data"))
+    monkeypatch.setattr(data_prep, "ensure_synthetic",
+                        lambda **k: pytest.fail("a resumed run uses its own data"))
     with pytest.raises(C.UserError, match="already trained 1 epochs"):           # no --data: the run's own
         ez_vsl.main(["--train", "--resume", str(run)])
     # flags not given come from the checkpoint (not from the paper preset real data gets, seed 0, no limit);
