@@ -84,6 +84,7 @@ PRESETS = {
                 clusters=6, class_iter=1),
 }
 SR, CLIP_SECONDS = 16000, 1.0
+RESIZE = "bilinear"                    # official: torchvision's default Resize interpolation (PIL bilinear)
 
 
 def build_parser():
@@ -199,11 +200,13 @@ def build_dictionary(obj_feats: np.ndarray, K: int, seed: int = 0):
 
 
 def class_maps(model, v_fea, l, affine=True):
-    """Eq. 7-8: m^k = d_k . f(v) (raw features, raw keys), optional official affine, s^k = m^k o l -> (B, K, h, w)."""
-    m = torch.einsum("bchw,kc->bkhw", v_fea.float(), model.D)
-    if affine:
-        m = model.obj_affine(m[:, None])[:, 0]
-    return m * l[:, None]
+    """Eq. 7-8: m^k = d_k . f(v) (raw features, raw keys), optional official affine, s^k = m^k o l -> (B, K, h, w).
+    Computed in float32 or wider (half inputs are promoted; float64 stays float64)."""
+    dt = torch.promote_types(torch.promote_types(v_fea.dtype, l.dtype), torch.float32)
+    m = torch.einsum("bchw,kc->bkhw", v_fea.to(dt), model.D.to(dt))
+    if affine:                                                            # the 1x1x1 Conv3d: alpha * m + beta
+        m = F.conv3d(m[:, None], model.obj_affine.weight.to(dt), model.obj_affine.bias.to(dt))[:, 0]
+    return m * l.to(dt)[:, None]
 
 
 def kl_consistency(s, a_logits_fixed, direction="paper"):
@@ -256,7 +259,7 @@ def hungarian_assign(label2cluster: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 def make_dataset(args, split_file, train: bool):
     ids = C.read_split(split_file)[: args.limit]
-    tf = C.image_transform("csol_train" if train else "squash", args.image_size)
+    tf = C.image_transform("csol_train" if train else "squash", args.image_size, RESIZE)
     return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
 
 
@@ -558,7 +561,7 @@ def predict(args, device, log):
     x, sr = C.read_wav(args.audio)
     if sr != SR:
         raise C.UserError(f"{args.audio}: {sr} Hz; CSOL expects {SR} Hz (convert with data_prep.py)")
-    img = C.image_transform("squash", args.image_size)(frame)[None].to(device)
+    img = C.image_transform("squash", args.image_size, RESIZE)(frame)[None].to(device)
     wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, "center"))[None].to(device)
     v_fea, a_fea = model.features(img, C.csol_log_mel(wav, SR))
     heat = model.loc_map(v_fea, a_fea)[0].cpu().numpy()

@@ -78,6 +78,7 @@ TABLE_S1 = {  # (lr1 = projector/predictor MLPs, lr2 = the rest) per training se
     "vggsound": {True: (5e-5, 2e-5), False: (1e-2, 5e-3)},
 }
 SR, CLIP_SECONDS = 16000, 3.0
+WINDOW = "center_tiled"                # official: a clip under 3 s is tiled, the window centred in the tiling
 
 
 def build_parser():
@@ -236,11 +237,14 @@ def build_model(args) -> SSPL:
 # Loss (Eq. 3-8)
 # ----------------------------------------------------------------------------------------------------------
 def attention(V, fa_tilde):
-    """Eq. 3-5: S (B, h, w) cosine map, S~ its per-sample min-max, f_av = sum_ij S~ V (un-normalised V)."""
-    S = torch.einsum("bchw,bc->bhw", F.normalize(V.float(), dim=1), F.normalize(fa_tilde.float(), dim=1))
+    """Eq. 3-5: S (B, h, w) cosine map, S~ its per-sample min-max, f_av = sum_ij S~ V (un-normalised V).
+    Computed in float32 or wider (half inputs are promoted; float64 stays float64)."""
+    dt = torch.promote_types(torch.promote_types(V.dtype, fa_tilde.dtype), torch.float32)
+    V, fa_tilde = V.to(dt), fa_tilde.to(dt)
+    S = torch.einsum("bchw,bc->bhw", F.normalize(V, dim=1), F.normalize(fa_tilde, dim=1))
     flat = S.flatten(1)
     S_t = (flat - flat.amin(1, keepdim=True)) / (flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True) + 1e-10)
-    f_av = torch.einsum("bchw,bhw->bc", V.float(), S_t.view_as(S))
+    f_av = torch.einsum("bchw,bhw->bc", V, S_t.view_as(S))
     return f_av, S, S_t.view_as(S)
 
 
@@ -287,7 +291,7 @@ def make_dataset(args, split_file, train: bool):
     ids = C.read_split(split_file)[: args.limit]
     tf = TwoViews(C.image_transform("crop_flip", args.image_size)) if train else \
         C.image_transform(args.test_transform, args.image_size)
-    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, WINDOW, SR, cache=args.preset == "cpu")
 
 
 def param_groups(model: SSPL, args):
@@ -413,7 +417,7 @@ def predict(args, device, log):
     if sr != SR:
         raise C.UserError(f"{args.audio}: {sr} Hz; SSPL expects {SR} Hz (convert with data_prep.py)")
     img = C.image_transform(args.test_transform, args.image_size)(frame)[None].to(device)
-    wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, "center"))[None].to(device)
+    wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, WINDOW))[None].to(device)
     heat = localization_map(model, img, wav, args.eval_cycles)[0].cpu().numpy()
     out = args.out or "heat.png"
     C.save_overlay_png(out, C.denormalize(img[0].cpu()), heat)
