@@ -38,14 +38,23 @@ Deviations (from the paper P, from the official code O), and why:
      L2-normalised k-means; heads = single linear layers re-created every epoch on whole-image GAP features
      (paper: MLPs on object features); the class maps pass through the official learned scalar affine
      (--no-obj-affine removes it); stage-two negatives are the 2x2 quadrants of another grid; x3 before the
-     final softmax at test. (P) The KL is the paper's KL(p_v || p_a) with batch-mean reduction by default;
-     --kl official gives the official KL(p_a || p_v) averaged over all B*K elements.
+     final softmax at test; images resized bilinearly (torchvision's default Resize, as the official dataset).
+     (P) The KL is the paper's KL(p_v || p_a) with batch-mean reduction by default; --kl official gives the
+     official KLDivLoss: KL(p_a || p_v) averaged over all B*K elements, i.e. exactly the batch-mean
+     KL(p_a || p_v) / K. So our default L_c is about K times the official one (KL is symmetric to second order
+     when p_v and p_a are close: 11.04x at K = 11 on nearby random logits, 8.8-11.2x on unrelated ones, B = 16;
+     torch float64, 2-core CPU, 2026-11-28, see test_csol_kl_default_is_about_k_times_the_official_kldivloss),
+     and at lambda 0.5 L_loc weighs about K times less relative to L_c than in the official code. --kl official
+     (with --lam 0.5) reproduces the official loss and its balance; with --kl paper, --lam 0.5*K gives about the
+     same balance (the overall scale is K times larger, which Adam largely absorbs).
   3. (O) The official scripts crash as shipped (an unexpected `cluster` keyword, K hard-coded to 11, KMeans
      algorithm='full', missing list files); these are rebuilt here with K as a parameter. Evaluation picks the
      frame deterministically (official: a random frame per second, also at test).
   4. (O) NSA is computed on the class maps of the silent classes (all classes without a sounding box, as
-     official) after summing clusters per class; the official loop mixes cluster and class indices, which
-     coincides with ours when K equals the number of classes.
+     official) after summing each class's clusters into one class map. The official loop instead scores every
+     *cluster* that is not the first cluster of a sounding class (eval.py over range(11), eval_duet.py over
+     range(K)), so when K > number of classes the extra clusters of a sounding class count as silent. The two
+     coincide when K equals the number of classes (the cpu preset).
   5. (O) Checkpoints: stage one keeps the localization checkpoint with the best validation single-source score
      (stage1_best.pt, the official "_av_local") and the last one with its dictionary (stage1.pt, "_av_class"),
      which initialises stage two.
@@ -56,6 +65,11 @@ Deviations (from the paper P, from the official code O), and why:
      with seed 0 on a 4-class synthetic set we measured alpha -0.29 and inverted class maps (sounding objects
      darker than silent ones, worse than a random class assignment).
   8. (O) One process only (the official code uses DataParallel): under torchrun it stops with a message.
+  9. (O) Negatives are built by rolling the batch: audio i is paired with the frame of clip i-1 of the same
+     batch (stage one: the whole frame; stage two: the 2x2 quadrants of that grid). So BatchNorm sees the B
+     batch images once (official: 2B rows, each positive frame plus a separately loaded negative frame), and a
+     negative can come from the same video when a batch holds two clips of one video (official: a random frame
+     of a different video, checked by YouTube id; stage two: another random synthetic grid).
 """
 import argparse
 import copy

@@ -39,7 +39,8 @@ Deviations (from the paper P, from the official code O), and why:
   4. (O, kept) As the official code: a_l, b_l are per-channel (1x512x1x1) under ReLU, init 1.0 / 0.5, no weight
      decay; the top layer's feedback update has no BN; the init pass has BN+GELU on predictions; f~_a is the
      mean of g over the three VGGish patches; the waveform is min-max normalised per clip before the log-mel;
-     the map is the raw cosine S of view 1 (before min-max), evaluated with `abs0.5`.
+     the map is the raw cosine S of view 1 (before min-max), evaluated with `abs0.5`; a clip shorter than 3 s
+     is tiled int(48000 / len) + 1 times and the 3 s window centred in the tiling (start len // 2 - 24000).
   5. (P) Augmentation: crop + horizontal flip (Table S2's choice, the official train transform).
   6. cpu preset (synthetic benchmark only): the small CNNs are *trained* (there are no pretrained weights for
      them), 64 channels instead of 512 (PCM included), 2 PCM cycles after the initial pass instead of 4,
@@ -49,6 +50,10 @@ Deviations (from the paper P, from the official code O), and why:
      final ReLU the negative-free objective let the attention drift to the background (inverted maps, cIoU@0.5
      33.3 w/ PCM and 37.0 w/o PCM against 43.7 for the centred prior); with a frozen randomly initialised visual CNN
      (--freeze-visual) the maps find objects but hardly depend on the sound (58.3, audio-swapped 55.7).
+  7. (O) The default test transform is `squash`, Resize((224, 224)) bicubic, so full-frame boxes stay aligned;
+     the official test resizes the short side to 224 (bicubic) and centre-crops (--test-transform center_crop).
+     The two are identical on square frames (the official VGG-SS H5 frames are 256x256), not on non-square
+     frames such as the Flickr-SoundNet test JPEGs.
 """
 import argparse
 import time
