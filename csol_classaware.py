@@ -180,7 +180,8 @@ def build_model(args) -> LocationNet:
 # Loss
 # ----------------------------------------------------------------------------------------------------------
 def stage1_loc_loss(model, v_fea, a_fea):
-    """Eq. 2 with one mismatched image per audio (the next clip of the batch): BCE on GMP(l) over 2B pairs."""
+    """Eq. 2 with one mismatched image per audio (the previous clip of the batch, v rolled by one; deviation 9):
+    BCE on GMP(l) over 2B pairs."""
     B = v_fea.shape[0]
     l_pos = model.loc_map(v_fea, a_fea)
     l_neg = model.loc_map(v_fea.roll(1, 0), a_fea)
@@ -492,7 +493,8 @@ def box_activation(m, box) -> float:
 
 
 def class_aware_eval(cls_maps, ann, ids, assign, names, frac=0.5, tau=0.2):
-    """CIoU@0.3 / AUC / NSA on cocktail images: class map = sum of its clusters' maps (official). Also the mean
+    """CIoU@0.3 / AUC / NSA on cocktail images: class map = sum of its clusters' maps (official for CIoU; for NSA
+    see deviation 4). Also the mean
     activation of each object's own class map inside its box, for sounding and for silent in-frame objects (ours:
     NSA counts every silent class, mostly absent ones, so it cannot show whether *visible* silent objects stay dark)."""
     cious, nsas, examples, act_snd, act_sil = [], [], [], [], []
