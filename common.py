@@ -256,21 +256,23 @@ def vggish_examples(wav: torch.Tensor, sr: int = 16000) -> torch.Tensor:
 
     25 ms periodic-Hann windows with 10 ms hop (no padding), |rfft| with 512 points (magnitude, not power),
     64 HTK mel bins 125-7500 Hz, log(mel + 0.01), cut into non-overlapping 96-frame patches (0.96 s); leftover
-    frames are dropped. 3 s -> 298 frames -> 3 patches.
+    frames are dropped. 3 s -> 298 frames -> 3 patches. Computed in float64 (as numpy in the official
+    vggish_input) and returned in the input's float dtype (float32 for integer input).
     """
     if sr != 16000:
         raise ValueError("VGGish expects 16 kHz audio")
     win, hop, n_fft = 400, 160, 512
-    x = wav.float()
+    x = wav.double()                                          # float64 as numpy; the result takes the input's dtype
     frames = x.unfold(-1, win, hop)                           # (B, T, 400)
-    w = (0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(win, device=x.device) / win)).float()
+    w = 0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(win, device=x.device, dtype=torch.float64) / win)
     mag = torch.fft.rfft(frames * w, n=n_fft, dim=-1).abs()   # (B, T, 257)
-    mel = mag @ torch.from_numpy(vggish_mel_matrix()).float().to(x.device)
+    mel = mag @ torch.from_numpy(vggish_mel_matrix()).to(x.device)
     logmel = torch.log(mel + 0.01)                            # (B, T, 64)
     n_patch = (logmel.shape[1] - 96) // 96 + 1
     if n_patch < 1:
         raise ValueError("VGGish needs at least 0.975 s of audio")
-    return logmel[:, :n_patch * 96].reshape(x.shape[0], n_patch, 1, 96, 64)
+    out = logmel[:, :n_patch * 96].reshape(x.shape[0], n_patch, 1, 96, 64)
+    return out.to(wav.dtype if wav.is_floating_point() else torch.float32)
 
 
 def _hz_to_mel_slaney(f):
@@ -307,15 +309,17 @@ def csol_log_mel(wav: torch.Tensor, sr: int = 16000) -> torch.Tensor:
     STFT n_fft=160, hop 80, periodic Hann, centred with zero padding; 64 Slaney mel bins (fmax = sr/2) applied to
     the *magnitude* (librosa.feature.melspectrogram(S=|STFT|)); power_to_db (10 log10, amin 1e-10, ref 1) with
     the top_db=80 floor taken per clip. Two of the 64 filters are empty at n_fft 160 (as in librosa).
+    Computed in float64 (in float32 the bins near the 80 dB floor are rounding noise: up to 2.4 dB off librosa
+    on a chirp) and returned in the input's float dtype (float32 for integer input).
     """
-    x = wav.float()
-    w = torch.hann_window(160, periodic=True, device=x.device)
+    x = wav.double()
+    w = torch.hann_window(160, periodic=True, dtype=torch.float64, device=x.device)
     spec = torch.stft(x, n_fft=160, hop_length=80, win_length=160, window=w, center=True, pad_mode="constant",
                       return_complex=True).abs()              # (B, 81, T)
-    mel = torch.einsum("fm,bft->btm", torch.from_numpy(slaney_mel_matrix(160, sr, 64)).float().to(x.device), spec)
+    mel = torch.einsum("fm,bft->btm", torch.from_numpy(slaney_mel_matrix(160, sr, 64)).to(x.device), spec)
     db = 10.0 * torch.log10(mel.clamp_min(1e-10))
     db = torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - 80.0)
-    return db.unsqueeze(1)
+    return db.unsqueeze(1).to(wav.dtype if wav.is_floating_point() else torch.float32)
 
 
 # =====================================================================================================
@@ -370,10 +374,18 @@ def write_wav(path, x: np.ndarray, sr: int):
 def clip_window(x: np.ndarray, sr: int, seconds: float, where: str = "center") -> np.ndarray:
     """Cut a window of `seconds` from a mono waveform, tiling it first if it is shorter (as LVS and EZ-VSL do).
 
-    where='center': centred on the clip's middle (EZ-VSL's 3 s, SSPL, CSOL); 'start': the first seconds
-    (LVS's 10 s test input). Returns exactly round(sr * seconds) samples.
+    where='center': centred on the clip's middle (EZ-VSL's 3 s, CSOL); a shorter clip is tiled and its first
+    seconds are kept. 'start': the first seconds (LVS's 10 s test input). 'center_tiled' (SSPL's official
+    rule): a shorter clip is tiled int(n / len) + 1 times and the window is centred in the tiled signal,
+    start = len // 2 - n // 2 (the same window as 'center' for a clip at least n long and even n).
+    Returns exactly round(sr * seconds) samples.
     """
     n = int(round(sr * seconds))
+    if where == "center_tiled":
+        if len(x) < n:
+            x = np.tile(x, n // len(x) + 1)
+        start = len(x) // 2 - n // 2
+        return x[start:start + n]
     if len(x) < n:
         x = np.tile(x, n // len(x) + 1)
         return x[:n]
@@ -469,15 +481,20 @@ class SwapAudio(torch.utils.data.Dataset):
         return img, self.ds[self.perm[i]][1], vid
 
 
-def image_transform(kind: str, size: int = 224):
-    """The image pipelines the four methods use (bicubic resizes, ImageNet normalisation):
+def image_transform(kind: str, size: int = 224, interpolation: str = "bicubic"):
+    """The image pipelines the four methods use (ImageNet normalisation; resizes bicubic by default, as the
+    LVS/EZ-VSL/SSPL official code; CSOL passes interpolation='bilinear', torchvision's default in its official
+    dataset):
     'crop_flip'   Resize(int(1.1 size)) -> RandomCrop(size) -> RandomHorizontalFlip   (LVS/EZ-VSL/SSPL train)
     'squash'      Resize((size, size)), no crop, so full-frame boxes stay aligned      (test; EZ-VSL, CSOL)
     'center_crop' Resize(size) -> CenterCrop(size)                                     (LVS/SSPL official test)
     'csol_train'  Resize((1.143 size)^2) -> RandomCrop(size) -> flip, brightness, colour U(0.7, 1.3)
     """
     import torchvision.transforms as T
-    bic = T.InterpolationMode.BICUBIC
+    modes = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+    if interpolation not in modes:
+        raise ValueError(f"unknown interpolation {interpolation}")
+    bic = modes[interpolation]
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if kind == "crop_flip":
         return T.Compose([T.Resize(int(size * 1.1), bic), T.RandomCrop(size), T.RandomHorizontalFlip()] + norm)
@@ -628,8 +645,8 @@ def resize_map(m, size: int = GT_SIZE, align_corners: bool = False) -> np.ndarra
 
 
 def minmax(m: np.ndarray) -> np.ndarray:
-    """(m - min) / (max - min). A constant map becomes all zeros (defined here; the official scripts divide by
-    zero or add 1e-12)."""
+    """(m - min) / (max - min). A constant map becomes all zeros (defined here; the official LVS and EZ-VSL
+    normalize_img return a constant map unchanged, SSPL's divides by its zero range and gives NaN)."""
     lo, hi = float(m.min()), float(m.max())
     return np.zeros_like(m) if hi == lo else (m - lo) / (hi - lo)
 

@@ -39,14 +39,23 @@ Deviations (from the paper P, from the official code O), and why:
      L2-normalised k-means; heads = single linear layers re-created every epoch on whole-image GAP features
      (paper: MLPs on object features); the class maps pass through the official learned scalar affine
      (--no-obj-affine removes it); stage-two negatives are the 2x2 quadrants of another grid; x3 before the
-     final softmax at test. (P) The KL is the paper's KL(p_v || p_a) with batch-mean reduction by default;
-     --kl official gives the official KL(p_a || p_v) averaged over all B*K elements.
+     final softmax at test; images resized bilinearly (torchvision's default Resize, as the official dataset).
+     (P) The KL is the paper's KL(p_v || p_a) with batch-mean reduction by default; --kl official gives the
+     official KLDivLoss: KL(p_a || p_v) averaged over all B*K elements, i.e. exactly the batch-mean
+     KL(p_a || p_v) / K. So our default L_c is about K times the official one (KL is symmetric to second order
+     when p_v and p_a are close: 11.04x at K = 11 on nearby random logits, 8.8-11.2x on unrelated ones, B = 16;
+     torch float64, 2-core CPU, 2026-11-28, see test_csol_kl_default_is_about_k_times_the_official_kldivloss),
+     and at lambda 0.5 L_loc weighs about K times less relative to L_c than in the official code. --kl official
+     (with --lam 0.5) reproduces the official loss and its balance; with --kl paper, --lam 0.5*K gives about the
+     same balance (the overall scale is K times larger, which Adam largely absorbs).
   3. (O) The official scripts crash as shipped (an unexpected `cluster` keyword, K hard-coded to 11, KMeans
      algorithm='full', missing list files); these are rebuilt here with K as a parameter. Evaluation picks the
      frame deterministically (official: a random frame per second, also at test).
   4. (O) NSA is computed on the class maps of the silent classes (all classes without a sounding box, as
-     official) after summing clusters per class; the official loop mixes cluster and class indices, which
-     coincides with ours when K equals the number of classes.
+     official) after summing each class's clusters into one class map. The official loop instead scores every
+     *cluster* that is not the first cluster of a sounding class (eval.py over range(11), eval_duet.py over
+     range(K)), so when K > number of classes the extra clusters of a sounding class count as silent. The two
+     coincide when K equals the number of classes (the cpu preset).
   5. (O) Checkpoints: stage one keeps the localization checkpoint with the best validation single-source score
      (stage1_best.pt, the official "_av_local") and the last one with its dictionary (stage1.pt, "_av_class"),
      which initialises stage two.
@@ -57,6 +66,11 @@ Deviations (from the paper P, from the official code O), and why:
      with seed 0 on a 4-class synthetic set we measured alpha -0.29 and inverted class maps (sounding objects
      darker than silent ones, worse than a random class assignment).
   8. (O) One process only (the official code uses DataParallel): under torchrun it stops with a message.
+  9. (O) Negatives are built by rolling the batch: audio i is paired with the frame of clip i-1 of the same
+     batch (stage one: the whole frame; stage two: the 2x2 quadrants of that grid). So BatchNorm sees the B
+     batch images once (official: 2B rows, each positive frame plus a separately loaded negative frame), and a
+     negative can come from the same video when a batch holds two clips of one video (official: a random frame
+     of a different video, checked by YouTube id; stage two: another random synthetic grid).
 """
 import argparse
 import copy
@@ -85,6 +99,7 @@ PRESETS = {
                 clusters=6, class_iter=1),
 }
 SR, CLIP_SECONDS = 16000, 1.0
+RESIZE = "bilinear"                    # official: torchvision's default Resize interpolation (PIL bilinear)
 
 
 def build_parser():
@@ -166,7 +181,8 @@ def build_model(args) -> LocationNet:
 # Loss
 # ----------------------------------------------------------------------------------------------------------
 def stage1_loc_loss(model, v_fea, a_fea):
-    """Eq. 2 with one mismatched image per audio (the next clip of the batch): BCE on GMP(l) over 2B pairs."""
+    """Eq. 2 with one mismatched image per audio (the previous clip of the batch, v rolled by one; deviation 9):
+    BCE on GMP(l) over 2B pairs."""
     B = v_fea.shape[0]
     l_pos = model.loc_map(v_fea, a_fea)
     l_neg = model.loc_map(v_fea.roll(1, 0), a_fea)
@@ -200,11 +216,13 @@ def build_dictionary(obj_feats: np.ndarray, K: int, seed: int = 0):
 
 
 def class_maps(model, v_fea, l, affine=True):
-    """Eq. 7-8: m^k = d_k . f(v) (raw features, raw keys), optional official affine, s^k = m^k o l -> (B, K, h, w)."""
-    m = torch.einsum("bchw,kc->bkhw", v_fea.float(), model.D)
-    if affine:
-        m = model.obj_affine(m[:, None])[:, 0]
-    return m * l[:, None]
+    """Eq. 7-8: m^k = d_k . f(v) (raw features, raw keys), optional official affine, s^k = m^k o l -> (B, K, h, w).
+    Computed in float32 or wider (half inputs are promoted; float64 stays float64)."""
+    dt = torch.promote_types(torch.promote_types(v_fea.dtype, l.dtype), torch.float32)
+    m = torch.einsum("bchw,kc->bkhw", v_fea.to(dt), model.D.to(dt))
+    if affine:                                                            # the 1x1x1 Conv3d: alpha * m + beta
+        m = F.conv3d(m[:, None], model.obj_affine.weight.to(dt), model.obj_affine.bias.to(dt))[:, 0]
+    return m * l.to(dt)[:, None]
 
 
 def kl_consistency(s, a_logits_fixed, direction="paper"):
@@ -257,7 +275,7 @@ def hungarian_assign(label2cluster: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 def make_dataset(args, split_file, train: bool):
     ids = C.read_split(split_file)[: args.limit]
-    tf = C.image_transform("csol_train" if train else "squash", args.image_size)
+    tf = C.image_transform("csol_train" if train else "squash", args.image_size, RESIZE)
     return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
 
 
@@ -527,7 +545,8 @@ def box_activation(m, box) -> float:
 
 
 def class_aware_eval(cls_maps, ann, ids, assign, names, frac=0.5, tau=0.2):
-    """CIoU@0.3 / AUC / NSA on cocktail images: class map = sum of its clusters' maps (official). Also the mean
+    """CIoU@0.3 / AUC / NSA on cocktail images: class map = sum of its clusters' maps (official for CIoU; for NSA
+    see deviation 4). Also the mean
     activation of each object's own class map inside its box, for sounding and for silent in-frame objects (ours:
     NSA counts every silent class, mostly absent ones, so it cannot show whether *visible* silent objects stay dark)."""
     cious, nsas, examples, act_snd, act_sil = [], [], [], [], []
@@ -610,7 +629,7 @@ def predict(args, device, log):
     x, sr = C.read_wav(args.audio)
     if sr != SR:
         raise C.UserError(f"{args.audio}: {sr} Hz; CSOL expects {SR} Hz (convert with data_prep.py)")
-    img = C.image_transform("squash", args.image_size)(frame)[None].to(device)
+    img = C.image_transform("squash", args.image_size, RESIZE)(frame)[None].to(device)
     wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, "center"))[None].to(device)
     v_fea, a_fea = model.features(img, C.csol_log_mel(wav, SR))
     heat = model.loc_map(v_fea, a_fea)[0].cpu().numpy()

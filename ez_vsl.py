@@ -42,6 +42,11 @@ Deviations (from the paper P, from the official code O), and why:
   7. cpu preset (synthetic benchmark only): small CNNs instead of ResNet-18, 112 px images, dim 128, lr 5e-4.
      OGL needs ImageNet weights; when they are unavailable (offline) the OBJ and blended rows are skipped with a
      message and the AVL map is the reported one.
+  8. (O) PCM scale: 16-bit samples are divided by 32768 (common.read_wav, as LVS's soundfile); the official
+     audio_io decodes to int16 and divides by 32767 (then clips to [-1, 1]). In the /12 log spectrogram the
+     official input is larger by log((S (32768/32767)^2 + 1e-7) / (S + 1e-7)) / 12 <= 2 ln(32768/32767) / 12
+     = 5.09e-6, reached in bins well above the 1e-7 floor (a 3 s synthetic clip: max 5.085e-6, median 1.8e-6;
+     numpy/torch float64, 2-core CPU, 2026-11-28). Kept: read_wav is shared with LVS, whose scale it matches.
 """
 import argparse
 import time

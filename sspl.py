@@ -40,7 +40,8 @@ Deviations (from the paper P, from the official code O), and why:
   4. (O, kept) As the official code: a_l, b_l are per-channel (1x512x1x1) under ReLU, init 1.0 / 0.5, no weight
      decay; the top layer's feedback update has no BN; the init pass has BN+GELU on predictions; f~_a is the
      mean of g over the three VGGish patches; the waveform is min-max normalised per clip before the log-mel;
-     the map is the raw cosine S of view 1 (before min-max), evaluated with `abs0.5`.
+     the map is the raw cosine S of view 1 (before min-max), evaluated with `abs0.5`; a clip shorter than 3 s
+     is tiled int(48000 / len) + 1 times and the 3 s window centred in the tiling (start len // 2 - 24000).
   5. (P) Augmentation: crop + horizontal flip (Table S2's choice, the official train transform).
   6. cpu preset (synthetic benchmark only): the small CNNs are *trained* (there are no pretrained weights for
      them), 64 channels instead of 512 (PCM included), 2 PCM cycles after the initial pass instead of 4,
@@ -50,6 +51,10 @@ Deviations (from the paper P, from the official code O), and why:
      final ReLU the negative-free objective let the attention drift to the background (inverted maps, cIoU@0.5
      33.3 w/ PCM and 37.0 w/o PCM against 43.7 for the centred prior); with a frozen randomly initialised visual CNN
      (--freeze-visual) the maps find objects but hardly depend on the sound (58.3, audio-swapped 55.7).
+  7. (O) The default test transform is `squash`, Resize((224, 224)) bicubic, so full-frame boxes stay aligned;
+     the official test resizes the short side to 224 (bicubic) and centre-crops (--test-transform center_crop).
+     The two are identical on square frames (the official VGG-SS H5 frames are 256x256), not on non-square
+     frames such as the Flickr-SoundNet test JPEGs.
 """
 import argparse
 import time
@@ -79,6 +84,7 @@ TABLE_S1 = {  # (lr1 = projector/predictor MLPs, lr2 = the rest) per training se
     "vggsound": {True: (5e-5, 2e-5), False: (1e-2, 5e-3)},
 }
 SR, CLIP_SECONDS = 16000, 3.0
+WINDOW = "center_tiled"                # official: a clip under 3 s is tiled, the window centred in the tiling
 
 
 def build_parser():
@@ -238,11 +244,14 @@ def build_model(args) -> SSPL:
 # Loss (Eq. 3-8)
 # ----------------------------------------------------------------------------------------------------------
 def attention(V, fa_tilde):
-    """Eq. 3-5: S (B, h, w) cosine map, S~ its per-sample min-max, f_av = sum_ij S~ V (un-normalised V)."""
-    S = torch.einsum("bchw,bc->bhw", F.normalize(V.float(), dim=1), F.normalize(fa_tilde.float(), dim=1))
+    """Eq. 3-5: S (B, h, w) cosine map, S~ its per-sample min-max, f_av = sum_ij S~ V (un-normalised V).
+    Computed in float32 or wider (half inputs are promoted; float64 stays float64)."""
+    dt = torch.promote_types(torch.promote_types(V.dtype, fa_tilde.dtype), torch.float32)
+    V, fa_tilde = V.to(dt), fa_tilde.to(dt)
+    S = torch.einsum("bchw,bc->bhw", F.normalize(V, dim=1), F.normalize(fa_tilde, dim=1))
     flat = S.flatten(1)
     S_t = (flat - flat.amin(1, keepdim=True)) / (flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True) + 1e-10)
-    f_av = torch.einsum("bchw,bhw->bc", V.float(), S_t.view_as(S))
+    f_av = torch.einsum("bchw,bhw->bc", V, S_t.view_as(S))
     return f_av, S, S_t.view_as(S)
 
 
@@ -289,7 +298,7 @@ def make_dataset(args, split_file, train: bool):
     ids = C.read_split(split_file)[: args.limit]
     tf = TwoViews(C.image_transform("crop_flip", args.image_size)) if train else \
         C.image_transform(args.test_transform, args.image_size)
-    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, WINDOW, SR, cache=args.preset == "cpu")
 
 
 def batch_to_device(batch, device, args, train: bool):
@@ -446,7 +455,7 @@ def predict(args, device, log):
     if sr != SR:
         raise C.UserError(f"{args.audio}: {sr} Hz; SSPL expects {SR} Hz (convert with data_prep.py)")
     img = C.image_transform(args.test_transform, args.image_size)(frame)[None].to(device)
-    wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, "center"))[None].to(device)
+    wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, WINDOW))[None].to(device)
     heat = localization_map(model, img, wav, args.eval_cycles)[0].cpu().numpy()
     out = args.out or "heat.png"
     C.save_overlay_png(out, C.denormalize(img[0].cpu()), heat)

@@ -85,7 +85,7 @@ def test_vggish_examples_against_numpy_definition():
     assert ref.shape == (298, 64)
     ours = C.vggish_examples(torch.from_numpy(x)[None])
     assert ours.shape == (1, 3, 1, 96, 64)
-    np.testing.assert_allclose(ours[0, :, 0].reshape(288, 64).numpy(), ref[:288], atol=1e-4)
+    np.testing.assert_allclose(ours[0, :, 0].reshape(288, 64).numpy(), ref[:288], atol=1e-6)   # float64 inside
 
 
 def test_csol_log_mel_against_numpy_and_torchaudio_filterbank():
@@ -100,7 +100,7 @@ def test_csol_log_mel_against_numpy_and_torchaudio_filterbank():
     ref = np.maximum(db, db.max() - 80)
     ours = C.csol_log_mel(torch.from_numpy(x)[None])
     assert ours.shape == (1, 1, 201, 64)
-    np.testing.assert_allclose(ours[0, 0].numpy(), ref, atol=2e-3)
+    np.testing.assert_allclose(ours[0, 0].numpy(), ref, atol=2e-4)         # the reference's filterbank is float32
     np.testing.assert_allclose(C.slaney_mel_matrix(160, 16000, 64), fb, atol=1e-6)
 
 
@@ -1334,3 +1334,191 @@ def test_data_prep_check_decodes_every_clip(tiny, tmp_path, capsys):
     assert "cannot decode image" in rows[ids[1]] and f"audio/{ids[4]}.wav" in rows[ids[4]]
     data_prep.main(["check", str(root), "--split", "test"])                     # all good: returns (status 0)
     assert "0 bad" in capsys.readouterr().out and (root / "check_test.txt").read_text() == ""
+
+
+# ===== issue 14: fidelity =====
+def _slaney_hz_to_mel(f):
+    f = np.asarray(f, np.float64)                              # librosa htk=False: linear below 1 kHz, log above
+    return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (np.log(6.4) / 27.0), f * 3 / 200.0)
+
+
+def _slaney_mel_to_hz(m):
+    m = np.asarray(m, np.float64)
+    return np.where(m >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (m - 15.0)), m * 200.0 / 3)
+
+
+def _librosa_csol_log_mel(x):
+    """float64 numpy from librosa's definitions: stft(n_fft 160, hop 80, periodic Hann, center=True with zero
+    padding) -> melspectrogram(S=|stft|, 64 Slaney bins, Slaney norm, fmax 8 kHz) -> power_to_db(amin 1e-10, top_db 80)."""
+    x = np.pad(x.astype(np.float64), 80)
+    w = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(160) / 160)
+    mag = np.abs(np.fft.rfft(np.stack([x[i * 80:i * 80 + 160] for i in range(1 + (len(x) - 160) // 80)]) * w))
+    fft_f, hz = np.arange(81) * 100.0, _slaney_mel_to_hz(np.linspace(0.0, _slaney_hz_to_mel(8000.0), 66))
+    fb = np.zeros((81, 64))
+    for i in range(64):
+        for k in range(81):
+            rise, fall = (fft_f[k] - hz[i]) / (hz[i + 1] - hz[i]), (hz[i + 2] - fft_f[k]) / (hz[i + 2] - hz[i + 1])
+            fb[k, i] = max(0.0, min(rise, fall)) * 2.0 / (hz[i + 2] - hz[i])
+    db = 10.0 * np.log10(np.maximum(mag @ fb, 1e-10))
+    return np.maximum(db, db.max() - 80.0)
+
+
+def _vggish_numpy(x):
+    """float64 numpy VGGish log-mel frames (vggish_input): 400/160 periodic Hann, |rfft 512|, HTK mel 125-7500 Hz."""
+    frames = np.stack([x[i * 160:i * 160 + 400] for i in range(1 + (len(x) - 400) // 160)]).astype(np.float64)
+    mag = np.abs(np.fft.rfft(frames * (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)), 512))
+    bins, edges = _htk(np.linspace(0, 8000, 257)), np.linspace(_htk(125.0), _htk(7500.0), 66)
+    lo, ce, hi = edges[:-2], edges[1:-1], edges[2:]
+    w = np.maximum(0.0, np.minimum((bins[:, None] - lo) / (ce - lo), (hi - bins[:, None]) / (hi - ce)))
+    w[0] = 0.0
+    return np.log(mag @ w + 0.01)
+
+
+def test_csol_log_mel_and_vggish_in_float64_against_numpy():
+    t = np.arange(16000) / 16000
+    chirp = (0.5 * scipy.signal.chirp(t, 50, 1.0, 7900)).astype(np.float32)
+    sine = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    for x in (chirp, sine):                        # float32 STFT was 6.2 dB (chirp) / 0.21 dB (sine) off here
+        ref = _librosa_csol_log_mel(x)
+        ours = C.csol_log_mel(torch.from_numpy(x)[None])
+        assert ours.dtype == torch.float32 and ours.shape == (1, 1, 201, 64)
+        assert np.abs(ours[0, 0].numpy() - ref).max() < 2e-5                        # measured 3.8e-6 dB
+        ours64 = C.csol_log_mel(torch.from_numpy(x.astype(np.float64))[None])
+        assert ours64.dtype == torch.float64 and np.abs(ours64[0, 0].numpy() - ref).max() < 1e-6   # 1.6e-8 dB
+    t3 = np.arange(48000) / 16000
+    chirp3 = (0.9 * scipy.signal.chirp(t3, 50, 3.0, 7900)).astype(np.float32)
+    ref = _vggish_numpy(chirp3)[:288]
+    ours = C.vggish_examples(torch.from_numpy(chirp3)[None])
+    assert ours.dtype == torch.float32                                     # float32 FFT: 9.8e-4 off here
+    assert np.abs(ours[0, :, 0].reshape(288, 64).numpy() - ref).max() < 1e-6      # measured 2.4e-7
+    assert C.vggish_examples(torch.from_numpy(chirp3.astype(np.float64))[None]).dtype == torch.float64
+
+
+def _one_clip_layout(root, vid, frame, wav, sr=16000):
+    from PIL import Image
+    for d in ("frames", "audio", "splits"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(frame).save(root / "frames" / f"{vid}.jpg", quality=95)
+    C.write_wav(root / "audio" / f"{vid}.wav", wav, sr)
+    (root / "splits" / "s.txt").write_text(vid + "\n")
+    return root / "splits" / "s.txt"
+
+
+def test_csol_resize_is_torchvision_default_bilinear(tmp_path):
+    import argparse
+    import torchvision.transforms as T
+    from PIL import Image
+    rng = np.random.default_rng(4)
+    frame = (rng.random((61, 97, 3)) * 255).astype(np.uint8)
+    split = _one_clip_layout(tmp_path, "v0", frame, np.zeros(16000))
+    args = argparse.Namespace(data=tmp_path, limit=None, image_size=40, preset="paper")
+    img = C.load_image(tmp_path / "frames" / "v0.jpg")
+    # official test: torchvision Resize((224, 224)) with its default interpolation = PIL bilinear, ToTensor, Normalize
+    off = np.asarray(img.resize((40, 40), Image.BILINEAR), np.float64) / 255.0
+    off = ((off - np.array(C.IMAGENET_MEAN)) / np.array(C.IMAGENET_STD)).transpose(2, 0, 1)
+    ours = csol.make_dataset(args, split, train=False)[0][0].numpy()
+    np.testing.assert_allclose(ours, off, atol=1e-5)
+    bicubic = C.image_transform("squash", 40)(img).numpy()                 # the other methods' default
+    assert np.abs(bicubic - off).max() > 0.05
+    tr = csol.make_dataset(args, split, train=True).image_tf.transforms[0]     # train: Resize((256/224 s)^2) bilinear
+    assert isinstance(tr, T.Resize) and tr.interpolation == T.InterpolationMode.BILINEAR and tuple(tr.size) == (46, 46)
+    # SSPL's default test transform `squash` equals the official resize-short-side + centre crop on a square frame only
+    sq = Image.fromarray(frame[:, :61])
+    np.testing.assert_allclose(C.image_transform("squash", 40)(sq).numpy(), C.image_transform("center_crop", 40)(sq).numpy())
+    assert np.abs(C.image_transform("squash", 40)(img).numpy() - C.image_transform("center_crop", 40)(img).numpy()).max() > 0.1
+
+
+def _sspl_official_window(x, n):
+    """SSPL dataset/base.py _load_audio: tile int(n / len) + 1 times if shorter, start = int(len / 2) - int(n / 2)."""
+    if len(x) < n:
+        x = np.tile(x, int(n / len(x)) + 1)
+    start = int(len(x) / 2) - int(n / 2)
+    return x[start:start + n]
+
+
+def test_sspl_short_clip_window_centred_in_the_tiling(tmp_path):
+    import argparse
+    for length, n in ((13, 48), (7, 20), (30, 20), (31, 20), (48, 48), (5, 21)):
+        x = np.arange(length, dtype=np.float32)
+        np.testing.assert_array_equal(C.clip_window(x, 4, n / 4, "center_tiled"), _sspl_official_window(x, n))
+    x = np.arange(13, dtype=np.float32)
+    assert not np.array_equal(C.clip_window(x, 4, 12, "center_tiled"), C.clip_window(x, 4, 12, "center"))
+    rng = np.random.default_rng(5)
+    wav = rng.uniform(-0.5, 0.5, 20800)                                    # 1.3 s: tiled 3 times, start 7200
+    split = _one_clip_layout(tmp_path, "s0", np.zeros((32, 32, 3), np.uint8), wav)
+    args = argparse.Namespace(data=tmp_path, limit=None, image_size=32, test_transform="squash", preset="paper")
+    got = sspl.make_dataset(args, split, train=False)[0][1].numpy()
+    x, _ = C.read_wav(tmp_path / "audio" / "s0.wav")
+    np.testing.assert_array_equal(got, _sspl_official_window(x, 48000))
+    assert not np.array_equal(got, np.tile(x, 3)[:48000])                 # the previous rule (start of the tiling)
+    three = rng.uniform(-1, 1, 48000).astype(np.float32)                   # the synthetic clips: exactly 3 s, unchanged
+    np.testing.assert_array_equal(C.clip_window(three, 16000, 3.0, "center_tiled"), C.clip_window(three, 16000, 3.0))
+
+
+def test_ezvsl_pcm_scale_deviation_is_bounded_as_documented(tmp_path):
+    rng = np.random.default_rng(6)
+    t = np.arange(48000) / 16000
+    x = 0.6 * np.sin(2 * np.pi * 300 * t) + rng.normal(0, 0.05, t.size)
+    C.write_wav(tmp_path / "a.wav", x, 16000)
+    ours, _ = C.read_wav(tmp_path / "a.wav")                               # int16 / 32768 (LVS's soundfile)
+    with __import__("wave").open(str(tmp_path / "a.wav"), "rb") as f:
+        pcm = np.frombuffer(f.readframes(f.getnframes()), "<i2")
+    official = np.clip(pcm.astype(np.float64) / 32767, -1, 1)             # EZ-VSL audio_io: int16 / iinfo.max, clip
+    d = (C.log_spectrogram(torch.from_numpy(official)[None], 16000)
+         - C.log_spectrogram(torch.from_numpy(ours.astype(np.float64))[None], 16000)).numpy()
+    bound = 2 * np.log(32768 / 32767) / 12                                # 5.09e-6: the EZ-VSL header, deviation 8
+    assert d.min() > -5e-7 and d.max() < bound + 5e-7 and d.max() > 0.9 * bound
+
+
+@pytest.mark.filterwarnings("ignore:reduction")
+def test_csol_kl_default_is_about_k_times_the_official_kldivloss():
+    torch.manual_seed(0)
+    B, K = 16, 11
+    a = torch.randn(B, K, dtype=torch.float64)
+    for spread in (0.05, 1.0):
+        v = a + spread * torch.randn(B, K, dtype=torch.float64)
+        s = v[:, :, None, None]                                           # GAP of a 1x1 class map = the logits
+        log_pv, log_pa = torch.log_softmax(v, 1), torch.log_softmax(a, 1)
+        official = torch.nn.KLDivLoss(reduction="mean")(log_pv, log_pa.exp())   # training_stage_two.py
+        reversed_batchmean = (log_pa.exp() * (log_pa - log_pv)).sum(1).mean()   # KL(p_a || p_v), batch mean
+        assert csol.kl_consistency(s, a, "official").item() == pytest.approx(official.item(), rel=1e-12)
+        assert official.item() == pytest.approx(reversed_batchmean.item() / K, rel=1e-12)    # exactly 1/K
+        ratio = csol.kl_consistency(s, a, "paper").item() / official.item()
+        if spread < 0.1:                                                  # KL is symmetric to second order
+            assert ratio == pytest.approx(K, rel=0.05)
+        else:
+            assert K / 3 < ratio < 3 * K
+    # balance: official KL + 0.5 L_loc  ==  (KL_paper-batchmean-reversed + 0.5 K L_loc) / K, i.e. --kl official
+    # reproduces it exactly; with --kl paper, --lam 0.5 K restores L_loc's relative weight (about).
+
+
+@torch.no_grad()
+def test_sspl_attention_and_csol_class_maps_follow_the_input_dtype():
+    torch.manual_seed(1)
+    V, fa = torch.randn(2, 8, 3, 3), torch.randn(2, 8)
+    out32, out64 = sspl.attention(V, fa), sspl.attention(V.double(), fa.double())
+    for o32, o64 in zip(out32, out64):
+        assert o32.dtype == torch.float32 and o64.dtype == torch.float64
+        np.testing.assert_allclose(o64.numpy(), o32.double().numpy(), atol=1e-5, rtol=1e-6)
+    net = csol.LocationNet("small", 3)
+    net.D.normal_()
+    v_fea, l = torch.rand(2, net.channels, 4, 4), torch.rand(2, 4, 4)
+    s32, s64 = csol.class_maps(net, v_fea, l), csol.class_maps(net, v_fea.double(), l.double())
+    assert s32.dtype == torch.float32 and s64.dtype == torch.float64
+    np.testing.assert_allclose(s64.numpy(), s32.double().numpy(), rtol=1e-5, atol=1e-5)
+    # whole models in float64, from the waveform: SSPL S of Eq. 3 and CSOL s of Eq. 8
+    torch.manual_seed(2)
+    img, wav = torch.randn(2, 3, 112, 112), 0.3 * torch.randn(2, 48000)
+    m = sspl.SSPL("small", True, 2, 32, 16, False).eval()
+    S32 = sspl.localization_map(m, img, wav)
+    S64 = sspl.localization_map(m.double(), img.double(), wav.double())
+    assert S64.dtype == torch.float64
+    np.testing.assert_allclose(S64.numpy(), S32.double().numpy(), atol=1e-5)
+    net.eval()
+    v32, a32 = net.features(img, C.csol_log_mel(wav[:, :16000]))
+    s32 = csol.class_maps(net, v32, net.loc_map(v32, a32))
+    net.double()
+    v64, a64 = net.features(img.double(), C.csol_log_mel(wav[:, :16000].double()))
+    s64 = csol.class_maps(net, v64, net.loc_map(v64, a64))
+    assert s64.dtype == torch.float64
+    np.testing.assert_allclose(s64.numpy(), s32.double().numpy(), rtol=1e-5, atol=1e-5 * float(s64.abs().max()))
