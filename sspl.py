@@ -202,7 +202,7 @@ class SSPL(nn.Module):
         """(B, N) 16 kHz waveform -> per-clip normalisation -> (B, P, 1, 96, 64) log-mel patches ->
         f~_a = mean_k g(f_a,k) (B, c) and f_a = L2norm(mean_k f_a,k)."""
         with torch.autocast(wav.device.type, enabled=False):       # the log-mel front end in float32 under AMP
-            patches = C.vggish_examples(normalize_audio(wav.float()), SR)
+            patches = C.vggish_examples(normalize_audio(wav.to(torch.promote_types(wav.dtype, torch.float32))), SR)
         B, P = patches.shape[:2]
         emb = self.enc_a(patches.flatten(0, 1))
         emb = emb.amax((2, 3)) if emb.dim() == 4 else emb             # small CNN: global max pool
