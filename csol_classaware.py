@@ -255,26 +255,33 @@ def hungarian_assign(label2cluster: np.ndarray) -> np.ndarray:
 # Train
 # ----------------------------------------------------------------------------------------------------------
 def make_dataset(args, split_file, train: bool):
-    ids = C.read_split(split_file)[: args.limit]
-    tf = C.image_transform("csol_train" if train else "squash", args.image_size)
-    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+    return C.av_dataset(args, split_file, "csol_train" if train else "squash", CLIP_SECONDS, "center", SR)
+
+
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what a step consumes: (images (B, 3, S, S), log-mels (B, 1, 201, 64)) on the device.
+    --decode fast decodes and augments the frames here (csol_train for training, squash for testing)."""
+    img = C.batch_images(batch, device, args, "csol_train" if train else "squash", args.image_size)
+    return img, C.csol_log_mel(batch["wav"].to(device, non_blocking=True), SR)
 
 
 def loader_for(ds, args, epoch, shuffle=True):
     return torch.utils.data.DataLoader(ds, args.batch_size, shuffle=shuffle, num_workers=args.workers,
-                                       drop_last=shuffle and len(ds) >= args.batch_size,
+                                       drop_last=shuffle and len(ds) >= args.batch_size, collate_fn=C.collate_av,
                                        generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
 
 
 @torch.no_grad()
-def extract_objects(model, ds, args, device):
-    """Object features (Eq. 3) of every clip of ds (positive pairs, eval mode)."""
+def extract_objects(model, ds, args, device, train: bool):
+    """Object features (Eq. 3) of every clip of ds (positive pairs, eval mode; train: with the training
+    augmentation, as ds's frames are seen in training) -> (features, their ids)."""
     model.eval()
-    feats = []
-    for img, wav, _ in loader_for(ds, args, 0, shuffle=False):
-        v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+    feats, ids = [], []
+    for batch in loader_for(ds, args, 0, shuffle=False):
+        v_fea, a_fea = model.features(*batch_to_device(batch, device, args, train))
         feats.append(object_features(v_fea, model.loc_map(v_fea, a_fea), args.mask_threshold, args.obj_pool).cpu())
-    return torch.cat(feats).numpy()
+        ids += batch["ids"]
+    return torch.cat(feats).numpy(), ids
 
 
 def class_labels(ann, ids, names):
@@ -302,32 +309,39 @@ def train_stage1(args, device, log, run_dir, ck=None):
         C.seed_everything(args.seed * 1000 + epoch)
         model.train()
         tot, n = 0.0, 0
-        for step, (img, wav, _) in enumerate(C.progress(loader_for(train_ds, args, epoch), f"stage 1 loc {epoch + 1}")):
+        for step, batch in enumerate(C.progress(loader_for(train_ds, args, epoch), f"stage 1 loc {epoch + 1}")):
             if args.max_steps and step >= args.max_steps:
                 break
-            v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+            img, spec = batch_to_device(batch, device, args, True)
+            if len(img) == 0:                                             # every sample skipped (--skip-bad)
+                continue
+            v_fea, a_fea = model.features(img, spec)
             loss = stage1_loc_loss(model, v_fea, a_fea)                   # Eq. 2
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             tot, n = tot + loss.item(), n + 1
         if epoch >= 1:                                                    # official: cluster + classify from epoch 1
-            feats = extract_objects(model, train_ds, args, device)
+            feats, feat_ids = extract_objects(model, train_ds, args, device, True)
             D, labels, km = build_dictionary(feats, args.clusters, args.seed)   # Eq. 4-5
             model.D.copy_(torch.from_numpy(D))
-            val_pseudo = km.predict(_l2(extract_objects(model, val_ds, args, device)))
-            assign, nmi = match_clusters(class_labels(ann, val_ds.ids, names), val_pseudo, len(names), args.clusters)
+            val_feats, val_ids = extract_objects(model, val_ds, args, device, False)
+            val_pseudo = km.predict(_l2(val_feats))
+            assign, nmi = match_clusters(class_labels(ann, val_ids, names), val_pseudo, len(names), args.clusters)
             model.reset_heads(args.clusters)
             heads = torch.optim.Adam(list(model.h_v.parameters()) + list(model.h_a.parameters()), lr=1e-3,
                                      weight_decay=1e-4)
-            lab = dict(zip(train_ds.ids, labels.tolist()))
+            lab = dict(zip(feat_ids, labels.tolist()))
             for it in range(args.class_iter):                             # Eq. 6 on the pseudo labels
                 model.train()
-                for step, (img, wav, ids) in enumerate(loader_for(train_ds, args, epoch * 10 + it + 1)):
+                for step, batch in enumerate(loader_for(train_ds, args, epoch * 10 + it + 1)):
                     if args.max_steps and step >= args.max_steps:
                         break
-                    v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
-                    y = torch.tensor([lab[i] for i in ids], device=device)
+                    img, spec = batch_to_device(batch, device, args, True)
+                    if len(img) == 0:
+                        continue
+                    v_fea, a_fea = model.features(img, spec)
+                    y = torch.tensor([lab[i] for i in batch["ids"]], device=device)
                     loss = F.cross_entropy(model.h_v(v_fea.mean((2, 3))), y) + F.cross_entropy(model.h_a(a_fea), y)
                     opt.zero_grad(set_to_none=True), heads.zero_grad(set_to_none=True)
                     loss.backward()
@@ -375,10 +389,12 @@ def train_stage2(args, device, log, run_dir, model, stage1_info, ck=None):
         model.train()
         tot = totc = 0.0
         n = 0
-        for step, (img, wav, _) in enumerate(C.progress(loader_for(train_ds, args, 500 + epoch), f"stage 2 {epoch + 1}")):
+        for step, batch in enumerate(C.progress(loader_for(train_ds, args, 500 + epoch), f"stage 2 {epoch + 1}")):
             if args.max_steps and step >= args.max_steps:
                 break
-            img, spec = img.to(device), C.csol_log_mel(wav.to(device), SR)
+            img, spec = batch_to_device(batch, device, args, True)
+            if len(img) == 0:                                             # every sample skipped (--skip-bad)
+                continue
             v_fea, a_fea = model.features(img, spec)
             s = class_maps(model, v_fea, model.loc_map(v_fea, a_fea), not args.no_obj_affine)   # Eq. 7-8
             with torch.no_grad():
@@ -439,8 +455,12 @@ def compute_outputs(model, ds, args, device, with_classes=False):
     """{id: l} (single-source map) and, with_classes, {id: S (K, h, w)} (Eq. 13)."""
     model.eval()
     loc, cls = {}, {}
-    for img, wav, ids in loader_for(ds, args, 0, shuffle=False):
-        v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+    for batch in loader_for(ds, args, 0, shuffle=False):
+        img, spec = batch_to_device(batch, device, args, False)
+        ids = batch["ids"]
+        if not ids:
+            continue
+        v_fea, a_fea = model.features(img, spec)
         l = model.loc_map(v_fea, a_fea)
         S = final_maps(class_maps(model, v_fea, l, not args.no_obj_affine), args.map_temp) if with_classes else None
         for k, vid in enumerate(ids):

@@ -200,9 +200,14 @@ def ogl_blend(s_avl, s_obj, alpha: float = 0.4):
 # Train
 # ----------------------------------------------------------------------------------------------------------
 def make_dataset(args, split_file, train: bool):
-    ids = C.read_split(split_file)[: args.limit]
-    tf = C.image_transform("crop_flip" if train else "squash", args.image_size)
-    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+    return C.av_dataset(args, split_file, "crop_flip" if train else "squash", CLIP_SECONDS, "center", SR)
+
+
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what a step consumes: (images (B, 3, S, S), log spectrograms (B, 1, 257, 200)) on the
+    device. --decode fast decodes and augments the frames here (crop_flip for training, squash for testing)."""
+    img = C.batch_images(batch, device, args, "crop_flip" if train else "squash", args.image_size)
+    return img, C.log_spectrogram(batch["wav"].to(device, non_blocking=True), SR)
 
 
 def train(args):
@@ -229,10 +234,12 @@ def train(args):
         loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
         net.train()
         tot, n = 0.0, 0
-        for step, (img, wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
+        for step, batch in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
             if args.max_steps and step >= args.max_steps:
                 break
-            img, spec = img.to(device, non_blocking=True), C.log_spectrogram(wav.to(device), SR)
+            img, spec = batch_to_device(batch, device, args, True)
+            if len(img) == 0:                                # every sample skipped (--skip-bad)
+                continue
             with amp.autocast():
                 v, a = net(img, spec)
             loss = ezvsl_loss(v, a, args.tau, args.gather_negatives)
@@ -263,14 +270,17 @@ def train(args):
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def compute_maps(model, ds, device, batch_size=32, obj_model=None, workers=0):
+def compute_maps(model, ds, device, args, batch_size=32, obj_model=None, workers=0):
     """{id: S^AVL} and, given f_obj, {id: S^OBJ} (both at feature resolution, float32 numpy)."""
     model.eval()
     avl, obj = {}, {}
-    loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers)
-    for img, wav, ids in loader:
-        img = img.to(device)
-        v, a = model(img, C.log_spectrogram(wav.to(device), SR))
+    loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=C.collate_av)
+    for batch in loader:
+        img, spec = batch_to_device(batch, device, args, False)
+        ids = batch["ids"]
+        if not ids:
+            continue
+        v, a = model(img, spec)
         s = avl_map(v, a).cpu().numpy()
         o = obj_model(img).float() if obj_model is not None else None
         if o is not None and o.shape[-2:] != v.shape[-2:]:
@@ -288,7 +298,7 @@ def blend_maps(avl: dict, obj: dict, alpha: float) -> dict:
 
 def evaluate(model, ds, ann, args, device, ogl=True, baselines=True, obj_model=None):
     """The method's test map under the protocol; with OGL, rows for AVL, OBJ and AVL+OBJ (Eq. 9)."""
-    avl, obj = compute_maps(model, ds, device, args.batch_size or 32, obj_model if ogl else None, args.workers)
+    avl, obj = compute_maps(model, ds, device, args, args.batch_size or 32, obj_model if ogl else None, args.workers)
     kw = dict(ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners)
     if not obj:
         res = C.evaluate_maps(avl, ann, baselines=baselines, **kw)

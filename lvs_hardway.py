@@ -209,12 +209,16 @@ def localization_map(V, A):
 # Train
 # ----------------------------------------------------------------------------------------------------------
 def make_dataset(args, split_file, train: bool):
-    ids = C.read_split(split_file)[: args.limit]
     if train:
-        return C.AVDataset(args.data, ids, C.image_transform("crop_flip", args.image_size), TRAIN_SECONDS, "center",
-                           SR, cache=args.preset == "cpu")
-    return C.AVDataset(args.data, ids, C.image_transform(args.test_transform, args.image_size), TEST_SECONDS,
-                       "start", SR, cache=args.preset == "cpu")
+        return C.av_dataset(args, split_file, "crop_flip", TRAIN_SECONDS, "center", SR)
+    return C.av_dataset(args, split_file, args.test_transform, TEST_SECONDS, "start", SR)
+
+
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what a step consumes: (images (B, 3, S, S), log spectrograms (B, 1, 257, T)) on the
+    device. --decode fast decodes and augments the frames here (crop_flip for training, --test-transform else)."""
+    img = C.batch_images(batch, device, args, "crop_flip" if train else args.test_transform, args.image_size)
+    return img, C.log_spectrogram(batch["wav"].to(device, non_blocking=True), SR)
 
 
 def train(args):
@@ -241,10 +245,12 @@ def train(args):
         loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
         net.train()
         tot, n = 0.0, 0
-        for step, (img, wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
+        for step, batch in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
             if args.max_steps and step >= args.max_steps:
                 break
-            img, spec = img.to(device, non_blocking=True), C.log_spectrogram(wav.to(device), SR)
+            img, spec = batch_to_device(batch, device, args, True)
+            if len(img) == 0:                                # every sample skipped (--skip-bad)
+                continue
             with amp.autocast():
                 V, A = net(img, spec)
             loss = lvs_loss(V, A, args)                           # in float32, outside autocast
@@ -274,18 +280,22 @@ def train(args):
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def compute_maps(model, ds, device, batch_size=32, workers=0):
+def compute_maps(model, ds, device, args, batch_size=32, workers=0):
     model.eval()
     maps = {}
-    for img, wav, ids in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers):
-        V, A = model(img.to(device), C.log_spectrogram(wav.to(device), SR))
-        for vid, m in zip(ids, localization_map(V, A).cpu().numpy()):
+    for batch in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers,
+                                             collate_fn=C.collate_av):
+        img, spec = batch_to_device(batch, device, args, False)
+        if not batch["ids"]:
+            continue
+        V, A = model(img, spec)
+        for vid, m in zip(batch["ids"], localization_map(V, A).cpu().numpy()):
             maps[vid] = m
     return maps
 
 
 def evaluate(model, ds, ann, args, device, baselines=True):
-    maps = compute_maps(model, ds, device, min(args.batch_size or 32, 64), args.workers)
+    maps = compute_maps(model, ds, device, args, min(args.batch_size or 32, 64), args.workers)
     res = C.evaluate_maps(maps, ann, ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners,
                           baselines=baselines)
     res["maps"] = maps

@@ -275,19 +275,21 @@ def localization_map(model: SSPL, image, wav, cycles=None):
 # ----------------------------------------------------------------------------------------------------------
 # Train
 # ----------------------------------------------------------------------------------------------------------
-class TwoViews:
-    def __init__(self, tf):
-        self.tf = tf
-
-    def __call__(self, img):
-        return self.tf(img), self.tf(img)
-
-
 def make_dataset(args, split_file, train: bool):
-    ids = C.read_split(split_file)[: args.limit]
-    tf = TwoViews(C.image_transform("crop_flip", args.image_size)) if train else \
-        C.image_transform(args.test_transform, args.image_size)
-    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+    if train:                                            # two independently augmented views of each frame
+        return C.av_dataset(args, split_file, "crop_flip", CLIP_SECONDS, "center", SR, views=2)
+    return C.av_dataset(args, split_file, args.test_transform, CLIP_SECONDS, "center", SR)
+
+
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what a step consumes: (view 1, view 2, waveforms (B, N)) for training, (image, waveforms)
+    for testing, on the device (the VGGish front end runs inside SSPL.audio). --decode fast decodes and augments
+    the frames here."""
+    if train:                                            # batch_images first: it may drop unreadable samples
+        im1, im2 = C.batch_images(batch, device, args, "crop_flip", args.image_size, views=2)
+        return im1, im2, batch["wav"].to(device, non_blocking=True)
+    img = C.batch_images(batch, device, args, args.test_transform, args.image_size)
+    return img, batch["wav"].to(device, non_blocking=True)
 
 
 def param_groups(model: SSPL, args):
@@ -326,11 +328,12 @@ def train(args):
         loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
         net.train()
         tot, n, f_std = 0.0, 0, 0.0
-        for step, ((im1, im2), wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}",
-                                                                enabled=main_proc)):
+        for step, batch in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
             if args.max_steps and step >= args.max_steps:
                 break
-            im1, im2, wav = im1.to(device), im2.to(device), wav.to(device)
+            im1, im2, wav = batch_to_device(batch, device, args, True)
+            if len(im1) == 0:                                # every sample skipped (--skip-bad)
+                continue
             with amp.autocast():
                 loss, f_av1 = net(im1, im2, wav)                        # through DDP: gradients are averaged
             amp.step(loss.float(), opt)
@@ -362,18 +365,22 @@ def train(args):
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def compute_maps(model, ds, device, batch_size=32, workers=0, cycles=None):
+def compute_maps(model, ds, device, args, batch_size=32, workers=0, cycles=None):
     model.eval()
     maps = {}
-    for img, wav, ids in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers):
-        S = localization_map(model, img.to(device), wav.to(device), cycles)
-        for vid, m in zip(ids, S.cpu().numpy()):
+    for batch in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers,
+                                             collate_fn=C.collate_av):
+        img, wav = batch_to_device(batch, device, args, False)
+        if not batch["ids"]:
+            continue
+        S = localization_map(model, img, wav, cycles)
+        for vid, m in zip(batch["ids"], S.cpu().numpy()):
             maps[vid] = m
     return maps
 
 
 def evaluate(model, ds, ann, args, device, baselines=True):
-    maps = compute_maps(model, ds, device, min(args.batch_size or 32, 64), args.workers, args.eval_cycles)
+    maps = compute_maps(model, ds, device, args, min(args.batch_size or 32, 64), args.workers, args.eval_cycles)
     res = C.evaluate_maps(maps, ann, ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners,
                           baselines=baselines)
     res["maps"] = maps
