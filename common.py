@@ -463,7 +463,8 @@ class _Bad:
 
     def __init__(self, err: UserError, n_samples: int = 0):
         self.fatal, self.n_samples = not isinstance(err, BadMedia), n_samples
-        self.path, self.vid, self.reason = getattr(err, "path", ""), getattr(err, "vid", None), getattr(err, "reason", "")
+        self.path, self.vid = getattr(err, "path", ""), getattr(err, "vid", None)
+        self.reason = getattr(err, "reason", "")
         self.msg = str(err)
 
     def error(self) -> UserError:
@@ -659,7 +660,8 @@ def _decode_on(datas: list, paths: list, ids: list, device) -> list:
 def augment_frames(frames: list, kind: str, size: int) -> torch.Tensor:
     """Decoded (3, H, W) uint8 frames (any sizes, on one device) -> (B, 3, size, size) ImageNet-normalised float32:
     image_transform(kind, size) for a whole batch. Resizes are bicubic with antialias (PIL's filter; on the CPU
-    torch's uint8 kernel, on CUDA in float32 rounded to the uint8 grid); a frame already at its resize target (a frame-cache entry) is not resized again.
+    torch's uint8 kernel, on CUDA in float32 rounded to the uint8 grid); a frame already at its resize target (a
+    frame-cache entry) is not resized again.
     Random crops, flips and jitter factors are drawn from torch's global generator (reseeded per epoch by the
     methods), one row of draws per sample, so a run is reproducible whatever --workers is."""
     dev = frames[0].device if frames else torch.device("cpu")
@@ -681,7 +683,7 @@ def augment_frames(frames: list, kind: str, size: int) -> torch.Tensor:
                               antialias=True, align_corners=False)
         else:
             y = F.interpolate(x.float(), size=t, mode="bicubic", antialias=True, align_corners=False)
-            y = y.round_().clamp_(0, 255)
+            y = y.round_().clamp_(0, 255).to(torch.uint8)
         for k, yk in zip(idx, y):
             resized[k] = yk
     r = torch.rand(B, 6)                                     # crop y, crop x, flip, brightness, saturation, order
@@ -729,8 +731,6 @@ def batch_images(batch: dict, device, args, kind: str, size: int, views: int = 1
     MEDIA.tiled.update(batch.pop("tiled", []))
     if "images" in batch:                                    # --decode pil: augmented per sample in the workers
         ims = batch["images"]
-        if ims is None:
-            ims = [torch.zeros(0, 3, size, size)] * views if views > 1 else torch.zeros(0, 3, size, size)
         if views > 1:
             return tuple(x.to(device, non_blocking=True) for x in ims)
         return ims.to(device, non_blocking=True)

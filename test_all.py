@@ -1055,7 +1055,8 @@ def _pil_reference(pil, kind, size, r):
 
 def test_fast_path_against_pil_per_sample_reference(tiny, tmp_path):
     from PIL import Image
-    paths = [tmp_path / "p0.jpg", tmp_path / "p1.jpg", tiny / "frames" / f"{C.read_split(tiny / 'splits/test.txt')[0]}.jpg"]
+    synth = C.read_split(tiny / "splits" / "test.txt")[0]
+    paths = [tmp_path / "p0.jpg", tmp_path / "p1.jpg", tiny / "frames" / f"{synth}.jpg"]
     _photo_jpeg(paths[0], 180, 320, 0)                       # 16:9 and 4:3 photo-like frames, a synthetic frame
     _photo_jpeg(paths[1], 150, 200, 1)
     pils = [Image.open(p).convert("RGB") for p in paths]
@@ -1068,7 +1069,7 @@ def test_fast_path_against_pil_per_sample_reference(tiny, tmp_path):
         ref = torch.stack([_pil_reference(p, kind, 96, r[k]) for k, p in enumerate(pils)])
         assert fast.shape == (3, 3, 96, 96) and fast.dtype == torch.float32
         d = (fast - ref).abs()
-        assert float(d.max()) <= 0.06 and float(d.mean()) < 1e-3, (kind, float(d.max()), float(d.mean()))   # <= 3 grey levels
+        assert float(d.max()) <= 0.06 and float(d.mean()) < 1e-3, (kind, float(d.max()))   # <= 3 grey levels
         if kind in ("crop_flip", "csol_train"):              # from the frame cache's PIL-resized pixels: exact
             pre = [torch.from_numpy(np.array(p.resize(C.resize_target(kind, 96, p.height, p.width)[::-1],
                                                         Image.BICUBIC))).permute(2, 0, 1) for p in pils]
@@ -1094,7 +1095,8 @@ def test_fast_path_crop_and_flip_geometry():
         assert (out[:, :, 1] - cols[None, :]).abs().max() <= 1                            # columns: offset j, mirrored
         red = out[:, :, 0] > 128
         x0 = 200 - (10 - j) if flip else 0
-        assert bool(red[:max(0, 10 - i), x0:x0 + max(0, 10 - j)].all()) and int(red.sum()) == max(0, 10 - i) * max(0, 10 - j)
+        hm, wm = max(0, 10 - i), max(0, 10 - j)                                           # the marker, cropped
+        assert bool(red[:hm, x0:x0 + wm].all()) and int(red.sum()) == hm * wm
     assert seen == {True, False}
 
 
@@ -1182,8 +1184,8 @@ def test_bad_frame_under_workers_is_one_error_line_and_skip_bad_lists_it(tiny, t
 
 def test_batch_images_drops_an_undecodable_frame_only_with_skip_bad(tiny):
     ids = C.read_split(tiny / "splits" / "test.txt")[:3]
-    items = [(("jpeg", torch.from_numpy(np.fromfile(tiny / "frames" / f"{i}.jpg", np.uint8))), torch.full((8,), k * 1.0),
-              i, False) for k, i in enumerate(ids)]
+    items = [(("jpeg", torch.from_numpy(np.fromfile(tiny / "frames" / f"{i}.jpg", np.uint8))),
+              torch.full((8,), k * 1.0), i, False) for k, i in enumerate(ids)]
     items[1] = (("jpeg", torch.tensor([255, 216, 255, 1, 2, 3], dtype=torch.uint8)), items[1][1], ids[1], False)
     args = SimpleNamespace(data=str(tiny), skip_bad=False)
     with pytest.raises(C.BadMedia, match=f"{ids[1]}.jpg: cannot decode image"):
