@@ -677,14 +677,14 @@ def augment_frames(frames: list, kind: str, size: int) -> torch.Tensor:
         else:
             groups.setdefault((tuple(f.shape), t), []).append(k)
     for (_, t), idx in groups.items():
-        x = torch.stack([frames[k] for k in idx])
-        if x.device.type == "cpu":                           # torch's uint8 kernel (PIL's integer arithmetic), fast
-            y = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=t, mode="bicubic",
-                              antialias=True, align_corners=False)
-        else:
-            y = F.interpolate(x.float(), size=t, mode="bicubic", antialias=True, align_corners=False)
-            y = y.round_().clamp_(0, 255).to(torch.uint8)
-        for k, yk in zip(idx, y):
+        if dev.type == "cpu":        # torch's uint8 kernel (PIL's integer arithmetic), one frame at a time: decoded
+            for k in idx:            # frames are already channels-last in memory, a stack would copy them twice
+                resized[k] = F.interpolate(frames[k][None].contiguous(memory_format=torch.channels_last), size=t,
+                                           mode="bicubic", antialias=True, align_corners=False)[0]
+            continue
+        y = F.interpolate(torch.stack([frames[k] for k in idx]).float(), size=t, mode="bicubic", antialias=True,
+                          align_corners=False)
+        for k, yk in zip(idx, y.round_().clamp_(0, 255).to(torch.uint8)):
             resized[k] = yk
     r = torch.rand(B, 6)                                     # crop y, crop x, flip, brightness, saturation, order
     random_crop, rl = kind in ("crop_flip", "csol_train"), r.tolist()

@@ -1159,12 +1159,15 @@ def test_windowed_wav_read_streaming_header_and_short_audio(tmp_path):
 
 
 def _bad_copy(tiny, root):
-    """tiny with an undecodable frame in the train split and a 1 ms WAV in the test split."""
+    """tiny with an undecodable frame in the train split, a 1 ms WAV in the test split and a 1 s WAV (tiled to the
+    3 s window) in the validation split."""
     import shutil
     shutil.copytree(tiny, root)
     tr, te = C.read_split(root / "splits" / "train.txt")[3], C.read_split(root / "splits" / "test.txt")[2]
     (root / "frames" / f"{tr}.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     C.write_wav(root / "audio" / f"{te}.wav", np.ones(16) * 0.1, 16000)
+    va = C.read_split(root / "splits" / "val.txt")[0]
+    C.write_wav(root / "audio" / f"{va}.wav", C.read_wav(root / "audio" / f"{va}.wav")[0][:16000], 16000)
     return tr, te
 
 
@@ -1179,7 +1182,8 @@ def test_bad_frame_under_workers_is_one_error_line_and_skip_bad_lists_it(tiny, t
     assert json.loads((run / "results.json").read_text())["skipped"] == 2
     listed = dict(ln.split("\t") for ln in (run / "skipped_ids.txt").read_text().splitlines())
     assert set(listed) == {tr, te} and "cannot decode image" in listed[tr] and "audio too short" in listed[te]
-    assert "skipped 2 unreadable samples" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped 2 unreadable samples" in out and "1 clips shorter than the audio window were tiled" in out
 
 
 def test_batch_images_drops_an_undecodable_frame_only_with_skip_bad(tiny):
