@@ -657,13 +657,37 @@ def _decode_on(datas: list, paths: list, ids: list, device) -> list:
     return out
 
 
-def augment_frames(frames: list, kind: str, size: int) -> torch.Tensor:
+def augment_params(kind: str, size: int, shapes: list) -> list:
+    """The random draws of image_transform(kind, size) for frames resized to `shapes`, made with torchvision's own
+    calls in its order (RandomCrop's two randint unless the frame is already size x size, RandomHorizontalFlip's
+    rand, ColorJitter's randperm and factors), one sample after the other: with --workers 0 the fast path draws
+    exactly the crops, flips and jitters --decode pil would. -> [(i, j, flip, brightness, saturation,
+    brightness_first)] (None where the pipeline has no randomness)."""
+    if kind not in ("crop_flip", "csol_train"):
+        return [None] * len(shapes)
+    out = []
+    for h, w in shapes:
+        i = j = 0
+        if (h, w) != (size, size):
+            i, j = int(torch.randint(0, h - size + 1, size=(1,))), int(torch.randint(0, w - size + 1, size=(1,)))
+        flip = bool(torch.rand(1) < 0.5)
+        b = s = 1.0
+        first = True
+        if kind == "csol_train":
+            order = torch.randperm(4).tolist()               # brightness, contrast, saturation, hue (None: skipped)
+            b, s = float(torch.empty(1).uniform_(0.7, 1.3)), float(torch.empty(1).uniform_(0.7, 1.3))
+            first = order.index(0) < order.index(2)
+        out.append((i, j, flip, b, s, first))
+    return out
+
+
+def augment_frames(frames: list, kind: str, size: int, params: list | None = None) -> torch.Tensor:
     """Decoded (3, H, W) uint8 frames (any sizes, on one device) -> (B, 3, size, size) ImageNet-normalised float32:
     image_transform(kind, size) for a whole batch. Resizes are bicubic with antialias (PIL's filter; on the CPU
     torch's uint8 kernel, on CUDA in float32 rounded to the uint8 grid); a frame already at its resize target (a
     frame-cache entry) is not resized again.
-    Random crops, flips and jitter factors are drawn from torch's global generator (reseeded per epoch by the
-    methods), one row of draws per sample, so a run is reproducible whatever --workers is."""
+    Random crops, flips and jitter factors are augment_params(), drawn from torch's global generator in the main
+    process (reseeded per epoch by the methods): a run is reproducible whatever --workers is."""
     dev = frames[0].device if frames else torch.device("cpu")
     B = len(frames)
     if B == 0:
@@ -686,22 +710,22 @@ def augment_frames(frames: list, kind: str, size: int) -> torch.Tensor:
                           align_corners=False)
         for k, yk in zip(idx, y.round_().clamp_(0, 255).to(torch.uint8)):
             resized[k] = yk
-    r = torch.rand(B, 6)                                     # crop y, crop x, flip, brightness, saturation, order
-    random_crop, rl = kind in ("crop_flip", "csol_train"), r.tolist()
+    if params is None:
+        params = augment_params(kind, size, [tuple(x.shape[-2:]) for x in resized])
     crops = []
-    for k, x in enumerate(resized):
+    for x, prm in zip(resized, params):
         h, w = x.shape[-2:]
-        if random_crop:                                      # RandomCrop(size), RandomHorizontalFlip
-            i, j = int(rl[k][0] * (h - size + 1)), int(rl[k][1] * (w - size + 1))
+        if prm is not None:                                  # RandomCrop(size), RandomHorizontalFlip
+            i, j, flip = prm[:3]
             x = x[:, i:i + size, j:j + size]
-            crops.append(x.flip(-1) if rl[k][2] < 0.5 else x)
+            crops.append(x.flip(-1) if flip else x)
         else:                                                # CenterCrop(size) (squash: already size x size)
             i, j = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
             crops.append(x[:, i:i + size, j:j + size])
     x = torch.stack(crops).float()
     if kind == "csol_train":                                 # ColorJitter(brightness=0.3, saturation=0.3), random order
-        b = (0.7 + 0.6 * r[:, 3]).to(dev)[:, None, None, None]
-        s = (0.7 + 0.6 * r[:, 4]).to(dev)[:, None, None, None]
+        b = torch.tensor([prm[3] for prm in params], device=dev)[:, None, None, None]
+        s = torch.tensor([prm[4] for prm in params], device=dev)[:, None, None, None]
 
         def bright(z):                                       # PIL's blend with black, truncated to uint8
             return (z * b).clamp_(0, 255).floor_()
@@ -709,7 +733,8 @@ def augment_frames(frames: list, kind: str, size: int) -> torch.Tensor:
         def sat(z):                                          # blend with the frame's grey (PIL's "L", rounded)
             g = torch.floor((z[:, 0:1] * 19595 + z[:, 1:2] * 38470 + z[:, 2:3] * 7471 + 32768) / 65536)
             return (g + s * (z - g)).clamp_(0, 255).floor_()
-        x = torch.where((r[:, 5] < 0.5).to(dev)[:, None, None, None], sat(bright(x)), bright(sat(x)))
+        first = torch.tensor([prm[5] for prm in params], device=dev)[:, None, None, None]
+        x = torch.where(first, sat(bright(x)), bright(sat(x)))
     mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
     return x.div_(255).sub_(mean).div_(std)
@@ -750,7 +775,10 @@ def batch_images(batch: dict, device, args, kind: str, size: int, views: int = 1
         keep.append(k)
     if len(keep) < len(batch["ids"]):
         batch["ids"], batch["wav"] = [batch["ids"][k] for k in keep], batch["wav"][keep]
-    out = tuple(augment_frames(frames, kind, size) for _ in range(views))
+    shapes = [resize_target(kind, size, *f.shape[-2:]) for f in frames]
+    draws = [augment_params(kind, size, [hw]) for hw in shapes for _ in range(views)]   # sample by sample, as the
+    out = tuple(augment_frames(frames, kind, size, [d[0] for d in draws[v::views]])     # per-sample views draw
+                for v in range(views))
     return out if views > 1 else out[0]
 
 
