@@ -55,10 +55,10 @@ Deviations (from the paper P, from the official code O), and why:
      from the cache; otherwise at most 2 grey levels (max |diff| 0.035 after ImageNet normalisation), mean 1e-4
      (CPU, torch's uint8 bicubic; photo-like 640x360 and 1280x720 JPEGs and the synthetic frames; 2026-11-28, 2-core
      CPU). On CUDA the resize runs in float32 (max 0.07, mean 0.003, measured on CPU); nvJPEG's decode is not
-     measured (no GPU here). The crop/flip draws come from torch's generator in the main process (same distribution
-     as torchvision's, other draws). Audio: the window is read straight from the WAV (identical samples); a clip
-     shorter than a quarter of the window is an error (the official code tiles it silently), tiled clips are counted
-     in the log.
+     measured (no GPU here). The crop/flip draws are torchvision's own calls in its order, made in the main process:
+     with --workers 0 the same seed gives --decode pil's augmentation (with workers, pil draws in each worker's
+     stream). Audio: the window is read straight from the WAV (identical samples); a clip shorter than a quarter of
+     the window is an error (the official code tiles it silently), tiled clips are counted in the log.
 """
 import argparse
 import time
