@@ -39,6 +39,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import wave
 import xml.etree.ElementTree as ET
@@ -224,11 +225,12 @@ def log_spectrogram(wav: torch.Tensor, sr: int, nperseg: int = 512, noverlap: in
     doubled for every bin but DC and Nyquist ("density" scaling, one-sided). 16 kHz: 3 s -> 257x200, 10 s -> 257x671.
     """
     hop = nperseg - noverlap
-    x = wav.double()
+    x = wav.float()                                         # float32: within 1e-6 of float64 (see the README)
     frames = x.unfold(-1, nperseg, hop)                     # (B, T, 512)
     frames = frames - frames.mean(-1, keepdim=True)         # detrend='constant'
-    w = _tukey_periodic(nperseg).to(x.device)
-    spec = torch.fft.rfft(frames * w, dim=-1).abs() ** 2 / (sr * (w ** 2).sum())
+    w64 = _tukey_periodic(nperseg)
+    w, scale = w64.to(x.device, torch.float32), float(sr * (w64 ** 2).sum())
+    spec = torch.view_as_real(torch.fft.rfft(frames * w, dim=-1)).square().sum(-1) / scale   # |X|^2
     spec[..., 1:-1] *= 2.0                                  # one-sided: double all but DC and Nyquist (even n)
     out = torch.log(spec + 1e-7) / 12.0
     return out.transpose(-1, -2).unsqueeze(1).to(wav.dtype if wav.is_floating_point() else torch.float32)
@@ -325,31 +327,47 @@ def csol_log_mel(wav: torch.Tensor, sr: int = 16000) -> torch.Tensor:
 # =====================================================================================================
 # 3. Data: WAV files, the standard layout, the dataset reader
 # =====================================================================================================
-def read_wav(path) -> tuple[np.ndarray, int]:
-    """Read a PCM WAV (16/24/32-bit, any channel count) with the standard library -> (float32 mono in [-1, 1], sr).
+def _wav_open(path, vid: str | None = None):
+    """Parse a PCM WAV header with `wave` -> (byte offset of the samples, channels, sample width, rate, frames
+    actually in the file).
 
-    Multi-channel files are averaged to mono. Anything else (float or compressed WAV, empty or truncated files)
-    is a UserError naming the file.
-    """
+    A streaming header (data size 0 or 0xFFFFFFFF, as FFmpeg writes to a pipe) means "to the end of the file"; a
+    header that promises more frames than the file holds is "truncated". Every problem is BadMedia."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"missing audio file: {path}")
+        raise BadMedia(path, vid, "missing audio file")
     try:
         with wave.open(str(path), "rb") as f:
             ch, width, sr, n = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
-            raw = f.readframes(n)
+            # the data chunk's offset is counted from the RIFF chunk's data, which starts at byte 8
+            offset, declared = f._file.offset + f._data_chunk.offset, f._data_chunk.chunksize
     except (wave.Error, EOFError) as e:
-        raise UserError(f"{path}: not a PCM WAV file the reader understands ({e}); convert it with data_prep.py "
-                        f"(mono 16-bit PCM)") from None
+        raise BadMedia(path, vid, f"not a PCM WAV file the reader understands ({e}); convert it with data_prep.py "
+                                  f"(mono 16-bit PCM)") from None
     if width not in (2, 3, 4):
-        raise UserError(f"{path}: {8 * width}-bit WAV is not supported (PCM 16/24/32-bit only); convert it with "
-                        f"data_prep.py")
-    n_read = len(raw) // (width * ch)
-    if n_read == 0:
-        raise UserError(f"{path}: the WAV file holds no samples")
-    if n_read < n:
-        raise UserError(f"{path}: truncated WAV (header says {n} frames, file holds {n_read})")
-    raw = raw[:n_read * width * ch]
+        raise BadMedia(path, vid, f"{8 * width}-bit WAV is not supported (PCM 16/24/32-bit only); convert it with "
+                                  f"data_prep.py")
+    in_file = max(0, path.stat().st_size - offset) // (width * ch)
+    if declared in (0, 0xFFFFFFFF):                  # streaming header: the data runs to the end of the file
+        n = in_file
+    if n == 0:
+        raise BadMedia(path, vid, "the WAV file holds no samples")
+    if in_file < n:
+        raise BadMedia(path, vid, f"truncated WAV (header says {n} frames, file holds {in_file})")
+    return offset, ch, width, sr, n
+
+
+def _read_frames(path, offset: int, frame_bytes: int, start: int, count: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(offset + start * frame_bytes)
+        return fh.read(count * frame_bytes)
+
+
+def _pcm_to_float(raw: bytes, width: int, ch: int) -> np.ndarray:
+    """Interleaved little-endian PCM -> float32 mono in [-1, 1] (channels averaged)."""
+    raw = raw[:len(raw) // (width * ch) * width * ch]
+    if width == 2 and ch == 1:                               # the common case, exact in float32 (x / 2^15)
+        return np.frombuffer(raw, "<i2").astype(np.float32) / np.float32(32768)
     if width == 3:
         b = np.frombuffer(raw, np.uint8).reshape(-1, 3)
         x = (b[:, 0].astype(np.int32) | (b[:, 1].astype(np.int32) << 8) | (b[:, 2].astype(np.int32) << 16))
@@ -357,7 +375,40 @@ def read_wav(path) -> tuple[np.ndarray, int]:
     else:
         dt = {2: np.int16, 4: np.int32}[width]
         x = np.frombuffer(raw, dt).astype(np.float64) / float(-np.iinfo(dt).min)
-    return x.reshape(-1, ch).mean(1).astype(np.float32), sr
+    return x.reshape(-1, ch).mean(1).astype(np.float32)
+
+
+def read_wav(path) -> tuple[np.ndarray, int]:
+    """Read a whole PCM WAV (16/24/32-bit, any channel count) with the standard library -> (float32 mono in
+    [-1, 1], sr).
+
+    Multi-channel files are averaged to mono. Anything else (float or compressed WAV, empty or truncated files)
+    is a BadMedia (a UserError) naming the file.
+    """
+    offset, ch, width, sr, n = _wav_open(path)
+    return _pcm_to_float(_read_frames(path, offset, width * ch, 0, n), width, ch), sr
+
+
+def read_wav_window(path, seconds: float, where: str = "center", vid: str | None = None,
+                    sample_rate: int | None = None):
+    """Read only the window a method uses (header parsed by `wave`, then one seek + read of the window's bytes, not
+    the whole file) -> (float32 mono of exactly round(sr * seconds) samples, sr, tiled).
+
+    Equal to clip_window(read_wav(path)[0], ...). A clip shorter than the window is tiled as the official code does
+    (tiled=True, the caller counts them); one shorter than a quarter of the window is BadMedia. sample_rate: the
+    rate the method expects (another rate is a UserError pointing to data_prep.py; we never resample silently)."""
+    offset, ch, width, sr, total = _wav_open(path, vid)
+    if sample_rate is not None and sr != sample_rate:
+        raise UserError(f"{path}: sample rate {sr} Hz, this method expects {sample_rate} Hz; re-run data_prep.py "
+                        f"with --sr {sample_rate}")
+    n = int(round(sr * seconds))
+    if total >= n:
+        start = 0 if where == "start" else total // 2 - n // 2 if where == "center_tiled" else (total - n) // 2
+        return _pcm_to_float(_read_frames(path, offset, width * ch, start, n), width, ch), sr, False
+    if 4 * total < n:
+        raise BadMedia(path, vid, f"audio too short: {total / sr:.3f} s, the method needs {seconds:g} s")
+    x = _pcm_to_float(_read_frames(path, offset, width * ch, 0, total), width, ch)
+    return clip_window(x, sr, seconds, where), sr, True
 
 
 def write_wav(path, x: np.ndarray, sr: int):
@@ -405,16 +456,16 @@ def read_split(path) -> list[str]:
     return ids
 
 
-def load_image(path) -> Image.Image:
+def load_image(path, vid: str | None = None) -> Image.Image:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"missing frame: {path}")
+        raise BadMedia(path, vid, "missing frame")
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
     except Exception as e:
-        raise UserError(f"{path}: cannot decode image ({e})") from None
+        raise BadMedia(path, vid, f"cannot decode image ({e})") from None
 
 
 def check_layout(root, ids) -> None:
@@ -426,44 +477,96 @@ def check_layout(root, ids) -> None:
                         f"(first: {', '.join(bad[:5])}); run data_prep.py, or remove them from the split")
 
 
+class _Bad:
+    """What a DataLoader worker returns instead of a sample it cannot read (the main process raises or skips it,
+    so the user sees one error line, not a worker traceback). fatal: a UserError that --skip-bad must not hide."""
+
+    def __init__(self, err: UserError, n_samples: int = 0):
+        self.fatal, self.n_samples = not isinstance(err, BadMedia), n_samples
+        self.path, self.vid = getattr(err, "path", ""), getattr(err, "vid", None)
+        self.reason = getattr(err, "reason", "")
+        self.msg = str(err)
+
+    def error(self) -> UserError:
+        return UserError(self.msg) if self.fatal else BadMedia(self.path, self.vid, self.reason)
+
+
 class AVDataset(torch.utils.data.Dataset):
     """Reads the standard layout: item -> (image, waveform (float32 tensor), id).
 
-    image_tf: callable on the PIL frame (a method's augmentation; may return a tuple of views).
-    seconds / where: the audio window (see clip_window). sample_rate: the rate the method expects; a file at
+    image_tf: callable on the PIL frame (a method's augmentation; may return a tuple of views); None selects the
+    fast path: the item's image is then ("jpeg", the file's bytes), ("raw", decoded (3, H, W) uint8) or
+    ("resized", the frame-cache entry (3, h, w) uint8), decoded and augmented per batch by batch_images().
+    seconds / where: the audio window (see read_wav_window). sample_rate: the rate the method expects; a file at
     another rate is an error that points to data_prep.py (we never resample silently).
     cache: keep decoded frames and waveforms in memory (small datasets: the synthetic benchmark).
+    frame_cache: {id: path} of pre-resized uint8 frames (build_frame_cache), fast path only.
+    loader_items: for DataLoaders (collate_av): items become (image, wav, id, tiled) and an unreadable sample
+    becomes a _Bad marker instead of an exception raised inside a worker.
     """
 
     def __init__(self, root, ids, image_tf, seconds: float, where: str = "center", sample_rate: int = 16000,
-                 cache: bool = False):
+                 cache: bool = False, frame_cache: dict | None = None, loader_items: bool = False):
         self.root, self.ids, self.image_tf = Path(root), list(ids), image_tf
         self.seconds, self.where, self.sr = seconds, where, sample_rate
         if not self.ids:
             raise UserError(f"empty id list for {root} (an empty split file, or --limit)")
         check_layout(self.root, self.ids)
         self._cache = {} if cache else None
+        self.frame_cache, self.loader_items = frame_cache or {}, loader_items
 
     def __len__(self):
         return len(self.ids)
+
+    def audio(self, i):
+        """(window float32, tiled) of clip i."""
+        vid = self.ids[i]
+        path = self.root / "audio" / f"{vid}.wav"
+        x, _, tiled = read_wav_window(path, self.seconds, self.where, vid, self.sr)
+        return x, tiled
+
+    def frame(self, i):
+        """The fast path's frame: cached pre-resized uint8, else the file's bytes (never decoded here)."""
+        vid = self.ids[i]
+        if vid in self.frame_cache:
+            try:
+                return "resized", torch.from_numpy(np.load(self.frame_cache[vid])).permute(2, 0, 1)
+            except (OSError, ValueError):
+                pass                                    # a vanished/damaged entry: read the frame itself
+        path = self.root / "frames" / f"{vid}.jpg"
+        try:
+            data = np.fromfile(path, np.uint8)
+        except OSError as e:
+            raise BadMedia(path, vid, f"cannot read frame ({e})") from None
+        if data.size == 0:
+            raise BadMedia(path, vid, "empty frame file")
+        return "jpeg", torch.from_numpy(data)
 
     def raw(self, i):
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         vid = self.ids[i]
-        img = load_image(self.root / "frames" / f"{vid}.jpg")
-        x, sr = read_wav(self.root / "audio" / f"{vid}.wav")
-        if sr != self.sr:
-            raise UserError(f"{self.root / 'audio' / (vid + '.wav')}: sample rate {sr} Hz, this method expects "
-                            f"{self.sr} Hz; re-run data_prep.py with --sr {self.sr}")
-        item = (img, clip_window(x, sr, self.seconds, self.where))
+        if self.image_tf is None:
+            kind, img = self.frame(i)
+            if self._cache is not None and kind == "jpeg":  # in memory: keep the decoded frame
+                kind, img = "raw", decode_frame(img, self.root / "frames" / f"{vid}.jpg", vid)
+            img = (kind, img)
+        else:
+            img = load_image(self.root / "frames" / f"{vid}.jpg", vid)
+        item = (img, *self.audio(i))
         if self._cache is not None:
             self._cache[i] = item
         return item
 
     def __getitem__(self, i):
-        img, x = self.raw(i)
-        return self.image_tf(img), torch.from_numpy(x.copy()), self.ids[i]
+        if not self.loader_items:
+            img, x, _ = self.raw(i)
+            return self.image_tf(img) if self.image_tf else img, torch.from_numpy(x.copy()), self.ids[i]
+        try:
+            img, x, tiled = self.raw(i)
+        except UserError as e:
+            return _Bad(e, int(round(self.sr * self.seconds)))
+        return self.image_tf(img) if self.image_tf else img, torch.from_numpy(x.copy()), self.ids[i], tiled
 
 
 class SwapAudio(torch.utils.data.Dataset):
@@ -477,8 +580,10 @@ class SwapAudio(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        img, _, vid = self.ds[i]
-        return img, self.ds[self.perm[i]][1], vid
+        item, other = self.ds[i], self.ds[self.perm[i]]
+        if isinstance(item, _Bad) or isinstance(other, _Bad):
+            return item if isinstance(item, _Bad) else other
+        return (item[0], other[1], *item[2:])
 
 
 def image_transform(kind: str, size: int = 224, interpolation: str = "bicubic"):
@@ -514,6 +619,303 @@ def denormalize(img: torch.Tensor) -> np.ndarray:
     m = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     s = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (img.detach().cpu().float() * s + m).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The data path the methods train with. --decode fast (default): DataLoader workers only read bytes (the frame
+# file, or its pre-resized uint8 cache entry, and the audio window); batch_images() decodes, resizes, crops, flips,
+# jitters and normalises the whole batch with torch ops on the training device (nvJPEG on CUDA). --decode pil:
+# today's per-sample PIL pipeline (image_transform) in the workers, bit for bit the official augmentation.
+# ---------------------------------------------------------------------------------------------------------
+class MediaLog:
+    """Samples this process skipped (--skip-bad) and clips it tiled (shorter than the audio window); reset by
+    resolve_data at the start of a run, reported by save_results."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.skipped, self.tiled = {}, set()
+
+
+MEDIA = MediaLog()
+
+
+def resize_target(kind: str, size: int, h: int, w: int) -> tuple[int, int]:
+    """The (height, width) image_transform(kind, size) resizes an h x w frame to (torchvision's Resize rules)."""
+    if kind in ("crop_flip", "center_crop"):
+        s = int(size * 1.1) if kind == "crop_flip" else size
+        return (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+    if kind == "squash":
+        return size, size
+    if kind == "csol_train":
+        big = int(round(size * 256 / 224))
+        return big, big
+    raise ValueError(f"unknown image transform {kind}")
+
+
+def decode_frame(data: torch.Tensor, path, vid=None) -> torch.Tensor:
+    """JPEG/PNG bytes -> (3, H, W) uint8 RGB on the CPU; BadMedia naming the file if it does not decode."""
+    from torchvision.io import ImageReadMode, decode_image
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except Exception as e:
+        raise BadMedia(path, vid, f"cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
+def _decode_on(datas: list, paths: list, ids: list, device) -> list:
+    """Byte tensors -> (3, H, W) uint8 frames on `device` (one batched nvJPEG call on CUDA), or a BadMedia in place
+    of each frame that does not decode."""
+    if device.type == "cuda" and datas:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        try:
+            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        except Exception:
+            pass                                             # find the culprit(s) one by one below
+    out = []
+    for d, p, vid in zip(datas, paths, ids):
+        try:
+            out.append(decode_frame(d, p, vid).to(device, non_blocking=True))
+        except BadMedia as e:
+            out.append(e)
+    return out
+
+
+def augment_params(kind: str, size: int, shapes: list) -> list:
+    """The random draws of image_transform(kind, size) for frames resized to `shapes`, made with torchvision's own
+    calls in its order (RandomCrop's two randint unless the frame is already size x size, RandomHorizontalFlip's
+    rand, ColorJitter's randperm and factors), one sample after the other: with --workers 0 the fast path draws
+    exactly the crops, flips and jitters --decode pil would. -> [(i, j, flip, brightness, saturation,
+    brightness_first)] (None where the pipeline has no randomness)."""
+    if kind not in ("crop_flip", "csol_train"):
+        return [None] * len(shapes)
+    out = []
+    for h, w in shapes:
+        i = j = 0
+        if (h, w) != (size, size):
+            i, j = int(torch.randint(0, h - size + 1, size=(1,))), int(torch.randint(0, w - size + 1, size=(1,)))
+        flip = bool(torch.rand(1) < 0.5)
+        b = s = 1.0
+        first = True
+        if kind == "csol_train":
+            order = torch.randperm(4).tolist()               # brightness, contrast, saturation, hue (None: skipped)
+            b, s = float(torch.empty(1).uniform_(0.7, 1.3)), float(torch.empty(1).uniform_(0.7, 1.3))
+            first = order.index(0) < order.index(2)
+        out.append((i, j, flip, b, s, first))
+    return out
+
+
+def augment_frames(frames: list, kind: str, size: int, params: list | None = None,
+                   interpolation: str = "bicubic") -> torch.Tensor:
+    """Decoded (3, H, W) uint8 frames (any sizes, on one device) -> (B, 3, size, size) ImageNet-normalised float32:
+    image_transform(kind, size, interpolation) for a whole batch. Resizes are bicubic (CSOL: bilinear) with
+    antialias (PIL's filter; on the CPU
+    torch's uint8 kernel, on CUDA in float32 rounded to the uint8 grid); a frame already at its resize target (a
+    frame-cache entry) is not resized again.
+    Random crops, flips and jitter factors are augment_params(), drawn from torch's global generator in the main
+    process (reseeded per epoch by the methods): a run is reproducible whatever --workers is."""
+    dev = frames[0].device if frames else torch.device("cpu")
+    B = len(frames)
+    if B == 0:
+        return torch.zeros(0, 3, size, size, device=dev)
+    resized = [None] * B
+    groups = {}
+    for k, f in enumerate(frames):
+        t = resize_target(kind, size, *f.shape[-2:])
+        if tuple(f.shape[-2:]) == t:
+            resized[k] = f
+        else:
+            groups.setdefault((tuple(f.shape), t), []).append(k)
+    for (_, t), idx in groups.items():
+        if dev.type == "cpu":        # torch's uint8 kernel (PIL's integer arithmetic), one frame at a time: decoded
+            for k in idx:            # frames are already channels-last in memory, a stack would copy them twice
+                resized[k] = F.interpolate(frames[k][None].contiguous(memory_format=torch.channels_last), size=t,
+                                           mode=interpolation, antialias=True, align_corners=False)[0]
+            continue
+        y = F.interpolate(torch.stack([frames[k] for k in idx]).float(), size=t, mode=interpolation,
+                          antialias=True, align_corners=False)
+        for k, yk in zip(idx, y.round_().clamp_(0, 255).to(torch.uint8)):
+            resized[k] = yk
+    if params is None:
+        params = augment_params(kind, size, [tuple(x.shape[-2:]) for x in resized])
+    crops = []
+    for x, prm in zip(resized, params):
+        h, w = x.shape[-2:]
+        if prm is not None:                                  # RandomCrop(size), RandomHorizontalFlip
+            i, j, flip = prm[:3]
+            x = x[:, i:i + size, j:j + size]
+            crops.append(x.flip(-1) if flip else x)
+        else:                                                # CenterCrop(size) (squash: already size x size)
+            i, j = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+            crops.append(x[:, i:i + size, j:j + size])
+    x = torch.stack(crops).float()
+    if kind == "csol_train":                                 # ColorJitter(brightness=0.3, saturation=0.3), random order
+        b = torch.tensor([prm[3] for prm in params], device=dev)[:, None, None, None]
+        s = torch.tensor([prm[4] for prm in params], device=dev)[:, None, None, None]
+
+        def bright(z):                                       # PIL's blend with black, truncated to uint8
+            return (z * b).clamp_(0, 255).floor_()
+
+        def sat(z):                                          # blend with the frame's grey (PIL's "L", rounded)
+            g = torch.floor((z[:, 0:1] * 19595 + z[:, 1:2] * 38470 + z[:, 2:3] * 7471 + 32768) / 65536)
+            return (g + s * (z - g)).clamp_(0, 255).floor_()
+        first = torch.tensor([prm[5] for prm in params], device=dev)[:, None, None, None]
+        x = torch.where(first, sat(bright(x)), bright(sat(x)))
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    return x.div_(255).sub_(mean).div_(std)
+
+
+def _bad(err: UserError, args) -> None:
+    """Stop with this error, or (--skip-bad, a BadMedia) record the sample as skipped."""
+    if not (getattr(args, "skip_bad", False) and isinstance(err, BadMedia)):
+        raise err
+    MEDIA.skipped[err.vid] = f"{err.path}: {err.reason}"
+
+
+def batch_images(batch: dict, device, args, kind: str, size: int, interpolation: str = "bicubic",
+                 views: int = 1):
+    """The image half of a method's batch_to_device: a collate_av batch -> (B, 3, size, size) normalised float32 on
+    `device` (a tuple of `views` independently augmented views). An unreadable sample stops the run with one
+    BadMedia, or under --skip-bad is dropped from the batch (batch["ids"] and batch["wav"] too) and recorded."""
+    for b in batch.pop("bad", []):
+        _bad(b.error(), args)
+    MEDIA.tiled.update(batch.pop("tiled", []))
+    if "images" in batch:                                    # --decode pil: augmented per sample in the workers
+        ims = batch["images"]
+        if views > 1:
+            return tuple(x.to(device, non_blocking=True) for x in ims)
+        return ims.to(device, non_blocking=True)
+    device = torch.device(device)
+    root = Path(args.data) / "frames"
+    jpeg = [k for k, (fmt, _) in enumerate(batch["frames"]) if fmt == "jpeg"]
+    decoded = dict(zip(jpeg, _decode_on([batch["frames"][k][1] for k in jpeg],
+                                        [root / f"{batch['ids'][k]}.jpg" for k in jpeg],
+                                        [batch["ids"][k] for k in jpeg], device)))
+    frames, keep = [], []
+    for k, (fmt, f) in enumerate(batch["frames"]):
+        f = decoded.get(k, f)
+        if isinstance(f, BadMedia):
+            _bad(f, args)
+            continue
+        frames.append(f.to(device, non_blocking=True))
+        keep.append(k)
+    if len(keep) < len(batch["ids"]):
+        batch["ids"], batch["wav"] = [batch["ids"][k] for k in keep], batch["wav"][keep]
+    shapes = [resize_target(kind, size, *f.shape[-2:]) for f in frames]
+    draws = [augment_params(kind, size, [hw]) for hw in shapes for _ in range(views)]   # sample by sample, as the
+    out = tuple(augment_frames(frames, kind, size, [d[0] for d in draws[v::views]], interpolation)  # per-sample
+                for v in range(views))                                                       # views draw
+    return out if views > 1 else out[0]
+
+
+def collate_av(items: list) -> dict:
+    """DataLoader collate for AVDataset(loader_items=True): {"ids", "wav" (B, N) float32, "tiled": ids whose audio
+    was tiled, "bad": _Bad markers, and "frames" [(format, uint8 tensor)] (fast) or "images" (pil)}."""
+    good = [it for it in items if not isinstance(it, _Bad)]
+    bad = [it for it in items if isinstance(it, _Bad)]
+    n = good[0][1].shape[0] if good else bad[0].n_samples
+    batch = {"ids": [it[2] for it in good], "bad": bad, "tiled": [it[2] for it in good if it[3]],
+             "wav": torch.stack([it[1] for it in good]) if good else torch.zeros(0, n)}
+    if good and isinstance(good[0][0], tuple) and isinstance(good[0][0][0], str):
+        batch["frames"] = [it[0] for it in good]
+    elif good:
+        batch["images"] = torch.utils.data.default_collate([it[0] for it in good])
+    else:
+        batch["frames"] = []
+    return batch
+
+
+class _Views:
+    """n independently augmented views of one frame (SSPL's two views) for the per-sample PIL path."""
+
+    def __init__(self, tf, n: int):
+        self.tf, self.n = tf, n
+
+    def __call__(self, img):
+        return tuple(self.tf(img) for _ in range(self.n))
+
+
+def build_frame_cache(root, ids, kind: str, size: int, log=print, interpolation: str = "bicubic") -> dict:
+    """The pre-resized frame cache of a random-crop training pipeline: ROOT/cache/frames_<kind><size>/<id>.<source
+    mtime_ns>.npy holds the frame after image_transform(kind, size)'s PIL resize (uint8, so the fast path's crops
+    start from the official pixels). Entries are written atomically (temp file + rename) by a thread pool on first
+    use; a frame whose file changed (new mtime) gets a new entry and its stale one is removed. Returns {id: path}
+    of the entries present (a frame that cannot be read is left for the reader to report)."""
+    import concurrent.futures as cf
+    import torchvision.transforms as T
+    root = Path(root)
+    d = root / "cache" / (f"frames_{kind}{size}" + ("" if interpolation == "bicubic" else f"_{interpolation}"))
+    entries, todo = {}, []
+    for vid in ids:
+        try:
+            m = (root / "frames" / f"{vid}.jpg").stat().st_mtime_ns
+        except OSError:
+            continue
+        entries[vid] = d / f"{vid}.{m}.npy"
+        if not entries[vid].is_file():
+            todo.append(vid)
+    if not todo:
+        return entries
+    t0 = time.time()
+    stale = {}                                               # id -> entries of older versions of its frame
+    for dirpath, _, names in os.walk(d):
+        for name in names:
+            stem, _, rest = name[:-4].rpartition(".") if name.endswith(".npy") else ("", "", "")
+            if rest.isdigit():
+                vid = str((Path(dirpath) / stem).relative_to(d))
+                if vid in entries and entries[vid].name != name:
+                    stale.setdefault(vid, []).append(Path(dirpath) / name)
+    resize = T.Resize(int(size * 1.1) if kind == "crop_flip" else resize_target(kind, size, 1, 1),
+                      T.InterpolationMode(interpolation))
+
+    def one(vid):
+        path = entries[vid]
+        try:
+            arr = np.asarray(resize(load_image(root / "frames" / f"{vid}.jpg", vid)))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+            os.replace(tmp, path)
+            for old in stale.get(vid, []):
+                old.unlink(missing_ok=True)
+        except BadMedia:
+            entries.pop(vid, None)
+        except OSError as e:
+            return e
+
+    with cf.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
+        errors = [e for e in ex.map(one, todo) if e is not None]
+    if errors:
+        log(f"frame cache: cannot write under {d} ({errors[0]}); decoding the frames instead (--no-cache hides this)")
+        return {}
+    log(f"frame cache: {len(todo)} frames pre-resized for {kind} {size} px under {d} in {time.time() - t0:.1f} s "
+        f"(built once, rebuilt per changed frame; --no-cache skips it)")
+    return {vid: p for vid, p in entries.items() if vid not in todo or p.is_file()}
+
+
+def av_dataset(args, split_file, kind: str, seconds: float, where: str, sample_rate: int, views: int = 1,
+               interpolation: str = "bicubic"):
+    """A method's dataset of one split (first --limit ids) for the image pipeline `kind` (see image_transform) and
+    the audio window (seconds, where). --decode pil: the per-sample PIL transform in the workers; fast: the
+    workers read bytes and the method's batch_to_device calls batch_images(kind). The synthetic cpu preset keeps
+    its clips in memory; a random-crop training pipeline (crop_flip, csol_train) otherwise reads the pre-resized
+    frame cache (built on first use, --no-cache skips it)."""
+    ids = read_split(split_file)[: args.limit]
+    memory = args.preset == "cpu"
+    if args.decode == "pil":
+        tf = image_transform(kind, args.image_size, interpolation)
+        return AVDataset(args.data, ids, _Views(tf, views) if views > 1 else tf, seconds, where, sample_rate,
+                         cache=memory, loader_items=True)
+    cache = None
+    if kind in ("crop_flip", "csol_train") and not memory and not args.no_cache:
+        log = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
+        check_layout(args.data, ids)
+        cache = build_frame_cache(args.data, ids, kind, args.image_size, log, interpolation)
+    return AVDataset(args.data, ids, None, seconds, where, sample_rate, cache=memory, frame_cache=cache,
+                     loader_items=True)
 
 
 # =====================================================================================================
@@ -1084,6 +1486,7 @@ def resolve_data(args, log=print):
         rd = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         with contextlib.suppress(OSError, ValueError, AttributeError):
             args.data = json.loads((rd / "args.json").read_text()).get("data")
+    MEDIA.reset()
     if args.data is None:
         try:
             import data_prep                            # the generator: only needed for the synthetic default
@@ -1321,7 +1724,8 @@ class Run:
             sampler.set_epoch(epoch)
         return torch.utils.data.DataLoader(ds, self.per_proc, shuffle=sampler is None, sampler=sampler,
                                            num_workers=args.workers, drop_last=True,
-                                           generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+                                           generator=torch.Generator().manual_seed(args.seed * 1000 + epoch),
+                                           collate_fn=collate_av)
 
     def sums(self, *values):
         """Sum per-epoch totals (loss sum, step count, ...) over the DDP processes, so `total / steps` is the
@@ -1422,7 +1826,8 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
                "resize": res["resize"], "n": res["n"], "n_listed": res["n_listed"], "seconds": round(seconds, 1),
                "test": res["test"], "baselines": res["baselines"],
                "audio_swapped": swapped["test"] if swapped else None, "map": map_name,
-               "missing": res["missing"], "empty_gt": res["empty_gt"], **(extra or {})}
+               "missing": res["missing"], "empty_gt": res["empty_gt"], "skipped": len(MEDIA.skipped),
+               **(extra or {})}
     viz = None
     if args.viz:                                   # rendered into a temporary folder first (the slow part)
         viz = out / "viz"
@@ -1450,6 +1855,11 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
         _write_text_atomic(out / "missing_ids.txt", "\n".join(res["missing"]) + "\n")
     elif (out / "missing_ids.txt").is_file():
         (out / "missing_ids.txt").unlink()          # a stale list from an earlier evaluation
+    if MEDIA.tiled:
+        log(f"{len(MEDIA.tiled)} clips shorter than the audio window were tiled to fill it (official rule)")
+    if MEDIA.skipped:
+        _write_text_atomic(out / "skipped_ids.txt", "".join(f"{k}\t{v}\n" for k, v in sorted(MEDIA.skipped.items())))
+        log(f"--skip-bad: skipped {len(MEDIA.skipped)} unreadable samples, listed in {out / 'skipped_ids.txt'}")
     write_json(out / "results.json", results)
     log(f"results written to {out / 'results.json'}")
     return results

@@ -71,6 +71,16 @@ Deviations (from the paper P, from the official code O), and why:
      batch images once (official: 2B rows, each positive frame plus a separately loaded negative frame), and a
      negative can come from the same video when a batch holds two clips of one video (official: a random frame
      of a different video, checked by YouTube id; stage two: another random synthetic grid).
+  10. (O) The data path (--decode fast, the default): frames are decoded, resized, cropped, flipped, colour-jittered
+     per batch with torch ops on the training device (nvJPEG on CUDA), training crops from the pre-resized frame
+     cache on real data. Against the official per-sample PIL pipeline (--decode pil, kept bit for bit): identical
+     pixels from the cache; otherwise at most 3 grey levels (max |diff| 0.053 after ImageNet normalisation), mean
+     1e-4 (CPU, torch's uint8 bicubic; photo-like 640x360 and 1280x720 JPEGs and the synthetic frames; 2026-11-28,
+     2-core CPU). On CUDA the resize runs in float32 (max 0.07, mean 0.003, measured on CPU); nvJPEG's decode is not
+     measured (no GPU here). The crop/flip/jitter draws are torchvision's own calls in its order, made in the main
+     process: with --workers 0 the same seed gives --decode pil's augmentation (with workers, pil draws in each
+     worker's stream). Audio: the window is read straight from the WAV (identical samples); a clip shorter than a
+     quarter of the window is an error (the official code tiles it silently), tiled clips are counted in the log.
 """
 import argparse
 import copy
@@ -274,15 +284,15 @@ def hungarian_assign(label2cluster: np.ndarray) -> np.ndarray:
 # Train
 # ----------------------------------------------------------------------------------------------------------
 def make_dataset(args, split_file, train: bool):
-    ids = C.read_split(split_file)[: args.limit]
-    tf = C.image_transform("csol_train" if train else "squash", args.image_size, RESIZE)
-    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+    return C.av_dataset(args, split_file, "csol_train" if train else "squash", CLIP_SECONDS, "center", SR,
+                        interpolation=RESIZE)
 
 
 def batch_to_device(batch, device, args, train: bool):
-    """A loader batch -> what a training step consumes: (images, log-mels (B, 1, T, 64)) on the device."""
-    img, wav, _ = batch
-    return img.to(device), C.csol_log_mel(wav.to(device), SR)
+    """A loader batch -> what a step consumes: (images (B, 3, S, S), log-mels (B, 1, 201, 64)) on the device.
+    --decode fast decodes and augments the frames here (csol_train for training, squash for testing)."""
+    img = C.batch_images(batch, device, args, "csol_train" if train else "squash", args.image_size, RESIZE)
+    return img, C.csol_log_mel(batch["wav"].to(device, non_blocking=True), SR)
 
 
 def train_step(model, opt, amp, inputs, args):
@@ -299,19 +309,21 @@ def train_step(model, opt, amp, inputs, args):
 
 def loader_for(ds, args, epoch, shuffle=True):
     return torch.utils.data.DataLoader(ds, args.batch_size, shuffle=shuffle, num_workers=args.workers,
-                                       drop_last=shuffle and len(ds) >= args.batch_size,
+                                       drop_last=shuffle and len(ds) >= args.batch_size, collate_fn=C.collate_av,
                                        generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
 
 
 @torch.no_grad()
-def extract_objects(model, ds, args, device):
-    """Object features (Eq. 3) of every clip of ds (positive pairs, eval mode)."""
+def extract_objects(model, ds, args, device, train: bool):
+    """Object features (Eq. 3) of every clip of ds (positive pairs, eval mode; train: with the training
+    augmentation, as ds's frames are seen in training) -> (features, their ids)."""
     model.eval()
-    feats = []
-    for img, wav, _ in loader_for(ds, args, 0, shuffle=False):
-        v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+    feats, ids = [], []
+    for batch in loader_for(ds, args, 0, shuffle=False):
+        v_fea, a_fea = model.features(*batch_to_device(batch, device, args, train))
         feats.append(object_features(v_fea, model.loc_map(v_fea, a_fea), args.mask_threshold, args.obj_pool).cpu())
-    return torch.cat(feats).numpy()
+        ids += batch["ids"]
+    return torch.cat(feats).numpy(), ids
 
 
 def class_labels(ann, ids, names):
@@ -344,25 +356,31 @@ def train_stage1(args, device, log, run_dir, ck=None):
         for step, batch in enumerate(C.progress(loader_for(train_ds, args, epoch), f"stage 1 loc {epoch + 1}")):
             if args.max_steps and step >= args.max_steps:
                 break
-            loss = train_step(model, opt, amp, batch_to_device(batch, device, args, True), args)   # Eq. 2
+            inputs = batch_to_device(batch, device, args, True)
+            if len(inputs[0]) == 0:                                       # every sample skipped (--skip-bad)
+                continue
+            loss = train_step(model, opt, amp, inputs, args)              # Eq. 2
             tot, n = tot + loss.item(), n + 1
         if epoch >= 1:                                                    # official: cluster + classify from epoch 1
-            feats = extract_objects(model, train_ds, args, device)
+            feats, feat_ids = extract_objects(model, train_ds, args, device, True)
             D, labels, km = build_dictionary(feats, args.clusters, args.seed)   # Eq. 4-5
             model.D.copy_(torch.from_numpy(D))
-            val_pseudo = km.predict(_l2(extract_objects(model, val_ds, args, device)))
-            assign, nmi = match_clusters(class_labels(ann, val_ds.ids, names), val_pseudo, len(names), args.clusters)
+            val_feats, val_ids = extract_objects(model, val_ds, args, device, False)
+            val_pseudo = km.predict(_l2(val_feats))
+            assign, nmi = match_clusters(class_labels(ann, val_ids, names), val_pseudo, len(names), args.clusters)
             model.reset_heads(args.clusters)
             heads = torch.optim.Adam(list(model.h_v.parameters()) + list(model.h_a.parameters()), lr=1e-3,
                                      weight_decay=1e-4)
-            lab = dict(zip(train_ds.ids, labels.tolist()))
+            lab = dict(zip(feat_ids, labels.tolist()))
             for it in range(args.class_iter):                             # Eq. 6 on the pseudo labels
                 model.train()
                 for step, batch in enumerate(loader_for(train_ds, args, epoch * 10 + it + 1)):
                     if args.max_steps and step >= args.max_steps:
                         break
                     img, spec = batch_to_device(batch, device, args, True)
-                    y = torch.tensor([lab[i] for i in batch[-1]], device=device)
+                    if len(img) == 0:
+                        continue
+                    y = torch.tensor([lab[i] for i in batch["ids"]], device=device)
                     with amp.autocast():
                         v_fea, a_fea = model.features(C.channels_last(img), spec)
                     v_fea, a_fea = v_fea.float(), a_fea.float()
@@ -418,6 +436,8 @@ def train_stage2(args, device, log, run_dir, model, stage1_info, ck=None):
             if args.max_steps and step >= args.max_steps:
                 break
             img, spec = batch_to_device(batch, device, args, True)
+            if len(img) == 0:                                             # every sample skipped (--skip-bad)
+                continue
             img = C.channels_last(img)
             with amp.autocast():                                          # trunks in mixed precision on CUDA
                 v_fea, a_fea = model.features(img, spec)
@@ -509,8 +529,12 @@ def compute_outputs(model, ds, args, device, with_classes=False):
     """{id: l} (single-source map) and, with_classes, {id: S (K, h, w)} (Eq. 13)."""
     model.eval()
     loc, cls = {}, {}
-    for img, wav, ids in loader_for(ds, args, 0, shuffle=False):
-        v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+    for batch in loader_for(ds, args, 0, shuffle=False):
+        img, spec = batch_to_device(batch, device, args, False)
+        ids = batch["ids"]
+        if not ids:
+            continue
+        v_fea, a_fea = model.features(img, spec)
         l = model.loc_map(v_fea, a_fea)
         S = final_maps(class_maps(model, v_fea, l, not args.no_obj_affine), args.map_temp) if with_classes else None
         for k, vid in enumerate(ids):

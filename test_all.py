@@ -1522,3 +1522,169 @@ def test_sspl_attention_and_csol_class_maps_follow_the_input_dtype():
     s64 = csol.class_maps(net, v64, net.loc_map(v64, a64))
     assert s64.dtype == torch.float64
     np.testing.assert_allclose(s64.numpy(), s32.double().numpy(), rtol=1e-5, atol=1e-5 * float(s64.abs().max()))
+
+
+# ===== issue 11A: fast data path =====
+from types import SimpleNamespace  # noqa: E402
+
+
+def _photo_jpeg(path, h, w, seed=0):
+    """A photo-like frame: 1/f amplitude spectrum (natural-image statistics), correlated colours, JPEG q90."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
+    f[0, 0] = 1
+    ch = [np.real(np.fft.ifft2(np.exp(2j * np.pi * rng.random((h, w))) / f)) for _ in range(3)]
+    img = np.stack([ch[0] + 0.3 * ch[1], ch[0] + 0.3 * ch[2], ch[0] - 0.3 * ch[1]], -1)
+    Image.fromarray(np.clip((img - img.mean()) / img.std() * 50 + 120, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def test_fast_path_against_the_official_pil_transforms(tiny, tmp_path):
+    """Same seed -> the same crops, flips and jitters as torchvision's per-sample transforms; pixels within the
+    documented tolerance (exact from the frame cache's PIL-resized frames)."""
+    from PIL import Image
+    synth = C.read_split(tiny / "splits" / "test.txt")[0]
+    paths = [tmp_path / "p0.jpg", tmp_path / "p1.jpg", tiny / "frames" / f"{synth}.jpg"]
+    _photo_jpeg(paths[0], 180, 320, 0)                       # 16:9 and 4:3 photo-like frames, a synthetic frame
+    _photo_jpeg(paths[1], 150, 200, 1)
+    pils = [Image.open(p).convert("RGB") for p in paths]
+    frames = [C.decode_frame(torch.from_numpy(np.fromfile(p, np.uint8)), p) for p in paths]
+    for kind in ("crop_flip", "squash", "center_crop", "csol_train"):
+        tf = C.image_transform(kind, 96)
+        torch.manual_seed(5)
+        ref = torch.stack([tf(p) for p in pils])
+        torch.manual_seed(5)
+        fast = C.augment_frames(frames, kind, 96)
+        assert fast.shape == (3, 3, 96, 96) and fast.dtype == torch.float32
+        d = (fast - ref).abs()
+        assert float(d.max()) <= 0.06 and float(d.mean()) < 1e-3, (kind, float(d.max()))   # <= 3 grey levels
+        if kind in ("crop_flip", "csol_train"):              # from the frame cache's PIL-resized pixels: exact
+            pre = [torch.from_numpy(np.array(p.resize(C.resize_target(kind, 96, p.height, p.width)[::-1],
+                                                      Image.BICUBIC))).permute(2, 0, 1) for p in pils]
+            torch.manual_seed(5)
+            assert torch.equal(C.augment_frames(pre, kind, 96), ref)
+
+
+def test_fast_path_crop_and_flip_geometry():
+    frame = torch.zeros(3, 220, 220, dtype=torch.uint8)     # crop_flip at 200: Resize(220) is a no-op
+    frame[0, :10, :10] = 255                                 # a red marker in the top-left corner
+    frame[1] = torch.arange(220, dtype=torch.uint8)[None, :]  # green = source column
+    frame[2] = torch.arange(220, dtype=torch.uint8)[:, None]  # blue = source row
+    seen = set()
+    for seed in range(8):
+        torch.manual_seed(seed)                              # RandomCrop's draws, then RandomHorizontalFlip's
+        i, j, flip = int(torch.randint(0, 21, (1,))), int(torch.randint(0, 21, (1,))), bool(torch.rand(1) < 0.5)
+        torch.manual_seed(seed)
+        out = torch.from_numpy(C.denormalize(C.augment_frames([frame], "crop_flip", 200)[0]).astype(np.int64))
+        seen.add(flip)
+        cols = (j + torch.arange(200)).flip(0) if flip else j + torch.arange(200)
+        assert (out[:, :, 2] - (i + torch.arange(200))[:, None]).abs().max() <= 1          # rows: crop offset i
+        assert (out[:, :, 1] - cols[None, :]).abs().max() <= 1                            # columns: offset j, mirrored
+        red = out[:, :, 0] > 128
+        x0 = 200 - (10 - j) if flip else 0
+        hm, wm = max(0, 10 - i), max(0, 10 - j)                                           # the marker, cropped
+        assert bool(red[:hm, x0:x0 + wm].all()) and int(red.sum()) == hm * wm
+    assert seen == {True, False}
+
+
+def test_frame_cache_atomic_and_rebuilt_when_a_frame_changes(tiny, tmp_path, monkeypatch):
+    import os
+    import shutil
+    from PIL import Image
+    root = tmp_path / "d"
+    shutil.copytree(tiny, root)
+    ids = C.read_split(root / "splits" / "train.txt")[:3]
+    renames, real_replace = [], os.replace
+    monkeypatch.setattr(C.os, "replace", lambda a, b: (renames.append((Path(a), Path(b))), real_replace(a, b))[1])
+    logs = []
+    cache = C.build_frame_cache(root, ids, "crop_flip", 96, logs.append)
+    assert set(cache) == set(ids) and len(logs) == 1 and "3 frames" in logs[0]
+    assert len(renames) == 3 and all(a.parent == b.parent and a.name.endswith(".part") for a, b in renames)
+    assert not list(cache[ids[0]].parent.glob("*.part"))
+    pil = Image.open(root / "frames" / f"{ids[0]}.jpg").convert("RGB")
+    th, tw = C.resize_target("crop_flip", 96, pil.height, pil.width)
+    assert np.array_equal(np.load(cache[ids[0]]), np.asarray(pil.resize((tw, th), Image.BICUBIC)))
+    assert C.build_frame_cache(root, ids, "crop_flip", 96, logs.append) == cache and len(logs) == 1   # built once
+    Image.fromarray(np.full((64, 80, 3), 30, np.uint8)).save(root / "frames" / f"{ids[0]}.jpg")
+    st = (root / "frames" / f"{ids[0]}.jpg").stat()
+    os.utime(root / "frames" / f"{ids[0]}.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    new = C.build_frame_cache(root, ids, "crop_flip", 96, logs.append)
+    assert len(logs) == 2 and "1 frames" in logs[1] and new[ids[1]] == cache[ids[1]]
+    assert new[ids[0]] != cache[ids[0]] and not cache[ids[0]].exists()                # the stale entry is gone
+    assert np.load(new[ids[0]]).shape == (105, 131, 3) and int(np.load(new[ids[0]]).max()) <= 31
+    args = SimpleNamespace(data=str(root), limit=3, preset="paper", decode="fast", no_cache=False, image_size=96)
+    ds = C.av_dataset(args, root / "splits" / "train.txt", "crop_flip", 3.0, "center", 16000)
+    assert ds[0][0][0] == "resized" and ds.frame_cache == new
+    args.no_cache = True
+    assert C.av_dataset(args, root / "splits" / "train.txt", "crop_flip", 3.0, "center", 16000)[0][0][0] == "jpeg"
+
+
+def test_windowed_wav_read_streaming_header_and_short_audio(tmp_path):
+    rng = np.random.default_rng(0)
+    for n, sr, seconds in ((50000, 16000, 3.0), (48000, 16000, 3.0), (30000, 16000, 3.0), (161000, 16000, 10.0)):
+        x = rng.integers(-30000, 30000, n)
+        _write_pcm(tmp_path / "a.wav", x, 2, sr)
+        full, _ = C.read_wav(tmp_path / "a.wav")
+        for where in ("center", "start"):
+            win, sr2, tiled = C.read_wav_window(tmp_path / "a.wav", seconds, where)
+            assert sr2 == sr and tiled == (n < sr * seconds)
+            np.testing.assert_array_equal(win, C.clip_window(full, sr, seconds, where))
+    _write_pcm(tmp_path / "st24.wav", rng.integers(-(1 << 23), 1 << 23, 2 * 40000), 3, channels=2)
+    np.testing.assert_array_equal(C.read_wav_window(tmp_path / "st24.wav", 1.0, "center")[0],
+                                  C.clip_window(C.read_wav(tmp_path / "st24.wav")[0], 16000, 1.0))
+    raw = bytearray((tmp_path / "a.wav").read_bytes())      # FFmpeg to a pipe: RIFF and data sizes 0xFFFFFFFF
+    assert raw[36:40] == b"data"
+    raw[4:8] = raw[40:44] = b"\xff\xff\xff\xff"
+    (tmp_path / "stream.wav").write_bytes(bytes(raw))
+    np.testing.assert_array_equal(C.read_wav(tmp_path / "stream.wav")[0], C.read_wav(tmp_path / "a.wav")[0])
+    np.testing.assert_array_equal(C.read_wav_window(tmp_path / "stream.wav", 3.0)[0],
+                                  C.read_wav_window(tmp_path / "a.wav", 3.0)[0])
+    _write_pcm(tmp_path / "short.wav", np.ones(16), 2)      # 1 ms, tiled 3000x today
+    with pytest.raises(C.BadMedia, match=r"audio too short: 0.001 s, the method needs 3 s") as e:
+        C.read_wav_window(tmp_path / "short.wav", 3.0, vid="short")
+    assert e.value.vid == "short" and e.value.path.endswith("short.wav")
+
+
+def _bad_copy(tiny, root):
+    """tiny with an undecodable frame in the train split, a 1 ms WAV in the test split and a 1 s WAV (tiled to the
+    3 s window) in the validation split."""
+    import shutil
+    shutil.copytree(tiny, root)
+    tr, te = C.read_split(root / "splits" / "train.txt")[3], C.read_split(root / "splits" / "test.txt")[2]
+    (root / "frames" / f"{tr}.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    C.write_wav(root / "audio" / f"{te}.wav", np.ones(16) * 0.1, 16000)
+    va = C.read_split(root / "splits" / "val.txt")[0]
+    C.write_wav(root / "audio" / f"{va}.wav", C.read_wav(root / "audio" / f"{va}.wav")[0][:16000], 16000)
+    return tr, te
+
+
+def test_bad_frame_under_workers_is_one_error_line_and_skip_bad_lists_it(tiny, tmp_path, capsys):
+    tr, te = _bad_copy(tiny, tmp_path / "bad")
+    r = run_py("ez_vsl.py", *_quick(tmp_path / "bad", tmp_path / "o1", "--epochs", "1", "--workers", "2"), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"{tr}.jpg" in errors[0] and "cannot decode image" in errors[0]
+    ez_vsl.main(_quick(tmp_path / "bad", tmp_path / "o2", "--epochs", "1", "--skip-bad", "--max-steps", "3"))
+    run = next((tmp_path / "o2").iterdir())
+    assert json.loads((run / "results.json").read_text())["skipped"] == 2
+    listed = dict(ln.split("\t") for ln in (run / "skipped_ids.txt").read_text().splitlines())
+    assert set(listed) == {tr, te} and "cannot decode image" in listed[tr] and "audio too short" in listed[te]
+    out = capsys.readouterr().out
+    assert "skipped 2 unreadable samples" in out and "1 clips shorter than the audio window were tiled" in out
+
+
+def test_batch_images_drops_an_undecodable_frame_only_with_skip_bad(tiny):
+    ids = C.read_split(tiny / "splits" / "test.txt")[:3]
+    items = [(("jpeg", torch.from_numpy(np.fromfile(tiny / "frames" / f"{i}.jpg", np.uint8))),
+              torch.full((8,), k * 1.0), i, False) for k, i in enumerate(ids)]
+    items[1] = (("jpeg", torch.tensor([255, 216, 255, 1, 2, 3], dtype=torch.uint8)), items[1][1], ids[1], False)
+    args = SimpleNamespace(data=str(tiny), skip_bad=False)
+    with pytest.raises(C.BadMedia, match=f"{ids[1]}.jpg: cannot decode image"):
+        C.batch_images(C.collate_av(items), "cpu", args, "squash", 64)
+    args.skip_bad = True
+    C.MEDIA.reset()
+    batch = C.collate_av(items)
+    img = C.batch_images(batch, "cpu", args, "squash", 64)
+    assert img.shape == (2, 3, 64, 64) and batch["ids"] == [ids[0], ids[2]]
+    assert batch["wav"][:, 0].tolist() == [0.0, 2.0] and list(C.MEDIA.skipped) == [ids[1]]
+    C.MEDIA.reset()
