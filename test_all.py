@@ -1411,7 +1411,8 @@ def test_csol_resize_is_torchvision_default_bilinear(tmp_path):
     rng = np.random.default_rng(4)
     frame = (rng.random((61, 97, 3)) * 255).astype(np.uint8)
     split = _one_clip_layout(tmp_path, "v0", frame, np.zeros(16000))
-    args = argparse.Namespace(data=tmp_path, limit=None, image_size=40, preset="paper")
+    args = argparse.Namespace(data=tmp_path, limit=None, image_size=40, preset="paper", decode="pil", no_cache=True,
+                              skip_bad=False)
     img = C.load_image(tmp_path / "frames" / "v0.jpg")
     # official test: torchvision Resize((224, 224)) with its default interpolation = PIL bilinear, ToTensor, Normalize
     off = np.asarray(img.resize((40, 40), Image.BILINEAR), np.float64) / 255.0
@@ -1422,6 +1423,10 @@ def test_csol_resize_is_torchvision_default_bilinear(tmp_path):
     assert np.abs(bicubic - off).max() > 0.05
     tr = csol.make_dataset(args, split, train=True).image_tf.transforms[0]     # train: Resize((256/224 s)^2) bilinear
     assert isinstance(tr, T.Resize) and tr.interpolation == T.InterpolationMode.BILINEAR and tuple(tr.size) == (46, 46)
+    args.decode = "fast"                                 # the batched path resizes bilinear too (2-3 grey levels)
+    batch = C.collate_av([csol.make_dataset(args, split, train=False)[0]])
+    fast = csol.batch_to_device(batch, torch.device("cpu"), args, False)[0][0].numpy()
+    assert np.abs(fast - off).max() < 0.06 and np.abs(fast - off).max() < np.abs(bicubic - off).max() / 2
     # SSPL's default test transform `squash` equals the official resize-short-side + centre crop on a square frame only
     sq = Image.fromarray(frame[:, :61])
     np.testing.assert_allclose(C.image_transform("squash", 40)(sq).numpy(), C.image_transform("center_crop", 40)(sq).numpy())
@@ -1446,8 +1451,9 @@ def test_sspl_short_clip_window_centred_in_the_tiling(tmp_path):
     rng = np.random.default_rng(5)
     wav = rng.uniform(-0.5, 0.5, 20800)                                    # 1.3 s: tiled 3 times, start 7200
     split = _one_clip_layout(tmp_path, "s0", np.zeros((32, 32, 3), np.uint8), wav)
-    args = argparse.Namespace(data=tmp_path, limit=None, image_size=32, test_transform="squash", preset="paper")
-    got = sspl.make_dataset(args, split, train=False)[0][1].numpy()
+    args = argparse.Namespace(data=tmp_path, limit=None, image_size=32, test_transform="squash", preset="paper",
+                              decode="fast", no_cache=True)
+    got = sspl.make_dataset(args, split, train=False)[0][1].numpy()       # the windowed WAV read
     x, _ = C.read_wav(tmp_path / "audio" / "s0.wav")
     np.testing.assert_array_equal(got, _sspl_official_window(x, 48000))
     assert not np.array_equal(got, np.tile(x, 3)[:48000])                 # the previous rule (start of the tiling)
