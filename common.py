@@ -1452,6 +1452,8 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--batch-size", type=int, help="global batch size (split across DDP processes)")
     a("--lr", type=float, help="learning rate")
     a("--seed", type=int, default=0, help="random seed (python, numpy, torch; per-epoch reseeding for exact resume)")
+    a("--seeds", help="--train: comma-separated seeds (e.g. 0,1,2) run one after another into sibling run "
+      "folders, then tabled as mean +- std")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--amp", action=argparse.BooleanOptionalAction, default=True,
       help="mixed precision on CUDA (bf16 where supported, else fp16); on by default, --no-amp turns it off; "
@@ -1823,6 +1825,7 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
     out = Path(args.out or Path(args.ckpt).parent)
     out.mkdir(parents=True, exist_ok=True)
     results = {"method": method, "data": str(args.data), "split": str(args.test_split), "protocol": res["protocol"],
+               "seed": getattr(args, "seed", None),
                "resize": res["resize"], "n": res["n"], "n_listed": res["n_listed"], "seconds": round(seconds, 1),
                "test": res["test"], "baselines": res["baselines"],
                "audio_swapped": swapped["test"] if swapped else None, "map": map_name,
@@ -1974,3 +1977,109 @@ def run_benchmark(args, method: str, device: torch.device, run_dir, log, make_lo
     write_json(Path(run_dir) / "benchmark.json", out)
     log(f"benchmark written to {Path(run_dir) / 'benchmark.json'}")
     return out
+
+
+# ---- several seeds, and the table of many runs ------------------------------------------------------------
+TABLE_KEYS = ("ciou@0.5", "auc", "mean_ciou")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: give distinct seeds, e.g. 0,1,2")
+    return seeds
+
+
+def train_seeds(args, train_fn, log=print) -> list[Path]:
+    """--seeds: train one run per seed (each its own run folder under --out, every other setting the same), then
+    print the table of their results.json. Returns the results.json paths."""
+    import copy
+    if args.resume:
+        raise UserError("--seeds starts new runs; resume each run on its own with --resume RUN/last.pt")
+    parent = Path(args.out or "runs")
+    paths = []
+    for seed in parse_seeds(args.seeds):
+        a = copy.deepcopy(args)
+        a.seed, a.seeds, a.out = seed, None, str(parent)
+        before = set(parent.iterdir()) if parent.is_dir() else set()
+        train_fn(a)
+        new = sorted(d for d in parent.iterdir() if d not in before and (d / "results.json").is_file())
+        if int(os.environ.get("RANK", "0")) != 0:
+            continue
+        if len(new) != 1:
+            raise UserError(f"--seeds: expected one new run folder with results.json under {parent} for seed {seed}, "
+                            f"found {len(new)}")
+        paths.append(new[0] / "results.json")
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(results_table(paths))
+    return paths
+
+
+def _mean_std(values) -> str:
+    v = np.asarray(values, np.float64) * 100
+    if v.size == 1:
+        return f"{v[0]:.2f}"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+
+def _flat_numbers(d, prefix="") -> dict:
+    """{"a": {"b": 0.5}} -> {"a/b": 0.5}: the numeric leaves of a nested results dict."""
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def results_table(paths) -> str:
+    """Markdown table of several results.json files: one row per (method, data), mean ± sample std (ddof 1) over the
+    runs of cIoU@0.5, AUC and mean cIoU (in %), with the centred prior and the audio-swapped control, and the
+    negative-audio metrics when every run has them. Runs of one (method, data) that differ in split, protocol or N
+    are not averaged: that is an error naming the files and the values."""
+    groups: dict = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            p = p / "results.json"
+        try:
+            r = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{p}: no such results file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{p}: not a results.json ({e})") from None
+        if not isinstance(r, dict) or not all(k in r for k in ("method", "data", "split", "protocol", "n", "test")):
+            raise UserError(f"{p}: not a method's results.json (needs method, data, split, protocol, n, test)")
+        groups.setdefault((r["method"], r["data"]), []).append((p, r))
+    if not groups:
+        raise UserError("no results.json given")
+    parts = [("model", lambda r: r["test"]), ("centred prior", lambda r: (r.get("baselines") or {}).get("center")),
+             ("audio-swapped", lambda r: r.get("audio_swapped"))]
+    rows, neg_cols = [], []
+    for (method, data), runs in groups.items():
+        for field in ("split", "protocol", "n"):
+            if len({str(r[field]) for _, r in runs}) > 1:
+                where = "; ".join(f"{r[field]} in {p}" for p, r in runs)
+                raise UserError(f"cannot average {method} on {data}: the runs differ in {field} ({where}); "
+                                f"table them separately")
+        first = runs[0][1]
+        row = {"method": method, "data": Path(data).name, "split": Path(first["split"]).name,
+               "protocol": first["protocol"], "N": str(first["n"]),
+               "runs (seeds)": f"{len(runs)} ({','.join(str(r.get('seed', '?')) for _, r in runs)})"}
+        for name, get in parts:
+            got = [get(r) for _, r in runs]
+            for k in TABLE_KEYS:
+                row[f"{name} {k}"] = _mean_std([g[k] for g in got]) if all(got) else "-"
+        negs = [_flat_numbers(r.get("negatives")) for _, r in runs]
+        for k in sorted(set.intersection(*(set(n) for n in negs))) if all(negs) else []:
+            row[f"neg {k}"] = _mean_std([n[k] for n in negs])
+            neg_cols += [] if f"neg {k}" in neg_cols else [f"neg {k}"]
+        rows.append(row)
+    head = list(rows[0])[:6] + [f"{name} {k}" for name, _ in parts for k in TABLE_KEYS] + neg_cols
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(row.get(h, "-") for h in head) + " |" for row in rows]
+    return "\n".join(out) + f"\n(mean ± sample std over the runs, in %; {len(paths)} results files)"

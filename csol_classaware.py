@@ -25,6 +25,7 @@ Run:
   python csol_classaware.py --train                    # synthetic benchmark: stage one on the single-source
                                                        # splits, stage two on the cocktail splits (cpu preset)
   python csol_classaware.py --train --stage 1 ...      # or --stage 2 --ckpt <stage-one run>/stage1.pt
+  python csol_classaware.py --train --seeds 0,1,2      # one run per seed, then a mean ± std table of the runs
   python csol_classaware.py --train --data ROOT --clusters 11 --cocktail-train-split ROOT/splits/synthetic_train.txt ...
   python csol_classaware.py --eval --ckpt runs/<run>/stage2.pt --data ROOT
   python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --image frame.jpg --audio clip.wav --out heat.png
@@ -688,7 +689,7 @@ def main(argv=None):
     if args.benchmark:
         return benchmark(args)
     if args.train:
-        return train(args)
+        return C.train_seeds(args, train, log) if args.seeds else train(args)
     if not args.ckpt:
         raise C.UserError("--eval needs --ckpt")
     return run_eval(args, C.resolve_device(args.device), log)

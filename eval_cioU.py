@@ -4,6 +4,8 @@
                         [--protocol median|median_strict|abs0.5|rel0.1] [--align-corners]
                         [--per-sample out.csv] [--baselines] [--json summary.json] [--missing-out missing.txt]
 
+    python eval_cioU.py --table runs/*/results.json      # mean ± std of many runs (seeds) as a markdown table
+
 --pred: one float map per id (any size; what every method's `--eval --save-maps` writes).
 --gt:   the standard layout's annotations.json, the original vggss.json, or a folder of the original
         Flickr-SoundNet XML files (consensus ground truth, C = 2).
@@ -20,8 +22,11 @@ import common as C
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred", required=True, help=".npz with one 2-D map per id")
-    p.add_argument("--gt", required=True, help="annotations json (VGG-SS format) or a Flickr XML folder")
+    p.add_argument("--pred", help=".npz with one 2-D map per id")
+    p.add_argument("--gt", help="annotations json (VGG-SS format) or a Flickr XML folder")
+    p.add_argument("--table", nargs="+", metavar="RESULTS", help="instead of scoring: table these results.json files "
+                   "(or run folders) as mean ± std per method and data; runs that differ in split, protocol or N "
+                   "are refused")
     p.add_argument("--split", help="test id list (one id per line or first csv column); default: the ids of --pred")
     p.add_argument("--protocol", default="median", choices=list(C.PROTOCOLS), help="how a map becomes binary")
     p.add_argument("--align-corners", action="store_true", help="bilinear resize with align_corners=True (EZ-VSL)")
@@ -31,6 +36,12 @@ def main(argv=None):
     p.add_argument("--missing-out", help="where to list ids of the split without a prediction "
                                          "(default: <pred>.missing.txt when any are missing)")
     a = p.parse_args(argv)
+    if a.table:
+        table = C.results_table(a.table)
+        print(table)
+        return table
+    if not (a.pred and a.gt):
+        raise C.UserError("give --pred and --gt (or --table RESULTS...)")
 
     maps = C.load_maps(a.pred)
     ann = C.load_annotations(a.gt)

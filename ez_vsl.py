@@ -17,6 +17,7 @@ Equations implemented (paper numbering):
 
 Run:
   python ez_vsl.py --train                                   # synthetic benchmark, cpu preset (a few minutes)
+  python ez_vsl.py --train --seeds 0,1,2        # one run per seed, then a mean ± std table of the runs
   python ez_vsl.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt   # paper preset (20 epochs)
   python ez_vsl.py --train --data ROOT --train-split ROOT/splits/flickr_10k.txt --epochs 100
   torchrun --nproc_per_node=2 ez_vsl.py --train --data ROOT --amp     # 2 GPUs x 64, local negatives (the paper)
@@ -435,7 +436,7 @@ def main(argv=None):
     if args.benchmark:
         return benchmark(args)
     if args.train:
-        return train(args)
+        return C.train_seeds(args, train, log) if args.seeds else train(args)
     if not args.ckpt:
         raise C.UserError("--eval needs --ckpt")
     return run_eval(args, C.resolve_device(args.device), log)

@@ -29,6 +29,7 @@ means of S_{i->j} over the other images j, summed).
 
 Run:
   python lvs_hardway.py --train                                                   # synthetic benchmark, cpu preset
+  python lvs_hardway.py --train --seeds 0,1,2        # one run per seed, then a mean ± std table of the runs
   python lvs_hardway.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt      # paper preset
   torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT --amp                      # batch 256 over 4 GPUs
   python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT     # the authors' released checkpoint
@@ -403,7 +404,7 @@ def main(argv=None):
     if args.benchmark:
         return benchmark(args)
     if args.train:
-        return train(args)
+        return C.train_seeds(args, train, log) if args.seeds else train(args)
     if not args.ckpt:
         raise C.UserError("--eval needs --ckpt")
     return run_eval(args, C.resolve_device(args.device), log)

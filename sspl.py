@@ -21,6 +21,7 @@ Equations implemented (paper numbering; S = supplement):
 
 Run:
   python sspl.py --train                       # synthetic benchmark, cpu preset, with PCM (--no-pcm without)
+  python sspl.py --train --seeds 0,1,2        # one run per seed, then a mean ± std table of the runs
   python sspl.py --train --data ROOT --train-split ROOT/splits/flickr_10k.txt --vggish-weights vggish-10086976.pth
   python sspl.py --train --data ROOT --no-pcm --lr-table vggsound ...          # VGG-Sound w/o PCM (Table S1)
   torchrun --nproc_per_node=2 sspl.py --train --data ROOT ...                   # 2 x 128 = 256 (paper)
@@ -498,7 +499,7 @@ def main(argv=None):
     if args.benchmark:
         return benchmark(args)
     if args.train:
-        return train(args)
+        return C.train_seeds(args, train, log) if args.seeds else train(args)
     if not args.ckpt:
         raise C.UserError("--eval needs --ckpt")
     return run_eval(args, C.resolve_device(args.device), log)

@@ -1694,3 +1694,60 @@ def test_batch_images_drops_an_undecodable_frame_only_with_skip_bad(tiny):
     assert img.shape == (2, 3, 64, 64) and batch["ids"] == [ids[0], ids[2]]
     assert batch["wav"][:, 0].tolist() == [0.0, 2.0] and list(C.MEDIA.skipped) == [ids[1]]
     C.MEDIA.reset()
+
+
+# ===== issue 16: results over seeds, the table of many runs =====
+def _results_file(path, method="ez_vsl", data="/d/synth", protocol="abs0.5", n=300, split="/d/synth/splits/test.txt",
+                  seed=0, test=(0.5, 0.4, 0.45), center=(0.2, 0.3, 0.25), swapped=(0.1, 0.2, 0.15)):
+    trio = lambda t: dict(zip(("ciou@0.5", "auc", "mean_ciou"), t))  # noqa: E731
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps({
+        "method": method, "data": data, "split": split, "protocol": protocol, "n": n, "seed": seed,
+        "test": trio(test), "baselines": {"center": trio(center)}, "audio_swapped": trio(swapped)}))
+    return path / "results.json"
+
+
+def _table_cells(table, row_start):
+    line = next(ln for ln in table.splitlines() if ln.startswith(row_start))
+    head = table.splitlines()[0]
+    return dict(zip([h.strip() for h in head.strip("|").split("|")], [c.strip() for c in line.strip("|").split("|")]))
+
+
+def test_results_table_mean_and_sample_std(tmp_path):
+    import statistics
+    tests = [(0.61, 0.52, 0.55), (0.70, 0.50, 0.58), (0.52, 0.49, 0.50)]
+    files = [_results_file(tmp_path / f"r{s}", seed=s, test=t, swapped=(0.1 * s, 0.2, 0.3)) for s, t in enumerate(tests)]
+    files.append(_results_file(tmp_path / "lvs", method="lvs_hardway", protocol="median_strict", test=(1.0, 0.5, 0.6)))
+    table = C.results_table(files)
+    row = _table_cells(table, "| ez_vsl")
+    col = [t[0] * 100 for t in tests]
+    assert row["model ciou@0.5"] == f"{statistics.mean(col):.2f} ± {statistics.stdev(col):.2f}"
+    sw = [0.0, 10.0, 20.0]
+    assert row["audio-swapped ciou@0.5"] == f"{statistics.mean(sw):.2f} ± {statistics.stdev(sw):.2f}"  # 10.00 ± 10.00
+    assert row["centred prior mean_ciou"] == "25.00 ± 0.00" and row["runs (seeds)"] == "3 (0,1,2)"
+    assert row["protocol"] == "abs0.5" and row["N"] == "300"
+    assert _table_cells(table, "| lvs_hardway")["model ciou@0.5"] == "100.00"           # one run: no spread
+    r = run_py("eval_cioU.py", "--table", *files)                                     # the CLI prints the same
+    assert r.stdout.strip().startswith(table.splitlines()[0])
+
+
+def test_results_table_refuses_mixed_runs(tmp_path):
+    for field, kw in (("protocol", {"protocol": "median"}), ("n", {"n": 299}),
+                      ("split", {"split": "/d/synth/splits/val.txt"})):
+        files = [_results_file(tmp_path / "a"), _results_file(tmp_path / field, seed=1, **kw)]
+        with pytest.raises(C.UserError, match=f"differ in {field}"):
+            C.results_table(files)
+    r = run_py("eval_cioU.py", "--table", *files, check=False)                  # one error line from the CLI
+    assert r.returncode == 2 and "error: cannot average ez_vsl" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(C.UserError, match="no such results file"):
+        C.results_table([tmp_path / "nothing.json"])
+
+
+def test_seeds_trains_sibling_runs_and_tables_them(tiny, tmp_path, capsys):
+    lvs.main(_quick(tiny, tmp_path, "--epochs", "1", "--seeds", "0,1"))
+    runs = sorted(tmp_path.iterdir())
+    assert [r.name.split("__")[2] for r in runs] == ["s0", "s1"]
+    seeds = [json.loads((r / "results.json").read_text())["seed"] for r in runs]
+    assert seeds == [0, 1]
+    out = capsys.readouterr().out
+    assert "| lvs_hardway |" in out and "| 2 (0,1) |" in out
