@@ -7,12 +7,15 @@ Sections, top to bottom:
   2. Audio front ends (batched torch, run on the training device): the LVS/EZ-VSL log spectrogram, the VGGish
      log-mel examples, the CSOL log-mel.
   3. Data: WAV reading with `wave`, the standard layout, the dataset reader, clip windows, image transforms.
-  4. The synthetic benchmark generator (`python data_prep.py synth --out DIR` calls it; so does every method
-     when run without --data).
+  4. (empty: the synthetic benchmark generator lives in data_prep.py; resolve_data imports it only when a method
+     runs without --data, so a method file and common.py copied elsewhere train on that project's data alone.)
   5. The evaluator: ground-truth maps, named protocols (each exactly its official script, in float32), batched
      cIoU / AUC, baselines, CSOL's class-aware metrics, the negative-audio protocol (SLAVC AP / max-F1, pIA).
-  6. Helpers: seeding, device/AMP, DDP under torchrun, atomic checkpoints, progress bar, heat-map overlays,
-     run folders and the command line every method shares.
+  6. Helpers: seeding, device/AMP, the CUDA habits (cudnn.benchmark, channels_last, --compile), DDP under
+     torchrun, atomic checkpoints (validated on load, recording their method), progress bar, heat-map overlays,
+     run folders, the command line every method shares, the preflight every training run passes before its run
+     folder exists, resume settings, one-line errors (also under torchrun), the atomic writing of evaluation
+     outputs and the --benchmark timing harness.
 
 The standard data layout (the contract between data_prep.py, the methods and the evaluator):
   ROOT/frames/<id>.jpg        one RGB frame per clip
@@ -34,7 +37,10 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
+import threading
 import time
 import wave
 import xml.etree.ElementTree as ET
@@ -220,11 +226,12 @@ def log_spectrogram(wav: torch.Tensor, sr: int, nperseg: int = 512, noverlap: in
     doubled for every bin but DC and Nyquist ("density" scaling, one-sided). 16 kHz: 3 s -> 257x200, 10 s -> 257x671.
     """
     hop = nperseg - noverlap
-    x = wav.double()
+    x = wav.float()                                         # float32: within 1e-6 of float64 (see the README)
     frames = x.unfold(-1, nperseg, hop)                     # (B, T, 512)
     frames = frames - frames.mean(-1, keepdim=True)         # detrend='constant'
-    w = _tukey_periodic(nperseg).to(x.device)
-    spec = torch.fft.rfft(frames * w, dim=-1).abs() ** 2 / (sr * (w ** 2).sum())
+    w64 = _tukey_periodic(nperseg)
+    w, scale = w64.to(x.device, torch.float32), float(sr * (w64 ** 2).sum())
+    spec = torch.view_as_real(torch.fft.rfft(frames * w, dim=-1)).square().sum(-1) / scale   # |X|^2
     spec[..., 1:-1] *= 2.0                                  # one-sided: double all but DC and Nyquist (even n)
     out = torch.log(spec + 1e-7) / 12.0
     return out.transpose(-1, -2).unsqueeze(1).to(wav.dtype if wav.is_floating_point() else torch.float32)
@@ -252,21 +259,23 @@ def vggish_examples(wav: torch.Tensor, sr: int = 16000) -> torch.Tensor:
 
     25 ms periodic-Hann windows with 10 ms hop (no padding), |rfft| with 512 points (magnitude, not power),
     64 HTK mel bins 125-7500 Hz, log(mel + 0.01), cut into non-overlapping 96-frame patches (0.96 s); leftover
-    frames are dropped. 3 s -> 298 frames -> 3 patches.
+    frames are dropped. 3 s -> 298 frames -> 3 patches. Computed in float64 (as numpy in the official
+    vggish_input) and returned in the input's float dtype (float32 for integer input).
     """
     if sr != 16000:
         raise ValueError("VGGish expects 16 kHz audio")
     win, hop, n_fft = 400, 160, 512
-    x = wav.float()
+    x = wav.double()                                          # float64 as numpy; the result takes the input's dtype
     frames = x.unfold(-1, win, hop)                           # (B, T, 400)
-    w = (0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(win, device=x.device) / win)).float()
+    w = 0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(win, device=x.device, dtype=torch.float64) / win)
     mag = torch.fft.rfft(frames * w, n=n_fft, dim=-1).abs()   # (B, T, 257)
-    mel = mag @ torch.from_numpy(vggish_mel_matrix()).float().to(x.device)
+    mel = mag @ torch.from_numpy(vggish_mel_matrix()).to(x.device)
     logmel = torch.log(mel + 0.01)                            # (B, T, 64)
     n_patch = (logmel.shape[1] - 96) // 96 + 1
     if n_patch < 1:
         raise ValueError("VGGish needs at least 0.975 s of audio")
-    return logmel[:, :n_patch * 96].reshape(x.shape[0], n_patch, 1, 96, 64)
+    out = logmel[:, :n_patch * 96].reshape(x.shape[0], n_patch, 1, 96, 64)
+    return out.to(wav.dtype if wav.is_floating_point() else torch.float32)
 
 
 def _hz_to_mel_slaney(f):
@@ -303,45 +312,63 @@ def csol_log_mel(wav: torch.Tensor, sr: int = 16000) -> torch.Tensor:
     STFT n_fft=160, hop 80, periodic Hann, centred with zero padding; 64 Slaney mel bins (fmax = sr/2) applied to
     the *magnitude* (librosa.feature.melspectrogram(S=|STFT|)); power_to_db (10 log10, amin 1e-10, ref 1) with
     the top_db=80 floor taken per clip. Two of the 64 filters are empty at n_fft 160 (as in librosa).
+    Computed in float64 (in float32 the bins near the 80 dB floor are rounding noise: up to 2.4 dB off librosa
+    on a chirp) and returned in the input's float dtype (float32 for integer input).
     """
-    x = wav.float()
-    w = torch.hann_window(160, periodic=True, device=x.device)
+    x = wav.double()
+    w = torch.hann_window(160, periodic=True, dtype=torch.float64, device=x.device)
     spec = torch.stft(x, n_fft=160, hop_length=80, win_length=160, window=w, center=True, pad_mode="constant",
                       return_complex=True).abs()              # (B, 81, T)
-    mel = torch.einsum("fm,bft->btm", torch.from_numpy(slaney_mel_matrix(160, sr, 64)).float().to(x.device), spec)
+    mel = torch.einsum("fm,bft->btm", torch.from_numpy(slaney_mel_matrix(160, sr, 64)).to(x.device), spec)
     db = 10.0 * torch.log10(mel.clamp_min(1e-10))
     db = torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - 80.0)
-    return db.unsqueeze(1)
+    return db.unsqueeze(1).to(wav.dtype if wav.is_floating_point() else torch.float32)
 
 
 # =====================================================================================================
 # 3. Data: WAV files, the standard layout, the dataset reader
 # =====================================================================================================
-def read_wav(path) -> tuple[np.ndarray, int]:
-    """Read a PCM WAV (16/24/32-bit, any channel count) with the standard library -> (float32 mono in [-1, 1], sr).
+def _wav_open(path, vid: str | None = None):
+    """Parse a PCM WAV header with `wave` -> (byte offset of the samples, channels, sample width, rate, frames
+    actually in the file).
 
-    Multi-channel files are averaged to mono. Anything else (float or compressed WAV, empty or truncated files)
-    is a UserError naming the file.
-    """
+    A streaming header (data size 0 or 0xFFFFFFFF, as FFmpeg writes to a pipe) means "to the end of the file"; a
+    header that promises more frames than the file holds is "truncated". Every problem is BadMedia."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"missing audio file: {path}")
+        raise BadMedia(path, vid, "missing audio file")
     try:
         with wave.open(str(path), "rb") as f:
             ch, width, sr, n = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
-            raw = f.readframes(n)
+            # the data chunk's offset is counted from the RIFF chunk's data, which starts at byte 8
+            offset, declared = f._file.offset + f._data_chunk.offset, f._data_chunk.chunksize
     except (wave.Error, EOFError) as e:
-        raise UserError(f"{path}: not a PCM WAV file the reader understands ({e}); convert it with data_prep.py "
-                        f"(mono 16-bit PCM)") from None
+        raise BadMedia(path, vid, f"not a PCM WAV file the reader understands ({e}); convert it with data_prep.py "
+                                  f"(mono 16-bit PCM)") from None
     if width not in (2, 3, 4):
-        raise UserError(f"{path}: {8 * width}-bit WAV is not supported (PCM 16/24/32-bit only); convert it with "
-                        f"data_prep.py")
-    n_read = len(raw) // (width * ch)
-    if n_read == 0:
-        raise UserError(f"{path}: the WAV file holds no samples")
-    if n_read < n:
-        raise UserError(f"{path}: truncated WAV (header says {n} frames, file holds {n_read})")
-    raw = raw[:n_read * width * ch]
+        raise BadMedia(path, vid, f"{8 * width}-bit WAV is not supported (PCM 16/24/32-bit only); convert it with "
+                                  f"data_prep.py")
+    in_file = max(0, path.stat().st_size - offset) // (width * ch)
+    if declared in (0, 0xFFFFFFFF):                  # streaming header: the data runs to the end of the file
+        n = in_file
+    if n == 0:
+        raise BadMedia(path, vid, "the WAV file holds no samples")
+    if in_file < n:
+        raise BadMedia(path, vid, f"truncated WAV (header says {n} frames, file holds {in_file})")
+    return offset, ch, width, sr, n
+
+
+def _read_frames(path, offset: int, frame_bytes: int, start: int, count: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(offset + start * frame_bytes)
+        return fh.read(count * frame_bytes)
+
+
+def _pcm_to_float(raw: bytes, width: int, ch: int) -> np.ndarray:
+    """Interleaved little-endian PCM -> float32 mono in [-1, 1] (channels averaged)."""
+    raw = raw[:len(raw) // (width * ch) * width * ch]
+    if width == 2 and ch == 1:                               # the common case, exact in float32 (x / 2^15)
+        return np.frombuffer(raw, "<i2").astype(np.float32) / np.float32(32768)
     if width == 3:
         b = np.frombuffer(raw, np.uint8).reshape(-1, 3)
         x = (b[:, 0].astype(np.int32) | (b[:, 1].astype(np.int32) << 8) | (b[:, 2].astype(np.int32) << 16))
@@ -349,7 +376,40 @@ def read_wav(path) -> tuple[np.ndarray, int]:
     else:
         dt = {2: np.int16, 4: np.int32}[width]
         x = np.frombuffer(raw, dt).astype(np.float64) / float(-np.iinfo(dt).min)
-    return x.reshape(-1, ch).mean(1).astype(np.float32), sr
+    return x.reshape(-1, ch).mean(1).astype(np.float32)
+
+
+def read_wav(path) -> tuple[np.ndarray, int]:
+    """Read a whole PCM WAV (16/24/32-bit, any channel count) with the standard library -> (float32 mono in
+    [-1, 1], sr).
+
+    Multi-channel files are averaged to mono. Anything else (float or compressed WAV, empty or truncated files)
+    is a BadMedia (a UserError) naming the file.
+    """
+    offset, ch, width, sr, n = _wav_open(path)
+    return _pcm_to_float(_read_frames(path, offset, width * ch, 0, n), width, ch), sr
+
+
+def read_wav_window(path, seconds: float, where: str = "center", vid: str | None = None,
+                    sample_rate: int | None = None):
+    """Read only the window a method uses (header parsed by `wave`, then one seek + read of the window's bytes, not
+    the whole file) -> (float32 mono of exactly round(sr * seconds) samples, sr, tiled).
+
+    Equal to clip_window(read_wav(path)[0], ...). A clip shorter than the window is tiled as the official code does
+    (tiled=True, the caller counts them); one shorter than a quarter of the window is BadMedia. sample_rate: the
+    rate the method expects (another rate is a UserError pointing to data_prep.py; we never resample silently)."""
+    offset, ch, width, sr, total = _wav_open(path, vid)
+    if sample_rate is not None and sr != sample_rate:
+        raise UserError(f"{path}: sample rate {sr} Hz, this method expects {sample_rate} Hz; re-run data_prep.py "
+                        f"with --sr {sample_rate}")
+    n = int(round(sr * seconds))
+    if total >= n:
+        start = 0 if where == "start" else total // 2 - n // 2 if where == "center_tiled" else (total - n) // 2
+        return _pcm_to_float(_read_frames(path, offset, width * ch, start, n), width, ch), sr, False
+    if 4 * total < n:
+        raise BadMedia(path, vid, f"audio too short: {total / sr:.3f} s, the method needs {seconds:g} s")
+    x = _pcm_to_float(_read_frames(path, offset, width * ch, 0, total), width, ch)
+    return clip_window(x, sr, seconds, where), sr, True
 
 
 def write_wav(path, x: np.ndarray, sr: int):
@@ -366,10 +426,18 @@ def write_wav(path, x: np.ndarray, sr: int):
 def clip_window(x: np.ndarray, sr: int, seconds: float, where: str = "center") -> np.ndarray:
     """Cut a window of `seconds` from a mono waveform, tiling it first if it is shorter (as LVS and EZ-VSL do).
 
-    where='center': centred on the clip's middle (EZ-VSL's 3 s, SSPL, CSOL); 'start': the first seconds
-    (LVS's 10 s test input). Returns exactly round(sr * seconds) samples.
+    where='center': centred on the clip's middle (EZ-VSL's 3 s, CSOL); a shorter clip is tiled and its first
+    seconds are kept. 'start': the first seconds (LVS's 10 s test input). 'center_tiled' (SSPL's official
+    rule): a shorter clip is tiled int(n / len) + 1 times and the window is centred in the tiled signal,
+    start = len // 2 - n // 2 (the same window as 'center' for a clip at least n long and even n).
+    Returns exactly round(sr * seconds) samples.
     """
     n = int(round(sr * seconds))
+    if where == "center_tiled":
+        if len(x) < n:
+            x = np.tile(x, n // len(x) + 1)
+        start = len(x) // 2 - n // 2
+        return x[start:start + n]
     if len(x) < n:
         x = np.tile(x, n // len(x) + 1)
         return x[:n]
@@ -382,20 +450,23 @@ def read_split(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"split file not found: {path}")
-    ids = [ln.split(",")[0].strip() for ln in path.read_text().splitlines()]
-    return [i for i in ids if i]
+    ids = [ln.split(",")[0].strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]   # strips a BOM
+    ids = [i for i in ids if i]
+    if not ids:
+        raise UserError(f"split file {path} lists no ids (empty file)")
+    return ids
 
 
-def load_image(path) -> Image.Image:
+def load_image(path, vid: str | None = None) -> Image.Image:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"missing frame: {path}")
+        raise BadMedia(path, vid, "missing frame")
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
     except Exception as e:
-        raise UserError(f"{path}: cannot decode image ({e})") from None
+        raise BadMedia(path, vid, f"cannot decode image ({e})") from None
 
 
 def check_layout(root, ids) -> None:
@@ -407,44 +478,96 @@ def check_layout(root, ids) -> None:
                         f"(first: {', '.join(bad[:5])}); run data_prep.py, or remove them from the split")
 
 
+class _Bad:
+    """What a DataLoader worker returns instead of a sample it cannot read (the main process raises or skips it,
+    so the user sees one error line, not a worker traceback). fatal: a UserError that --skip-bad must not hide."""
+
+    def __init__(self, err: UserError, n_samples: int = 0):
+        self.fatal, self.n_samples = not isinstance(err, BadMedia), n_samples
+        self.path, self.vid = getattr(err, "path", ""), getattr(err, "vid", None)
+        self.reason = getattr(err, "reason", "")
+        self.msg = str(err)
+
+    def error(self) -> UserError:
+        return UserError(self.msg) if self.fatal else BadMedia(self.path, self.vid, self.reason)
+
+
 class AVDataset(torch.utils.data.Dataset):
     """Reads the standard layout: item -> (image, waveform (float32 tensor), id).
 
-    image_tf: callable on the PIL frame (a method's augmentation; may return a tuple of views).
-    seconds / where: the audio window (see clip_window). sample_rate: the rate the method expects; a file at
+    image_tf: callable on the PIL frame (a method's augmentation; may return a tuple of views); None selects the
+    fast path: the item's image is then ("jpeg", the file's bytes), ("raw", decoded (3, H, W) uint8) or
+    ("resized", the frame-cache entry (3, h, w) uint8), decoded and augmented per batch by batch_images().
+    seconds / where: the audio window (see read_wav_window). sample_rate: the rate the method expects; a file at
     another rate is an error that points to data_prep.py (we never resample silently).
     cache: keep decoded frames and waveforms in memory (small datasets: the synthetic benchmark).
+    frame_cache: {id: path} of pre-resized uint8 frames (build_frame_cache), fast path only.
+    loader_items: for DataLoaders (collate_av): items become (image, wav, id, tiled) and an unreadable sample
+    becomes a _Bad marker instead of an exception raised inside a worker.
     """
 
     def __init__(self, root, ids, image_tf, seconds: float, where: str = "center", sample_rate: int = 16000,
-                 cache: bool = False):
+                 cache: bool = False, frame_cache: dict | None = None, loader_items: bool = False):
         self.root, self.ids, self.image_tf = Path(root), list(ids), image_tf
         self.seconds, self.where, self.sr = seconds, where, sample_rate
         if not self.ids:
-            raise UserError(f"empty split for {root}")
+            raise UserError(f"empty id list for {root} (an empty split file, or --limit)")
         check_layout(self.root, self.ids)
         self._cache = {} if cache else None
+        self.frame_cache, self.loader_items = frame_cache or {}, loader_items
 
     def __len__(self):
         return len(self.ids)
+
+    def audio(self, i):
+        """(window float32, tiled) of clip i."""
+        vid = self.ids[i]
+        path = self.root / "audio" / f"{vid}.wav"
+        x, _, tiled = read_wav_window(path, self.seconds, self.where, vid, self.sr)
+        return x, tiled
+
+    def frame(self, i):
+        """The fast path's frame: cached pre-resized uint8, else the file's bytes (never decoded here)."""
+        vid = self.ids[i]
+        if vid in self.frame_cache:
+            try:
+                return "resized", torch.from_numpy(np.load(self.frame_cache[vid])).permute(2, 0, 1)
+            except (OSError, ValueError):
+                pass                                    # a vanished/damaged entry: read the frame itself
+        path = self.root / "frames" / f"{vid}.jpg"
+        try:
+            data = np.fromfile(path, np.uint8)
+        except OSError as e:
+            raise BadMedia(path, vid, f"cannot read frame ({e})") from None
+        if data.size == 0:
+            raise BadMedia(path, vid, "empty frame file")
+        return "jpeg", torch.from_numpy(data)
 
     def raw(self, i):
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         vid = self.ids[i]
-        img = load_image(self.root / "frames" / f"{vid}.jpg")
-        x, sr = read_wav(self.root / "audio" / f"{vid}.wav")
-        if sr != self.sr:
-            raise UserError(f"{self.root / 'audio' / (vid + '.wav')}: sample rate {sr} Hz, this method expects "
-                            f"{self.sr} Hz; re-run data_prep.py with --sr {self.sr}")
-        item = (img, clip_window(x, sr, self.seconds, self.where))
+        if self.image_tf is None:
+            kind, img = self.frame(i)
+            if self._cache is not None and kind == "jpeg":  # in memory: keep the decoded frame
+                kind, img = "raw", decode_frame(img, self.root / "frames" / f"{vid}.jpg", vid)
+            img = (kind, img)
+        else:
+            img = load_image(self.root / "frames" / f"{vid}.jpg", vid)
+        item = (img, *self.audio(i))
         if self._cache is not None:
             self._cache[i] = item
         return item
 
     def __getitem__(self, i):
-        img, x = self.raw(i)
-        return self.image_tf(img), torch.from_numpy(x.copy()), self.ids[i]
+        if not self.loader_items:
+            img, x, _ = self.raw(i)
+            return self.image_tf(img) if self.image_tf else img, torch.from_numpy(x.copy()), self.ids[i]
+        try:
+            img, x, tiled = self.raw(i)
+        except UserError as e:
+            return _Bad(e, int(round(self.sr * self.seconds)))
+        return self.image_tf(img) if self.image_tf else img, torch.from_numpy(x.copy()), self.ids[i], tiled
 
 
 class SwapAudio(torch.utils.data.Dataset):
@@ -458,19 +581,26 @@ class SwapAudio(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        img, _, vid = self.ds[i]
-        return img, self.ds[self.perm[i]][1], vid
+        item, other = self.ds[i], self.ds[self.perm[i]]
+        if isinstance(item, _Bad) or isinstance(other, _Bad):
+            return item if isinstance(item, _Bad) else other
+        return (item[0], other[1], *item[2:])
 
 
-def image_transform(kind: str, size: int = 224):
-    """The image pipelines the four methods use (bicubic resizes, ImageNet normalisation):
+def image_transform(kind: str, size: int = 224, interpolation: str = "bicubic"):
+    """The image pipelines the four methods use (ImageNet normalisation; resizes bicubic by default, as the
+    LVS/EZ-VSL/SSPL official code; CSOL passes interpolation='bilinear', torchvision's default in its official
+    dataset):
     'crop_flip'   Resize(int(1.1 size)) -> RandomCrop(size) -> RandomHorizontalFlip   (LVS/EZ-VSL/SSPL train)
     'squash'      Resize((size, size)), no crop, so full-frame boxes stay aligned      (test; EZ-VSL, CSOL)
     'center_crop' Resize(size) -> CenterCrop(size)                                     (LVS/SSPL official test)
     'csol_train'  Resize((1.143 size)^2) -> RandomCrop(size) -> flip, brightness, colour U(0.7, 1.3)
     """
     import torchvision.transforms as T
-    bic = T.InterpolationMode.BICUBIC
+    modes = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+    if interpolation not in modes:
+        raise ValueError(f"unknown interpolation {interpolation}")
+    bic = modes[interpolation]
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if kind == "crop_flip":
         return T.Compose([T.Resize(int(size * 1.1), bic), T.RandomCrop(size), T.RandomHorizontalFlip()] + norm)
@@ -492,212 +622,306 @@ def denormalize(img: torch.Tensor) -> np.ndarray:
     return (img.detach().cpu().float() * s + m).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
 
 
-# =====================================================================================================
-# 4. The synthetic benchmark
-# =====================================================================================================
-# Each class has a look (colour, shape, texture) and a sound (fundamental, timbre = harmonic amplitudes,
-# rhythm = pulse rate). Frames show the sounding object plus silent objects of other classes of the same size
-# distribution on a cluttered grey background, so only the sound says which object to localise.
-SYNTH_CLASSES = [  # name, RGB, shape, texture, f0 (Hz), harmonic amplitudes, pulses per second
-    ("red_disc", (215, 45, 45), "disc", "plain", 300.0, (1.0, 0.5, 0.25, 0.12), 2.0),
-    ("green_square", (45, 180, 60), "square", "stripes", 450.0, (1.0, 0.0, 0.6, 0.0), 3.0),
-    ("blue_triangle", (50, 85, 225), "triangle", "dots", 675.0, (1.0, 0.8, 0.0, 0.4), 4.5),
-    ("yellow_diamond", (230, 205, 40), "diamond", "plain", 1010.0, (1.0, 0.2, 0.2, 0.2), 6.0),
-    ("magenta_cross", (205, 50, 195), "cross", "stripes", 1520.0, (1.0, 0.6, 0.0, 0.0), 1.5),
-    ("cyan_ring", (40, 195, 205), "ring", "dots", 2280.0, (1.0, 0.0, 0.0, 0.3), 8.0),
-    ("orange_disc", (240, 140, 30), "disc", "stripes", 370.0, (1.0, 0.9, 0.7, 0.5), 5.0),
-    ("purple_square", (120, 50, 170), "square", "dots", 820.0, (1.0, 0.3, 0.6, 0.1), 2.5),
-]
-SYNTH_DEFAULTS = dict(seed=0, n_classes=6, image_size=128, seconds=3.0, sr=16000,
-                      sizes=dict(train=1200, val=150, test=300, cocktail_train=800, cocktail_val=100, cocktail_test=200))
+# ---------------------------------------------------------------------------------------------------------
+# The data path the methods train with. --decode fast (default): DataLoader workers only read bytes (the frame
+# file, or its pre-resized uint8 cache entry, and the audio window); batch_images() decodes, resizes, crops, flips,
+# jitters and normalises the whole batch with torch ops on the training device (nvJPEG on CUDA). --decode pil:
+# today's per-sample PIL pipeline (image_transform) in the workers, bit for bit the official augmentation.
+# ---------------------------------------------------------------------------------------------------------
+class MediaLog:
+    """Samples this process skipped (--skip-bad) and clips it tiled (shorter than the audio window); reset by
+    resolve_data at the start of a run, reported by save_results."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.skipped, self.tiled = {}, set()
 
 
-def default_synth_root() -> Path:
-    """Where methods look for (and generate) the synthetic benchmark: $AVSL_SYNTH or data/synth beside this file."""
-    return Path(os.environ.get("AVSL_SYNTH", Path(__file__).resolve().parent / "data" / "synth"))
+MEDIA = MediaLog()
 
 
-def _class_sound(rng, c: int, n: int, sr: int) -> np.ndarray:
-    _, _, _, _, f0, amps, rate = SYNTH_CLASSES[c]
-    t = np.arange(n) / sr
-    f0 = f0 * (1 + rng.uniform(-0.02, 0.02))
-    tone = sum(a * np.sin(2 * np.pi * (h + 1) * f0 * t + rng.uniform(0, 2 * np.pi)) for h, a in enumerate(amps) if a)
-    env = 0.15 + 0.85 / (1 + np.exp(-8 * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))))
-    return tone * env / sum(amps)
+def resize_target(kind: str, size: int, h: int, w: int) -> tuple[int, int]:
+    """The (height, width) image_transform(kind, size) resizes an h x w frame to (torchvision's Resize rules)."""
+    if kind in ("crop_flip", "center_crop"):
+        s = int(size * 1.1) if kind == "crop_flip" else size
+        return (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+    if kind == "squash":
+        return size, size
+    if kind == "csol_train":
+        big = int(round(size * 256 / 224))
+        return big, big
+    raise ValueError(f"unknown image transform {kind}")
 
 
-def synth_audio(rng, classes, n: int, sr: int) -> np.ndarray:
-    """The mixture of the given classes' sounds plus white background noise, peak-normalised to 0.7."""
-    x = sum(_class_sound(rng, c, n, sr) for c in classes) + rng.normal(0, rng.uniform(0.05, 0.2), n)
-    return 0.7 * x / np.abs(x).max()
+def decode_frame(data: torch.Tensor, path, vid=None) -> torch.Tensor:
+    """JPEG/PNG bytes -> (3, H, W) uint8 RGB on the CPU; BadMedia naming the file if it does not decode."""
+    from torchvision.io import ImageReadMode, decode_image
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except Exception as e:
+        raise BadMedia(path, vid, f"cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
 
 
-def _background(rng, size: int) -> Image.Image:
-    low = rng.normal(0, 1, (6, 6))
-    low = np.asarray(Image.fromarray(((low - low.min()) / (np.ptp(low) + 1e-9) * 255).astype(np.uint8))
-                     .resize((size, size), Image.BICUBIC), np.float64)
-    base = rng.uniform(90, 170) + (low - 127) * 0.25
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).convert("RGB")
-    d = ImageDraw.Draw(img)
-    for _ in range(rng.integers(6, 13)):  # grey clutter
-        s = rng.uniform(0.06, 0.18) * size
-        x, y = rng.uniform(-s / 2, size - s / 2, 2)
-        g = int(rng.uniform(50, 210))
-        fill = tuple(int(np.clip(g + rng.integers(-8, 9), 0, 255)) for _ in range(3))
-        (d.ellipse if rng.random() < 0.5 else d.rectangle)([x, y, x + s, y + s * rng.uniform(0.5, 1.5)], fill=fill)
-    return img
+def _decode_on(datas: list, paths: list, ids: list, device) -> list:
+    """Byte tensors -> (3, H, W) uint8 frames on `device` (one batched nvJPEG call on CUDA), or a BadMedia in place
+    of each frame that does not decode."""
+    if device.type == "cuda" and datas:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        try:
+            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        except Exception:
+            pass                                             # find the culprit(s) one by one below
+    out = []
+    for d, p, vid in zip(datas, paths, ids):
+        try:
+            out.append(decode_frame(d, p, vid).to(device, non_blocking=True))
+        except BadMedia as e:
+            out.append(e)
+    return out
 
 
-def _draw_object(img: Image.Image, rng, c: int, box) -> np.ndarray:
-    """Draw class c filling the integer pixel box [x1, y1, x2, y2) (the shape touches all four sides).
-    Returns the boolean mask of the drawn pixels."""
-    _, rgb, shape, texture, *_ = SYNTH_CLASSES[c]
-    x1, y1, x2, y2 = box
-    w, h = x2 - x1, y2 - y1
-    m = Image.new("L", img.size, 0)
-    d = ImageDraw.Draw(m)
-    r = [x1, y1, x2 - 1, y2 - 1]
-    if shape == "disc":
-        d.ellipse(r, fill=255)
-    elif shape == "square":
-        d.rectangle(r, fill=255)
-    elif shape == "triangle":
-        d.polygon([(x1 + (w - 1) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=255)
-    elif shape == "diamond":
-        d.polygon([(x1 + (w - 1) / 2, y1), (x2 - 1, y1 + (h - 1) / 2), (x1 + (w - 1) / 2, y2 - 1), (x1, y1 + (h - 1) / 2)],
-                  fill=255)
-    elif shape == "cross":
-        d.rectangle([x1 + w // 3, y1, x2 - 1 - w // 3, y2 - 1], fill=255)
-        d.rectangle([x1, y1 + h // 3, x2 - 1, y2 - 1 - h // 3], fill=255)
-    elif shape == "ring":
-        d.ellipse(r, fill=255)
-        t = max(2, int(0.22 * min(w, h)))
-        d.ellipse([x1 + t, y1 + t, x2 - 1 - t, y2 - 1 - t], fill=0)
-    mask = np.asarray(m) > 0
-    col = np.clip(np.array(rgb) + rng.integers(-12, 13, 3), 0, 255).astype(np.float64)
-    tex = np.ones(img.size[::-1])
-    yy, xx = np.mgrid[0:img.size[1], 0:img.size[0]]
-    if texture == "stripes":
-        tex[((xx + yy) // 3) % 3 == 0] = 0.78
-    elif texture == "dots":
-        tex[((xx % 6) < 2) & ((yy % 6) < 2)] = 0.78
-    arr = np.asarray(img, np.float64).copy()
-    arr[mask] = col * tex[mask][:, None]
-    img.paste(Image.fromarray(arr.astype(np.uint8)))
-    return mask
+def augment_params(kind: str, size: int, shapes: list) -> list:
+    """The random draws of image_transform(kind, size) for frames resized to `shapes`, made with torchvision's own
+    calls in its order (RandomCrop's two randint unless the frame is already size x size, RandomHorizontalFlip's
+    rand, ColorJitter's randperm and factors), one sample after the other: with --workers 0 the fast path draws
+    exactly the crops, flips and jitters --decode pil would. -> [(i, j, flip, brightness, saturation,
+    brightness_first)] (None where the pipeline has no randomness)."""
+    if kind not in ("crop_flip", "csol_train"):
+        return [None] * len(shapes)
+    out = []
+    for h, w in shapes:
+        i = j = 0
+        if (h, w) != (size, size):
+            i, j = int(torch.randint(0, h - size + 1, size=(1,))), int(torch.randint(0, w - size + 1, size=(1,)))
+        flip = bool(torch.rand(1) < 0.5)
+        b = s = 1.0
+        first = True
+        if kind == "csol_train":
+            order = torch.randperm(4).tolist()               # brightness, contrast, saturation, hue (None: skipped)
+            b, s = float(torch.empty(1).uniform_(0.7, 1.3)), float(torch.empty(1).uniform_(0.7, 1.3))
+            first = order.index(0) < order.index(2)
+        out.append((i, j, flip, b, s, first))
+    return out
 
 
-def _place(rng, size, sides, tries=200, max_overlap=0.2):
-    """Random non-overlapping (up to max_overlap of the smaller box) integer boxes of the given side lengths."""
-    boxes = []
-    for s in sides:
-        s = int(round(s * size))
-        for _ in range(tries):
-            x, y = rng.integers(0, size - s + 1, 2)
-            b = (int(x), int(y), int(x) + s, int(y) + s)
-            ok = all(max(0, min(b[2], o[2]) - max(b[0], o[0])) * max(0, min(b[3], o[3]) - max(b[1], o[1]))
-                     <= max_overlap * min(s, o[2] - o[0]) ** 2 for o in boxes)
-            if ok:
-                boxes.append(b)
-                break
-    return boxes
+def augment_frames(frames: list, kind: str, size: int, params: list | None = None,
+                   interpolation: str = "bicubic") -> torch.Tensor:
+    """Decoded (3, H, W) uint8 frames (any sizes, on one device) -> (B, 3, size, size) ImageNet-normalised float32:
+    image_transform(kind, size, interpolation) for a whole batch. Resizes are bicubic (CSOL: bilinear) with
+    antialias (PIL's filter; on the CPU
+    torch's uint8 kernel, on CUDA in float32 rounded to the uint8 grid); a frame already at its resize target (a
+    frame-cache entry) is not resized again.
+    Random crops, flips and jitter factors are augment_params(), drawn from torch's global generator in the main
+    process (reseeded per epoch by the methods): a run is reproducible whatever --workers is."""
+    dev = frames[0].device if frames else torch.device("cpu")
+    B = len(frames)
+    if B == 0:
+        return torch.zeros(0, 3, size, size, device=dev)
+    resized = [None] * B
+    groups = {}
+    for k, f in enumerate(frames):
+        t = resize_target(kind, size, *f.shape[-2:])
+        if tuple(f.shape[-2:]) == t:
+            resized[k] = f
+        else:
+            groups.setdefault((tuple(f.shape), t), []).append(k)
+    for (_, t), idx in groups.items():
+        if dev.type == "cpu":        # torch's uint8 kernel (PIL's integer arithmetic), one frame at a time: decoded
+            for k in idx:            # frames are already channels-last in memory, a stack would copy them twice
+                resized[k] = F.interpolate(frames[k][None].contiguous(memory_format=torch.channels_last), size=t,
+                                           mode=interpolation, antialias=True, align_corners=False)[0]
+            continue
+        y = F.interpolate(torch.stack([frames[k] for k in idx]).float(), size=t, mode=interpolation,
+                          antialias=True, align_corners=False)
+        for k, yk in zip(idx, y.round_().clamp_(0, 255).to(torch.uint8)):
+            resized[k] = yk
+    if params is None:
+        params = augment_params(kind, size, [tuple(x.shape[-2:]) for x in resized])
+    crops = []
+    for x, prm in zip(resized, params):
+        h, w = x.shape[-2:]
+        if prm is not None:                                  # RandomCrop(size), RandomHorizontalFlip
+            i, j, flip = prm[:3]
+            x = x[:, i:i + size, j:j + size]
+            crops.append(x.flip(-1) if flip else x)
+        else:                                                # CenterCrop(size) (squash: already size x size)
+            i, j = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+            crops.append(x[:, i:i + size, j:j + size])
+    x = torch.stack(crops).float()
+    if kind == "csol_train":                                 # ColorJitter(brightness=0.3, saturation=0.3), random order
+        b = torch.tensor([prm[3] for prm in params], device=dev)[:, None, None, None]
+        s = torch.tensor([prm[4] for prm in params], device=dev)[:, None, None, None]
+
+        def bright(z):                                       # PIL's blend with black, truncated to uint8
+            return (z * b).clamp_(0, 255).floor_()
+
+        def sat(z):                                          # blend with the frame's grey (PIL's "L", rounded)
+            g = torch.floor((z[:, 0:1] * 19595 + z[:, 1:2] * 38470 + z[:, 2:3] * 7471 + 32768) / 65536)
+            return (g + s * (z - g)).clamp_(0, 255).floor_()
+        first = torch.tensor([prm[5] for prm in params], device=dev)[:, None, None, None]
+        x = torch.where(first, sat(bright(x)), bright(sat(x)))
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    return x.div_(255).sub_(mean).div_(std)
 
 
-def render_single(rng, n_classes: int, size: int):
-    """One single-source scene: (PIL image, sounding class, its normalised box, objects list, sounding mask)."""
-    img = _background(rng, size)
-    c = int(rng.integers(n_classes))
-    others = [int(o) for o in rng.permutation([k for k in range(n_classes) if k != c])[:rng.choice([1, 2], p=[0.6, 0.4])]]
-    boxes = _place(rng, size, rng.uniform(0.48, 0.62, 1 + len(others)))
-    others = others[:len(boxes) - 1]                # a distractor that does not fit is left out
-    objects = []
-    for k, b in zip(others, boxes[1:]):            # silent ones first; the sounding object is drawn on top
-        _draw_object(img, rng, k, b)
-        objects.append((k, b, False))
-    mask = _draw_object(img, rng, c, boxes[0])
-    objects.append((c, boxes[0], True))
-    return img, c, objects, mask
+def _bad(err: UserError, args) -> None:
+    """Stop with this error, or (--skip-bad, a BadMedia) record the sample as skipped."""
+    if not (getattr(args, "skip_bad", False) and isinstance(err, BadMedia)):
+        raise err
+    MEDIA.skipped[err.vid] = f"{err.path}: {err.reason}"
 
 
-def render_cocktail(rng, n_classes: int, size: int):
-    """A 2x2 grid of four single-object tiles of distinct classes; two of them sound."""
-    tile = size // 2
-    img = Image.new("RGB", (size, size))
-    classes = [int(k) for k in rng.permutation(n_classes)[:4]]
-    sounding = set(int(i) for i in rng.permutation(4)[:2])
-    objects = []
-    for q, k in enumerate(classes):
-        t = _background(rng, tile)
-        s = int(round(rng.uniform(0.6, 0.85) * tile))
-        x, y = (int(v) for v in rng.integers(0, tile - s + 1, 2))
-        _draw_object(t, rng, k, (x, y, x + s, y + s))
-        ox, oy = (q % 2) * tile, (q // 2) * tile
-        img.paste(t, (ox, oy))
-        objects.append((k, (ox + x, oy + y, ox + x + s, oy + y + s), q in sounding))
-    return img, objects
+def batch_images(batch: dict, device, args, kind: str, size: int, interpolation: str = "bicubic",
+                 views: int = 1):
+    """The image half of a method's batch_to_device: a collate_av batch -> (B, 3, size, size) normalised float32 on
+    `device` (a tuple of `views` independently augmented views). An unreadable sample stops the run with one
+    BadMedia, or under --skip-bad is dropped from the batch (batch["ids"] and batch["wav"] too) and recorded."""
+    for b in batch.pop("bad", []):
+        _bad(b.error(), args)
+    MEDIA.tiled.update(batch.pop("tiled", []))
+    if "images" in batch:                                    # --decode pil: augmented per sample in the workers
+        ims = batch["images"]
+        if views > 1:
+            return tuple(x.to(device, non_blocking=True) for x in ims)
+        return ims.to(device, non_blocking=True)
+    device = torch.device(device)
+    root = Path(args.data) / "frames"
+    jpeg = [k for k, (fmt, _) in enumerate(batch["frames"]) if fmt == "jpeg"]
+    decoded = dict(zip(jpeg, _decode_on([batch["frames"][k][1] for k in jpeg],
+                                        [root / f"{batch['ids'][k]}.jpg" for k in jpeg],
+                                        [batch["ids"][k] for k in jpeg], device)))
+    frames, keep = [], []
+    for k, (fmt, f) in enumerate(batch["frames"]):
+        f = decoded.get(k, f)
+        if isinstance(f, BadMedia):
+            _bad(f, args)
+            continue
+        frames.append(f.to(device, non_blocking=True))
+        keep.append(k)
+    if len(keep) < len(batch["ids"]):
+        batch["ids"], batch["wav"] = [batch["ids"][k] for k in keep], batch["wav"][keep]
+    shapes = [resize_target(kind, size, *f.shape[-2:]) for f in frames]
+    draws = [augment_params(kind, size, [hw]) for hw in shapes for _ in range(views)]   # sample by sample, as the
+    out = tuple(augment_frames(frames, kind, size, [d[0] for d in draws[v::views]], interpolation)  # per-sample
+                for v in range(views))                                                       # views draw
+    return out if views > 1 else out[0]
 
 
-def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 128, seconds: float = 3.0,
-                   sr: int = 16000, sizes: dict | None = None, log=print) -> Path:
-    """Write the synthetic benchmark in the standard layout (deterministic by seed; one rng per clip).
+def collate_av(items: list) -> dict:
+    """DataLoader collate for AVDataset(loader_items=True): {"ids", "wav" (B, N) float32, "tiled": ids whose audio
+    was tiled, "bad": _Bad markers, and "frames" [(format, uint8 tensor)] (fast) or "images" (pil)}."""
+    good = [it for it in items if not isinstance(it, _Bad)]
+    bad = [it for it in items if isinstance(it, _Bad)]
+    n = good[0][1].shape[0] if good else bad[0].n_samples
+    batch = {"ids": [it[2] for it in good], "bad": bad, "tiled": [it[2] for it in good if it[3]],
+             "wav": torch.stack([it[1] for it in good]) if good else torch.zeros(0, n)}
+    if good and isinstance(good[0][0], tuple) and isinstance(good[0][0][0], str):
+        batch["frames"] = [it[0] for it in good]
+    elif good:
+        batch["images"] = torch.utils.data.default_collate([it[0] for it in good])
+    else:
+        batch["frames"] = []
+    return batch
 
-    Splits: train/val/test (single source: the sounding object plus 1-2 silent ones), cocktail_train/val/test
-    (2x2 grids, two sounding + two silent tiles, audio mixed). annotations.json covers every id (the methods read
-    boxes only for val/test; CSOL's evaluation reads the classes of the clustered items).
-    """
-    if not 4 <= n_classes <= len(SYNTH_CLASSES):
-        raise UserError(f"n_classes must be between 4 and {len(SYNTH_CLASSES)}")
-    sizes = dict(SYNTH_DEFAULTS["sizes"] if sizes is None else sizes)
+
+class _Views:
+    """n independently augmented views of one frame (SSPL's two views) for the per-sample PIL path."""
+
+    def __init__(self, tf, n: int):
+        self.tf, self.n = tf, n
+
+    def __call__(self, img):
+        return tuple(self.tf(img) for _ in range(self.n))
+
+
+def build_frame_cache(root, ids, kind: str, size: int, log=print, interpolation: str = "bicubic") -> dict:
+    """The pre-resized frame cache of a random-crop training pipeline: ROOT/cache/frames_<kind><size>/<id>.<source
+    mtime_ns>.npy holds the frame after image_transform(kind, size)'s PIL resize (uint8, so the fast path's crops
+    start from the official pixels). Entries are written atomically (temp file + rename) by a thread pool on first
+    use; a frame whose file changed (new mtime) gets a new entry and its stale one is removed. Returns {id: path}
+    of the entries present (a frame that cannot be read is left for the reader to report)."""
+    import concurrent.futures as cf
+    import torchvision.transforms as T
     root = Path(root)
-    for d in ("frames", "audio", "splits"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    names = [c[0] for c in SYNTH_CLASSES[:n_classes]]
-    n = int(round(seconds * sr))
-    ann, t0 = [], time.time()
-    for si, (split, count) in enumerate(sizes.items()):
-        ids = []
-        for i in range(count):
-            vid = f"{split}_{i:05d}"
-            rng = np.random.default_rng([seed, si, i])
-            if split.startswith("cocktail"):
-                img, objects = render_cocktail(rng, n_classes, image_size)
-                snd = [k for k, _, s in objects if s]
-                audio = synth_audio(rng, snd, n, sr)
-                entry_class = "+".join(names[k] for k in snd)
-            else:
-                img, c, objects, _ = render_single(rng, n_classes, image_size)
-                audio = synth_audio(rng, [c], n, sr)
-                entry_class = names[c]
-            norm = lambda b: [round(v / image_size, 6) for v in b]  # noqa: E731
-            tmp = root / "frames" / f"{vid}.jpg.part"
-            img.save(tmp, format="JPEG", quality=95)
-            os.replace(tmp, root / "frames" / f"{vid}.jpg")
-            write_wav(root / "audio" / f"{vid}.wav", audio, sr)
-            ann.append({"file": vid, "class": entry_class, "bbox": [norm(b) for _, b, s in objects if s],
-                        "objects": [{"class": names[k], "bbox": norm(b), "sounding": bool(s)} for k, b, s in objects]})
-            ids.append(vid)
-        (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-        log(f"  synthetic {split}: {count} clips")
-    write_json(root / "annotations.json", ann)
-    meta = dict(seed=seed, n_classes=n_classes, image_size=image_size, seconds=seconds, sr=sr, sizes=sizes,
-                classes=names)
-    write_json(root / "synth.json", meta)
-    log(f"  synthetic benchmark written to {root} in {time.time() - t0:.1f}s")
-    return root
+    d = root / "cache" / (f"frames_{kind}{size}" + ("" if interpolation == "bicubic" else f"_{interpolation}"))
+    entries, todo = {}, []
+    for vid in ids:
+        try:
+            m = (root / "frames" / f"{vid}.jpg").stat().st_mtime_ns
+        except OSError:
+            continue
+        entries[vid] = d / f"{vid}.{m}.npy"
+        if not entries[vid].is_file():
+            todo.append(vid)
+    if not todo:
+        return entries
+    t0 = time.time()
+    stale = {}                                               # id -> entries of older versions of its frame
+    for dirpath, _, names in os.walk(d):
+        for name in names:
+            stem, _, rest = name[:-4].rpartition(".") if name.endswith(".npy") else ("", "", "")
+            if rest.isdigit():
+                vid = str((Path(dirpath) / stem).relative_to(d))
+                if vid in entries and entries[vid].name != name:
+                    stale.setdefault(vid, []).append(Path(dirpath) / name)
+    resize = T.Resize(int(size * 1.1) if kind == "crop_flip" else resize_target(kind, size, 1, 1),
+                      T.InterpolationMode(interpolation))
+
+    def one(vid):
+        path = entries[vid]
+        try:
+            arr = np.asarray(resize(load_image(root / "frames" / f"{vid}.jpg", vid)))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+            os.replace(tmp, path)
+            for old in stale.get(vid, []):
+                old.unlink(missing_ok=True)
+        except BadMedia:
+            entries.pop(vid, None)
+        except OSError as e:
+            return e
+
+    with cf.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
+        errors = [e for e in ex.map(one, todo) if e is not None]
+    if errors:
+        log(f"frame cache: cannot write under {d} ({errors[0]}); decoding the frames instead (--no-cache hides this)")
+        return {}
+    log(f"frame cache: {len(todo)} frames pre-resized for {kind} {size} px under {d} in {time.time() - t0:.1f} s "
+        f"(built once, rebuilt per changed frame; --no-cache skips it)")
+    return {vid: p for vid, p in entries.items() if vid not in todo or p.is_file()}
 
 
-def ensure_synthetic(root=None, log=print, **kw) -> Path:
-    """Generate the synthetic benchmark once (announced on the console); reuse it when its synth.json matches."""
-    root = Path(root) if root else default_synth_root()
-    want = {**SYNTH_DEFAULTS, **kw}
-    meta_path = root / "synth.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if all(meta.get(k) == v for k, v in want.items()):
-            return root
-        log(f"synthetic benchmark at {root} was made with other settings; regenerating")
-    log(f"no --data given: generating the built-in synthetic benchmark at {root} (once; about a minute)")
-    return make_synthetic(root, log=log, **want)
+def av_dataset(args, split_file, kind: str, seconds: float, where: str, sample_rate: int, views: int = 1,
+               interpolation: str = "bicubic"):
+    """A method's dataset of one split (first --limit ids) for the image pipeline `kind` (see image_transform) and
+    the audio window (seconds, where). --decode pil: the per-sample PIL transform in the workers; fast: the
+    workers read bytes and the method's batch_to_device calls batch_images(kind). The synthetic cpu preset keeps
+    its clips in memory; a random-crop training pipeline (crop_flip, csol_train) otherwise reads the pre-resized
+    frame cache (built on first use, --no-cache skips it)."""
+    ids = read_split(split_file)[: args.limit]
+    memory = args.preset == "cpu"
+    if args.decode == "pil":
+        tf = image_transform(kind, args.image_size, interpolation)
+        return AVDataset(args.data, ids, _Views(tf, views) if views > 1 else tf, seconds, where, sample_rate,
+                         cache=memory, loader_items=True)
+    cache = None
+    if kind in ("crop_flip", "csol_train") and not memory and not args.no_cache:
+        log = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
+        check_layout(args.data, ids)
+        cache = build_frame_cache(args.data, ids, kind, args.image_size, log, interpolation)
+    return AVDataset(args.data, ids, None, seconds, where, sample_rate, cache=memory, frame_cache=cache,
+                     loader_items=True)
+
+
+# =====================================================================================================
+# 4. (The synthetic benchmark generator lives in data_prep.py; resolve_data imports it only without --data.)
+# =====================================================================================================
 
 
 # =====================================================================================================
@@ -1270,15 +1494,21 @@ class NegativeAudio(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        img, wav, vid = self.ds[i]
+        item = self.ds[i]                          # (image, waveform, id, ...) or an unreadable-sample marker
+        if isinstance(item, _Bad):
+            return item
+        wav = item[1]
         if self.kind == "silence":
             wav = torch.zeros_like(wav)
         elif self.kind == "noise":
             wav = (torch.randn(wav.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
                    * NOISE_STD).to(wav.dtype)
         else:
-            wav = self.ds[self.perm[i]][1]
-        return img, wav, vid
+            other = self.ds[self.perm[i]]
+            if isinstance(other, _Bad):
+                return other
+            wav = other[1]
+        return (item[0], wav, *item[2:])
 
 
 def confidence_batch(t: torch.Tensor) -> torch.Tensor:
@@ -1409,11 +1639,35 @@ class Amp:
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype) if self.enabled else contextlib.nullcontext()
 
-    def step(self, loss, optimizer):
-        optimizer.zero_grad(set_to_none=True)
+    def step(self, loss, *optimizers):
+        """zero_grad, (scaled) backward, step every optimizer given (CSOL's classification passes step two)."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
+        for opt in optimizers:
+            self.scaler.step(opt)
         self.scaler.update()
+
+    def describe(self):
+        """What benchmark.json records: the autocast dtype actually used ("bfloat16" / "float16"), or False."""
+        return str(self.dtype).replace("torch.", "") if self.enabled else False
+
+
+def gpu_habits(args, device: torch.device, image_trunk: nn.Module, compiled=()) -> None:
+    """The CUDA habits of every method's training (call before wrapping in DDP): cuDNN autotuning and the image
+    trunk in channels_last (NHWC) memory format; with --compile, nn.Module.compile() in place on each module of
+    `compiled` (parameter names, checkpoints and DDP unchanged). On CPU nothing changes unless --compile is given."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        image_trunk.to(memory_format=torch.channels_last)
+    if args.compile:
+        for m in compiled:
+            m.compile()
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A CUDA image batch in channels_last memory format (matches the trunk of gpu_habits); CPU tensors as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 def init_distributed(device_name: str = "auto"):
@@ -1448,13 +1702,56 @@ def save_checkpoint(path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", method: str | None = None) -> dict:
+    """torch.load a checkpoint (a run folder means its last.pt). Anything that is not a readable checkpoint (empty,
+    truncated, a text file) is one UserError naming the file; with `method`, a checkpoint that records another
+    method (ours record it in their args) is refused. Checkpoints without a record (the authors' releases) pass:
+    each method's load_model checks their content."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # PytorchStreamReader failed / EOFError / UnpicklingError ... all mean the same here
+        msg = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (empty, truncated or another kind of file: "
+                        f"{type(e).__name__}{': ' + msg if msg else ''})") from None
+    if not isinstance(ck, dict):
+        raise UserError(f"{path}: not a checkpoint (holds a {type(ck).__name__}, expected a dict)")
+    saved = checkpoint_method(ck)
+    if method and saved and saved != method:
+        raise UserError(f"{path}: a checkpoint of {saved}, not of {method}; use {saved}.py with it")
+    return ck
+
+
+def checkpoint_method(ck: dict) -> str | None:
+    """The method a checkpoint records (in its args, set by preflight), None for the authors' releases."""
+    a = ck.get("args")
+    a = vars(a) if isinstance(a, argparse.Namespace) else a
+    return ck.get("method") or (a.get("method") if isinstance(a, dict) else None)
+
+
+def checkpoint_args(ck: dict, path, method: str, keys) -> dict:
+    """The saved settings a method's load_model needs; a checkpoint without them is not this method's."""
+    a = ck.get("args")
+    missing = [k for k in keys if not isinstance(a, dict) or k not in a]
+    if missing:
+        raise UserError(f"{path}: not a {method} checkpoint (its settings lack {', '.join(missing)})")
+    return a
+
+
+def load_state(model: nn.Module, sd, path, method: str) -> None:
+    """model.load_state_dict with one line naming the file when the weights are not this model's."""
+    if not isinstance(sd, dict):
+        raise UserError(f"{path}: no model weights a {method} model can use (not a {method} checkpoint)")
+    try:
+        model.load_state_dict(sd)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"{path}: the weights do not fit the {method} model (another method or architecture: "
+                        f"{' '.join(first[:2])[:200]})") from None
 
 
 def strip_prefix(sd: dict, prefix: str = "module.") -> dict:
@@ -1511,7 +1808,7 @@ def derangement(n: int) -> list[int]:
 
 
 def save_maps(path, maps: dict, negatives: dict | None = None, meta: dict | None = None) -> None:
-    """One float32 map per id in an .npz (the format eval_cioU.py reads), key = the id; meta (json under
+    """One float32 map per id in an .npz (the format eval_cioU.py reads), key = the id, written atomically; meta (json under
     __eval__: the protocol and align_corners the maps were scored with) lets eval_cioU.py resize them the same way.
     With negatives (from run_negatives, --eval --negatives) the same file also holds, for eval_cioU.py:
       raw/<id>           the positive map on the method's fixed scale (the clip's own audio, never normalised)
@@ -1535,7 +1832,12 @@ def save_maps(path, maps: dict, negatives: dict | None = None, meta: dict | None
             out["__confidence__"] = np.stack([np.asarray(ps["confidence"][k], np.float64)
                                               for k in ["positive", *meta["kinds"]]], 1)
         out["__negatives__"] = np.array(json.dumps(meta))
-    np.savez_compressed(path, **out)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **out)
+    os.replace(tmp, path)
 
 
 def _read_npz(path) -> dict:
@@ -1626,6 +1928,8 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--batch-size", type=int, help="global batch size (split across DDP processes)")
     a("--lr", type=float, help="learning rate")
     a("--seed", type=int, default=0, help="random seed (python, numpy, torch; per-epoch reseeding for exact resume)")
+    a("--seeds", help="--train: comma-separated seeds (e.g. 0,1,2) run one after another into sibling run "
+      "folders, then tabled as mean +- std")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--amp", action=argparse.BooleanOptionalAction, default=True,
       help="mixed precision on CUDA (bf16 where supported, else fp16); on by default, --no-amp turns it off; "
@@ -1658,8 +1962,21 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def resolve_data(args, log=print):
     """Fill the data arguments: no --data -> the synthetic benchmark (generated once) and the cpu preset; real
     data -> the paper preset; splits and annotations default to the standard layout's files."""
+    if args.data is None and getattr(args, "resume", None):      # a resumed run's data: its own (see apply_resume)
+        rd = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            args.data = json.loads((rd / "args.json").read_text()).get("data")
+    MEDIA.reset()
     if args.data is None:
-        args.data = str(ensure_synthetic(log=log))
+        try:
+            import data_prep                            # the generator: only needed for the synthetic default
+        except ModuleNotFoundError as e:
+            if e.name != "data_prep":
+                raise
+            raise UserError(f"no --data given, and the synthetic benchmark needs data_prep.py (its generator) beside "
+                            f"common.py in {Path(__file__).resolve().parent}; pass --data ROOT or copy data_prep.py "
+                            "there") from None
+        args.data = str(data_prep.ensure_synthetic(log=log))
         args.preset = args.preset or "cpu"
     args.preset = args.preset or "paper"
     root = Path(args.data)
@@ -1687,21 +2004,185 @@ def make_run_dir(args, method: str) -> Path:
     return d
 
 
-class Run:
-    """What a training run needs before its model exists: rank / world / device (DDP under torchrun), the seed,
-    the run folder (new, or the one of --resume with its checkpoint loaded into .ck) and the log."""
+# ---- command line, resume settings, preflight -------------------------------------------------------------
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parser.parse_args(argv), plus args.given_options: the options the user actually typed (a resumed run
+    takes every other setting from its checkpoint; only a typed flag can contradict it)."""
+    args = parser.parse_args(argv)
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=ns)        # argparse fills defaults only for attributes not already set
+    args.given_options = sorted(k for k, v in vars(ns).items() if v is not unset)
+    return args
 
-    def __init__(self, args, method: str):
+
+# Options that say what to do with a run, where to write, or on what hardware: never taken from a checkpoint,
+# never a contradiction. Every other option is a training setting a resumed run takes from its checkpoint.
+RESUME_FREE = {"train", "eval", "predict", "ckpt", "image", "audio", "resume", "out", "device", "workers", "amp",
+               "compile", "no_cache", "skip_bad", "benchmark", "steps", "negatives", "save_maps", "viz",
+               "given_options", "method"}
+RESUME_RAISABLE = {"epochs"}        # taken from the checkpoint unless given: a resumed run may train longer
+
+
+def _same_setting(key: str, a, b) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and (key in ("data", "annotations", "weights") or
+                                                      key.endswith("_split")):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return False
+
+
+def apply_resume(args, ck: dict, path, free=(), raisable=()) -> None:
+    """A resumed run takes its settings (seed, batch size, --limit, preset, architecture, lr ...) from the
+    checkpoint's args; a flag the user gave that contradicts one is refused in one line naming both values."""
+    saved = ck.get("args")
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {path}: the checkpoint records no settings (not written by a --train run)")
+    given = set(getattr(args, "given_options", vars(args)))
+    free, raisable = RESUME_FREE | set(free), RESUME_RAISABLE | set(raisable)
+    for k, v in saved.items():
+        if k in free or not hasattr(args, k):
+            continue
+        cur = getattr(args, k)
+        if k in given and not _same_setting(k, cur, v):
+            if k in raisable:
+                continue
+            raise UserError(f"--resume {path}: --{k.replace('_', '-')} {cur} contradicts the checkpoint's "
+                            f"{k} = {v}; drop the flag (a resumed run keeps its settings) or start a new run")
+        setattr(args, k, v)
+
+
+def check_writable(folder, what: str) -> None:
+    """The folder exists and is writable, or can be created: tested on its nearest existing ancestor with a
+    temporary file (nothing is created)."""
+    p = Path(folder).absolute()
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{what} {folder}: cannot write there ({anc} is a file, not a folder)")
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {folder}: not writable ({e.strerror or e})") from None
+
+
+def check_file_writable(path, what: str) -> None:
+    if Path(path).is_dir():
+        raise UserError(f"{what} {path}: is a folder, expected a file name")
+    check_writable(Path(path).absolute().parent, what)
+
+
+def check_numbers(args) -> None:
+    """--batch-size, --epochs (CSOL --epochs2), --limit, --max-steps >= 1 and --workers >= 0 where given."""
+    for k, lo in (("batch_size", 1), ("epochs", 1), ("epochs2", 1), ("limit", 1), ("max_steps", 1), ("workers", 0)):
+        v = getattr(args, k, None)
+        if v is not None and v < lo:
+            raise UserError(f"--{k.replace('_', '-')} {v}: must be at least {lo}")
+
+
+def check_command(args) -> None:
+    """What a command line can be checked for before any work: its numbers and its outputs."""
+    check_numbers(args)
+    check_outputs(args)
+
+
+def check_outputs(args) -> None:
+    """Every output the command will write can be written: checked before any work."""
+    if getattr(args, "predict", False):
+        check_file_writable(args.out or "heat.png", "--out")
+        return
+    if getattr(args, "train", False):
+        check_writable(args.out or "runs", "--out" if args.out else "the run folder's parent (choose one with --out)")
+    elif args.ckpt:
+        check_writable(args.out or Path(args.ckpt).parent,
+                       "--out" if args.out else "the output folder (the checkpoint's; choose one with --out)")
+    if args.save_maps:
+        check_file_writable(args.save_maps, "--save-maps")
+
+
+_PREFLIGHT_PASSED = False   # under torchrun, a UserError before this is the same on every rank: rank 0 reports it
+
+
+def preflight(args, method: str, resume=None, splits=("train_split", "val_split", "test_split"),
+              annotated=("val_split", "test_split"), ckpt=None, world: int = 1, train_key="train_split",
+              free=(), raisable=()):
+    """Everything a training run can check before its first step and before its run folder exists; each
+    failure is one UserError. Records args.method (saved in every checkpoint's args).
+      numbers: --batch-size, --epochs >= 1, --limit, --max-steps >= 1, --workers >= 0;
+      resume: the checkpoint is readable and of this method; its settings replace the command line's (a typed
+        flag that contradicts one is refused); ckpt: another checkpoint the run reads (readable, this method);
+      splits: each exists and lists ids whose frame and WAV exist; every id of the `annotated` splits has an
+        annotation; DDP: the training split gives every process at least one whole per-process batch;
+      outputs: --out (or the resumed run folder) and --save-maps are writable.
+    Returns the loaded resume checkpoint (or None)."""
+    args.method = method
+    ck = None
+    if resume:
+        ck = load_checkpoint(resume, method=method)
+        apply_resume(args, ck, resume, free, raisable)
+    check_numbers(args)
+    if ckpt:
+        load_checkpoint(ckpt, method=method)
+    ann, counts = None, {}
+    for k in splits:
+        path = getattr(args, k)
+        ids = read_split(path)[: args.limit]
+        check_layout(args.data, ids)
+        counts[k] = len(ids)
+        if k in annotated:
+            ann = ann if ann is not None else load_annotations(args.annotations)
+            miss = [i for i in ids if i not in ann]
+            if miss:
+                raise UserError(f"{len(miss)} of {len(ids)} ids of {path} have no annotation in {args.annotations} "
+                                f"(first: {', '.join(miss[:5])}); add them, or remove them from the split")
+    if train_key and train_key in counts:
+        n, b = counts[train_key], args.batch_size
+        if b % world:
+            raise UserError(f"--batch-size {b} cannot be split evenly over {world} processes; use a multiple of "
+                            f"{world}")
+        per, share = b // world, n // world
+        if share < per and world == 1:
+            raise UserError(f"{n} training clips ({getattr(args, train_key)}) are fewer than one batch of {b} "
+                            f"(--batch-size): no whole batch to train on; use --batch-size {n} or less, or more clips")
+        if share < per:
+            raise UserError(f"{n} training clips ({getattr(args, train_key)}) over {world} processes give {share} "
+                            f"per process, fewer than one batch of {per} (--batch-size {b} / {world}): no whole "
+                            f"batch to train on; use --batch-size {share * world if share else world} or less, "
+                            f"or more clips" + ("" if share else " (at least one per process)"))
+    if resume:
+        check_writable(Path(resume) if Path(resume).is_dir() else Path(resume).parent, "--resume run folder")
+    else:
+        check_outputs(args)
+    if args.save_maps:
+        check_file_writable(args.save_maps, "--save-maps")
+    global _PREFLIGHT_PASSED
+    _PREFLIGHT_PASSED = True
+    return ck
+
+
+class Run:
+    """What a training run needs before its model exists: the preflight (before the process group and the run
+    folder), rank / world / device (DDP under torchrun), the seed, the run folder (new, or the one of --resume
+    with its checkpoint loaded into .ck) and the log."""
+
+    def __init__(self, args, method: str, free=(), raisable=()):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.ck = preflight(args, method, args.resume, world=world, free=free, raisable=raisable)
+        if self.ck and self.ck.get("epoch", 0) >= args.epochs:
+            raise UserError(f"--resume {args.resume}: the run has already trained {self.ck.get('epoch')} epochs "
+                            f"(--epochs {args.epochs}); give a larger --epochs to train longer")
         self.rank, self.world, self.device = init_distributed(args.device)
         self.main = self.rank == 0
         seed_everything(args.seed)
         if args.resume:
-            self.ck = load_checkpoint(args.resume)
             self.dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         else:
-            self.ck, self.dir = None, (make_run_dir(args, method) if self.main else None)
+            self.dir = make_run_dir(args, method) if self.main else None
         self.log = RunLog(self.dir / "log.txt" if self.main else None, self.main)
-        self.per_proc = max(1, args.batch_size // self.world)
+        self.per_proc = args.batch_size // self.world
 
     def wrap(self, model):
         """DistributedDataParallel under torchrun, the model itself otherwise."""
@@ -1712,30 +2193,106 @@ class Run:
 
     def loader(self, ds, args, epoch: int):
         """The epoch's shuffled loader: reseeds python/numpy/torch from (seed, epoch) first, so an epoch is
-        reproducible on its own and a resumed run continues exactly; DistributedSampler under DDP."""
+        reproducible on its own and a resumed run continues exactly; DistributedSampler under DDP. Every process
+        gets the same number of whole batches (floor(N / world) clips each, the rest dropped; preflight refused
+        a split with less than one batch per process)."""
         seed_everything(args.seed * 1000 + epoch)
         sampler = None
         if self.world > 1:
-            sampler = torch.utils.data.distributed.DistributedSampler(ds, self.world, self.rank, seed=args.seed)
+            sampler = torch.utils.data.distributed.DistributedSampler(ds, self.world, self.rank, seed=args.seed,
+                                                                      drop_last=True)
             sampler.set_epoch(epoch)
         return torch.utils.data.DataLoader(ds, self.per_proc, shuffle=sampler is None, sampler=sampler,
-                                           num_workers=args.workers, drop_last=len(ds) >= self.per_proc,
-                                           generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+                                           num_workers=args.workers, drop_last=True,
+                                           generator=torch.Generator().manual_seed(args.seed * 1000 + epoch),
+                                           collate_fn=collate_av)
+
+    def sums(self, *values):
+        """Sum per-epoch totals (loss sum, step count, ...) over the DDP processes, so `total / steps` is the
+        mean over every rank's steps; under DDP the main process logs each rank's mean loss and step count."""
+        if self.world == 1:
+            return values
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        parts = [torch.zeros_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t)
+        per = [p.tolist() for p in parts]
+        self.log("per-rank loss (steps): " + ", ".join(f"rank {r} {p[0] / max(p[1], 1):.4f} ({p[1]:.0f})"
+                                                         for r, p in enumerate(per)))
+        tot = [sum(p[i] for p in per) for i in range(len(values))]
+        return tuple(type(v)(x) for v, x in zip(values, tot))
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """An error of a collective because another process died (it has reported its own error)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "gloo", "Gloo", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL",
+        "ProcessGroup", "Socket Timeout"))
+
+
+def _torchrun_error_file(msg: str, root_cause: bool = True) -> None:
+    """The message torchrun's failure summary shows for this process ('traceback :'), instead of its pointer to
+    the elastic-errors documentation. torchrun names the failure with the smallest timestamp (whole seconds) the
+    root cause; the process that met the error dates it one second back so that it wins over the processes that
+    stopped because of it in the same second."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        ts = str(int(time.time()) - (1 if root_cause else 0))
+        with contextlib.suppress(OSError):       # the format torchrun's own @record writes
+            Path(path).write_text(json.dumps({"message": {"message": msg, "extraInfo": {"py_callstack": msg,
+                                                                                       "timestamp": ts}}}))
 
 
 def run_cli(main_fn) -> None:
-    """Run a CLI entry point; a UserError becomes one 'error: ...' line and exit status 2, not a traceback."""
+    """Run a CLI entry point; a UserError becomes one 'error: ...' line and exit status 2, not a traceback.
+
+    Under torchrun (WORLD_SIZE > 1) a run stops with ONE line as well: the other ranks wait a few seconds before
+    printing theirs, so an error every rank meets (the preflight's, missing weights) is printed by rank 0 alone
+    (torchrun stops the others when it exits); an error of one rank (a bad file in its share) is printed by that
+    rank; the ranks whose collectives then fail exit without a traceback of their own. Processes end with os._exit so that no
+    rank waits on a process group whose peers are gone; torchrun still prints its own failure summary, whose
+    root cause then shows the same message."""
+    from tqdm import tqdm
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         main_fn()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if world == 1:
+            tqdm.write(f"error: {e}", file=sys.stderr)         # on its own line, below an unfinished progress bar
+            sys.exit(2)
+        if int(os.environ.get("RANK", "0")) != 0:
+            # an error every rank meets (the preflight's, missing weights ...) is reported by rank 0, and torchrun
+            # stops this process meanwhile; an error of this rank alone is printed after the wait
+            sys.stdout.flush()
+            time.sleep(3 if _PREFLIGHT_PASSED else 10)
+        tqdm.write(f"error: {e}", file=sys.stderr)
+        sys.stderr.flush(), sys.stdout.flush()
+        _torchrun_error_file(str(e))
+        os._exit(2)
+    except Exception as e:
+        if world > 1 and _peer_failure(e):
+            _torchrun_error_file("stopped: another process failed (its error is above)", root_cause=False)
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(3)
+        raise
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds: float, map_name: str,
                  extra: dict | None = None) -> dict:
-    """Print the report, then write results.json (the contract's keys), --save-maps and --viz overlays.
+    """Print the report, then write --save-maps, the --viz overlays, missing_ids.txt and results.json last.
 
+    Called only once everything they report on has been computed; every file is written to a temporary name and
+    renamed, and results.json comes last, so a failure never leaves a results.json beside missing outputs.
     res: an evaluate_maps() result with res["maps"] = the maps it scored; swapped: the same for the
     audio-swapped control (or None); out folder: --out, else the checkpoint's folder.
     """
@@ -1746,28 +2303,265 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
     out = Path(args.out or Path(args.ckpt).parent)
     out.mkdir(parents=True, exist_ok=True)
     results = {"method": method, "data": str(args.data), "split": str(args.test_split), "protocol": res["protocol"],
+               "seed": getattr(args, "seed", None),
                "resize": res["resize"], "n": res["n"], "n_listed": res["n_listed"], "seconds": round(seconds, 1),
                "test": res["test"], "baselines": res["baselines"],
                "audio_swapped": swapped["test"] if swapped else None, "map": map_name,
                "missing": res["missing"], "duplicates": res.get("duplicates", []), "empty_gt": res["empty_gt"],
-               "boxes_outside": res.get("boxes_outside", 0), **(extra or {})}
+               "boxes_outside": res.get("boxes_outside", 0), "skipped": len(MEDIA.skipped), **(extra or {})}
     if res.get("negatives"):
         results["negatives"] = {k: v for k, v in res["negatives"].items() if k != "per_sample"}
         log(format_negatives(res["negatives"], "test negatives"))
-    write_json(out / "results.json", results)
-    if res["missing"]:
-        (out / "missing_ids.txt").write_text("\n".join(res["missing"]) + "\n")
+    viz = None
+    if args.viz:                                   # rendered into a temporary folder first (the slow part)
+        viz = out / "viz"
+        tmp = out / "viz.part"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        ids = [i for i in res["per_sample"]][: args.viz]
+        try:
+            for vid in ids:
+                img = np.asarray(load_image(Path(args.data) / "frames" / f"{vid}.jpg"))
+                save_overlay_png(tmp / f"{vid}.png", img, res["maps"][vid], ann[vid]["bbox"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if args.save_maps:
         save_maps(args.save_maps, res["maps"], res.get("negatives_maps"),
                   {"protocol": res["protocol"], "align_corners": res["resize"].endswith("True"), "map": map_name})
         log(f"maps written to {args.save_maps}")
-    if args.viz:
-        d = out / "viz"
-        d.mkdir(exist_ok=True)
-        ids = [i for i in res["per_sample"]][: args.viz]
-        for vid in ids:
-            img = np.asarray(load_image(Path(args.data) / "frames" / f"{vid}.jpg"))
-            save_overlay_png(d / f"{vid}.png", img, res["maps"][vid], ann[vid]["bbox"])
-        log(f"{len(ids)} overlays written to {d}")
+    if viz is not None:
+        viz.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, viz / f.name)
+        tmp.rmdir()
+        log(f"{len(ids)} overlays written to {viz}")
+    if res["missing"]:
+        _write_text_atomic(out / "missing_ids.txt", "\n".join(res["missing"]) + "\n")
+    elif (out / "missing_ids.txt").is_file():
+        (out / "missing_ids.txt").unlink()          # a stale list from an earlier evaluation
+    if MEDIA.tiled:
+        log(f"{len(MEDIA.tiled)} clips shorter than the audio window were tiled to fill it (official rule)")
+    if MEDIA.skipped:
+        _write_text_atomic(out / "skipped_ids.txt", "".join(f"{k}\t{v}\n" for k, v in sorted(MEDIA.skipped.items())))
+        log(f"--skip-bad: skipped {len(MEDIA.skipped)} unreadable samples, listed in {out / 'skipped_ids.txt'}")
+    write_json(out / "results.json", results)
     log(f"results written to {out / 'results.json'}")
     return results
+
+
+# --benchmark: the timing harness every method calls from its benchmark(args) (run plumbing, no method logic).
+BENCHMARK_KEYS = ("loader_samples_per_s", "reference_loader_samples_per_s", "model_samples_per_s",
+                  "train_samples_per_s", "peak_memory_mb", "cache_build_s")
+
+
+def single_process(what: str) -> None:
+    """Stop with one line when launched with torchrun over several processes (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"{what} runs in one process; launch it with python (or torchrun --nproc_per_node=1)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _n_samples(inputs) -> int:
+    """Samples in a prepared batch: the first dimension of its first tensor (nested tuples allowed)."""
+    if torch.is_tensor(inputs):
+        return inputs.shape[0]
+    return _n_samples(inputs[0])
+
+
+def _endless(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def _samples_per_s(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Run step() warmup times untimed, then steps times timed (CUDA synchronised at both ends); step() returns
+    the number of samples it processed."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        n += step()
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource                                     # the process's peak RSS (kB on Linux), workers not included
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+
+
+def run_benchmark(args, method: str, device: torch.device, run_dir, log, make_loader, batch_to_device, train_step,
+                  net, opt, amp: Amp, warmup: int = 2) -> dict:
+    """--benchmark: samples per second of (1) the loader: files on disk -> a batch of normalised images and
+    spectrograms on the device (the method's training DataLoader + batch_to_device), with args.decode as given and
+    again with --decode pil (the reference); (2) the model: train_step (forward + loss + backward + optimizer
+    step) on one prepared batch reused; (3) end to end (loader + batch_to_device + train_step). Warm-up steps
+    are excluded, CUDA is synchronised around every timed span. Writes run_dir/benchmark.json; never saves a
+    checkpoint. make_loader() builds the dataset from args (so it follows args.decode) and its training loader."""
+    steps = args.steps or max(3, math.ceil(256 / max(1, args.batch_size)))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    decode = args.decode
+    net.train()
+    res, last = {}, {}
+
+    def loader_rate(mode):
+        args.decode = mode
+        loader = make_loader()
+        batches = _endless(loader)
+
+        def step():
+            last["inputs"] = batch_to_device(next(batches), device, args, True)
+            return _n_samples(last["inputs"])
+        rate = _samples_per_s(step, steps, warmup, device)
+        return rate, getattr(loader.dataset, "cache_build_s", None)
+
+    try:
+        res["loader_samples_per_s"], cache_s = loader_rate(decode)
+        res["reference_loader_samples_per_s"], _ = loader_rate("pil")
+    finally:
+        args.decode = decode
+    inputs = last["inputs"]
+
+    def model_step():
+        train_step(net, opt, amp, inputs, args)
+        return _n_samples(inputs)
+    res["model_samples_per_s"] = _samples_per_s(model_step, steps, warmup, device)
+    batches = _endless(make_loader())
+
+    def train_one():
+        x = batch_to_device(next(batches), device, args, True)
+        train_step(net, opt, amp, x, args)
+        return _n_samples(x)
+    res["train_samples_per_s"] = _samples_per_s(train_one, steps, warmup, device)
+    res["peak_memory_mb"] = _peak_memory_mb(device)
+    res["cache_build_s"] = cache_s
+    res = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}
+    meta = {"method": method, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "batch_size": args.batch_size, "workers": args.workers, "amp": amp.describe(),
+            "compile": bool(args.compile), "image_size": args.image_size, "preset": args.preset, "decode": decode,
+            "steps": steps, "warmup_steps": warmup, "data": str(args.data), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    out = {**meta, **res}
+    width = max(map(len, out))
+    log("\n".join(f"{k:<{width}}  {v}" for k, v in out.items()))
+    write_json(Path(run_dir) / "benchmark.json", out)
+    log(f"benchmark written to {Path(run_dir) / 'benchmark.json'}")
+    return out
+
+
+# ---- several seeds, and the table of many runs ------------------------------------------------------------
+TABLE_KEYS = ("ciou@0.5", "auc", "mean_ciou")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: give distinct seeds, e.g. 0,1,2")
+    return seeds
+
+
+def train_seeds(args, train_fn, log=print) -> list[Path]:
+    """--seeds: train one run per seed (each its own run folder under --out, every other setting the same), then
+    print the table of their results.json. Returns the results.json paths."""
+    import copy
+    if args.resume:
+        raise UserError("--seeds starts new runs; resume each run on its own with --resume RUN/last.pt")
+    parent = Path(args.out or "runs")
+    paths = []
+    for seed in parse_seeds(args.seeds):
+        a = copy.deepcopy(args)
+        a.seed, a.seeds, a.out = seed, None, str(parent)
+        before = set(parent.iterdir()) if parent.is_dir() else set()
+        train_fn(a)
+        new = sorted(d for d in parent.iterdir() if d not in before and (d / "results.json").is_file())
+        if int(os.environ.get("RANK", "0")) != 0:
+            continue
+        if len(new) != 1:
+            raise UserError(f"--seeds: expected one new run folder with results.json under {parent} for seed {seed}, "
+                            f"found {len(new)}")
+        paths.append(new[0] / "results.json")
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(results_table(paths))
+    return paths
+
+
+def _mean_std(values) -> str:
+    v = np.asarray(values, np.float64) * 100
+    if v.size == 1:
+        return f"{v[0]:.2f}"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+
+def _flat_numbers(d, prefix="") -> dict:
+    """{"a": {"b": 0.5}} -> {"a/b": 0.5}: the numeric leaves of a nested results dict."""
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def results_table(paths) -> str:
+    """Markdown table of several results.json files: one row per (method, data), mean ± sample std (ddof 1) over the
+    runs of cIoU@0.5, AUC and mean cIoU (in %), with the centred prior and the audio-swapped control, and the
+    negative-audio metrics when every run has them. Runs of one (method, data) that differ in split, protocol or N
+    are not averaged: that is an error naming the files and the values."""
+    groups: dict = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            p = p / "results.json"
+        try:
+            r = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{p}: no such results file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{p}: not a results.json ({e})") from None
+        if not isinstance(r, dict) or not all(k in r for k in ("method", "data", "split", "protocol", "n", "test")):
+            raise UserError(f"{p}: not a method's results.json (needs method, data, split, protocol, n, test)")
+        groups.setdefault((r["method"], r["data"]), []).append((p, r))
+    if not groups:
+        raise UserError("no results.json given")
+    parts = [("model", lambda r: r["test"]), ("centred prior", lambda r: (r.get("baselines") or {}).get("center")),
+             ("audio-swapped", lambda r: r.get("audio_swapped"))]
+    rows, neg_cols = [], []
+    for (method, data), runs in groups.items():
+        for field in ("split", "protocol", "n"):
+            if len({str(r[field]) for _, r in runs}) > 1:
+                where = "; ".join(f"{r[field]} in {p}" for p, r in runs)
+                raise UserError(f"cannot average {method} on {data}: the runs differ in {field} ({where}); "
+                                f"table them separately")
+        first = runs[0][1]
+        row = {"method": method, "data": Path(data).name, "split": Path(first["split"]).name,
+               "protocol": first["protocol"], "N": str(first["n"]),
+               "runs (seeds)": f"{len(runs)} ({','.join(str(r.get('seed', '?')) for _, r in runs)})"}
+        for name, get in parts:
+            got = [get(r) for _, r in runs]
+            for k in TABLE_KEYS:
+                row[f"{name} {k}"] = _mean_std([g[k] for g in got]) if all(got) else "-"
+        negs = [_flat_numbers(r.get("negatives")) for _, r in runs]
+        for k in sorted(set.intersection(*(set(n) for n in negs))) if all(negs) else []:
+            row[f"neg {k}"] = _mean_std([n[k] for n in negs])
+            neg_cols += [] if f"neg {k}" in neg_cols else [f"neg {k}"]
+        rows.append(row)
+    head = list(rows[0])[:6] + [f"{name} {k}" for name, _ in parts for k in TABLE_KEYS] + neg_cols
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(row.get(h, "-") for h in head) + " |" for row in rows]
+    return "\n".join(out) + f"\n(mean ± sample std over the runs, in %; {len(paths)} results files)"

@@ -25,9 +25,11 @@ Run:
   python csol_classaware.py --train                    # synthetic benchmark: stage one on the single-source
                                                        # splits, stage two on the cocktail splits (cpu preset)
   python csol_classaware.py --train --stage 1 ...      # or --stage 2 --ckpt <stage-one run>/stage1.pt
+  python csol_classaware.py --train --seeds 0,1,2      # one run per seed, then a mean ± std table of the runs
   python csol_classaware.py --train --data ROOT --clusters 11 --cocktail-train-split ROOT/splits/synthetic_train.txt ...
   python csol_classaware.py --eval --ckpt runs/<run>/stage2.pt --data ROOT
   python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --image frame.jpg --audio clip.wav --out heat.png
+  python csol_classaware.py --benchmark --data ROOT --preset paper --no-pretrained   # samples/s of stage one's step
 
 Deviations (from the paper P, from the official code O), and why:
   1. (O) Cluster-to-category assignment by an exact optimum (Hungarian, scipy) of the official objective
@@ -38,14 +40,23 @@ Deviations (from the paper P, from the official code O), and why:
      L2-normalised k-means; heads = single linear layers re-created every epoch on whole-image GAP features
      (paper: MLPs on object features); the class maps pass through the official learned scalar affine
      (--no-obj-affine removes it); stage-two negatives are the 2x2 quadrants of another grid; x3 before the
-     final softmax at test. (P) The KL is the paper's KL(p_v || p_a) with batch-mean reduction by default;
-     --kl official gives the official KL(p_a || p_v) averaged over all B*K elements.
+     final softmax at test; images resized bilinearly (torchvision's default Resize, as the official dataset).
+     (P) The KL is the paper's KL(p_v || p_a) with batch-mean reduction by default; --kl official gives the
+     official KLDivLoss: KL(p_a || p_v) averaged over all B*K elements, i.e. exactly the batch-mean
+     KL(p_a || p_v) / K. So our default L_c is about K times the official one (KL is symmetric to second order
+     when p_v and p_a are close: 11.04x at K = 11 on nearby random logits, 8.8-11.2x on unrelated ones, B = 16;
+     torch float64, 2-core CPU, 2026-11-28, see test_csol_kl_default_is_about_k_times_the_official_kldivloss),
+     and at lambda 0.5 L_loc weighs about K times less relative to L_c than in the official code. --kl official
+     (with --lam 0.5) reproduces the official loss and its balance; with --kl paper, --lam 0.5*K gives about the
+     same balance (the overall scale is K times larger, which Adam largely absorbs).
   3. (O) The official scripts crash as shipped (an unexpected `cluster` keyword, K hard-coded to 11, KMeans
      algorithm='full', missing list files); these are rebuilt here with K as a parameter. Evaluation picks the
      frame deterministically (official: a random frame per second, also at test).
   4. (O) NSA is computed on the class maps of the silent classes (all classes without a sounding box, as
-     official) after summing clusters per class; the official loop mixes cluster and class indices, which
-     coincides with ours when K equals the number of classes.
+     official) after summing each class's clusters into one class map. The official loop instead scores every
+     *cluster* that is not the first cluster of a sounding class (eval.py over range(11), eval_duet.py over
+     range(K)), so when K > number of classes the extra clusters of a sounding class count as silent. The two
+     coincide when K equals the number of classes (the cpu preset).
   5. (O) Checkpoints: stage one keeps the localization checkpoint with the best validation single-source score
      (stage1_best.pt, the official "_av_local") and the last one with its dictionary (stage1.pt, "_av_class"),
      which initialises stage two.
@@ -56,13 +67,28 @@ Deviations (from the paper P, from the official code O), and why:
      with seed 0 on a 4-class synthetic set we measured alpha -0.29 and inverted class maps (sounding objects
      darker than silent ones, worse than a random class assignment).
   8. (O) One process only (the official code uses DataParallel): under torchrun it stops with a message.
-  9. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
-     audio; the raw l (sigmoid, fixed scale [0, 1]) is thresholded at 0.5 after the resize to 224
-     (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
-  10. (O, kept) Metrics as the official tools.py / eval.py, in float32: single source P = l > 0.1 max(l)
-     (`rel0.1`); class-aware CIoU@0.3 = fraction of images with mean class IoU >= 0.05*6 (literally, so
-     0.30000000000000004), and an image without a sounding box scores NaN (np.mean of no class), which fails every
-     AUC threshold including t = 0; the mean class IoU skips those images.
+  9. (O) Negatives are built by rolling the batch: audio i is paired with the frame of clip i-1 of the same
+     batch (stage one: the whole frame; stage two: the 2x2 quadrants of that grid). So BatchNorm sees the B
+     batch images once (official: 2B rows, each positive frame plus a separately loaded negative frame), and a
+     negative can come from the same video when a batch holds two clips of one video (official: a random frame
+     of a different video, checked by YouTube id; stage two: another random synthetic grid).
+  10. (O) The data path (--decode fast, the default): frames are decoded, resized, cropped, flipped, colour-jittered
+     per batch with torch ops on the training device (nvJPEG on CUDA), training crops from the pre-resized frame
+     cache on real data. Against the official per-sample PIL pipeline (--decode pil, kept bit for bit): identical
+     pixels from the cache; otherwise at most 3 grey levels (max |diff| 0.053 after ImageNet normalisation), mean
+     1e-4 (CPU, torch's uint8 bicubic; photo-like 640x360 and 1280x720 JPEGs and the synthetic frames; 2026-11-28,
+     2-core CPU). On CUDA the resize runs in float32 (max 0.07, mean 0.003, measured on CPU); nvJPEG's decode is not
+     measured (no GPU here). The crop/flip/jitter draws are torchvision's own calls in its order, made in the main
+     process: with --workers 0 the same seed gives --decode pil's augmentation (with workers, pil draws in each
+     worker's stream). Audio: the window is read straight from the WAV (identical samples); a clip shorter than a
+     quarter of the window is an error (the official code tiles it silently), tiled clips are counted in the log.
+  11. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
+      audio; the raw l (sigmoid, fixed scale [0, 1]) is thresholded at 0.5 after the resize to 224
+      (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
+  12. (O, kept) Metrics as the official tools.py / eval.py, in float32: single source P = l > 0.1 max(l)
+      (`rel0.1`); class-aware CIoU@0.3 = fraction of images with mean class IoU >= 0.05*6 (literally, so
+      0.30000000000000004), and an image without a sounding box scores NaN (np.mean of no class), which fails every
+      AUC threshold including t = 0; the mean class IoU skips those images.
 """
 import argparse
 import copy
@@ -91,6 +117,7 @@ PRESETS = {
                 clusters=6, class_iter=1),
 }
 SR, CLIP_SECONDS = 16000, 1.0
+RESIZE = "bilinear"                    # official: torchvision's default Resize interpolation (PIL bilinear)
 
 
 def build_parser():
@@ -172,7 +199,8 @@ def build_model(args) -> LocationNet:
 # Loss
 # ----------------------------------------------------------------------------------------------------------
 def stage1_loc_loss(model, v_fea, a_fea):
-    """Eq. 2 with one mismatched image per audio (the next clip of the batch): BCE on GMP(l) over 2B pairs."""
+    """Eq. 2 with one mismatched image per audio (the previous clip of the batch, v rolled by one; deviation 9):
+    BCE on GMP(l) over 2B pairs."""
     B = v_fea.shape[0]
     l_pos = model.loc_map(v_fea, a_fea)
     l_neg = model.loc_map(v_fea.roll(1, 0), a_fea)
@@ -206,11 +234,13 @@ def build_dictionary(obj_feats: np.ndarray, K: int, seed: int = 0):
 
 
 def class_maps(model, v_fea, l, affine=True):
-    """Eq. 7-8: m^k = d_k . f(v) (raw features, raw keys), optional official affine, s^k = m^k o l -> (B, K, h, w)."""
-    m = torch.einsum("bchw,kc->bkhw", v_fea.float(), model.D)
-    if affine:
-        m = model.obj_affine(m[:, None])[:, 0]
-    return m * l[:, None]
+    """Eq. 7-8: m^k = d_k . f(v) (raw features, raw keys), optional official affine, s^k = m^k o l -> (B, K, h, w).
+    Computed in float32 or wider (half inputs are promoted; float64 stays float64)."""
+    dt = torch.promote_types(torch.promote_types(v_fea.dtype, l.dtype), torch.float32)
+    m = torch.einsum("bchw,kc->bkhw", v_fea.to(dt), model.D.to(dt))
+    if affine:                                                            # the 1x1x1 Conv3d: alpha * m + beta
+        m = F.conv3d(m[:, None], model.obj_affine.weight.to(dt), model.obj_affine.bias.to(dt))[:, 0]
+    return m * l.to(dt)[:, None]
 
 
 def kl_consistency(s, a_logits_fixed, direction="paper"):
@@ -262,26 +292,46 @@ def hungarian_assign(label2cluster: np.ndarray) -> np.ndarray:
 # Train
 # ----------------------------------------------------------------------------------------------------------
 def make_dataset(args, split_file, train: bool):
-    ids = C.read_split(split_file)[: args.limit]
-    tf = C.image_transform("csol_train" if train else "squash", args.image_size)
-    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+    return C.av_dataset(args, split_file, "csol_train" if train else "squash", CLIP_SECONDS, "center", SR,
+                        interpolation=RESIZE)
+
+
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what a step consumes: (images (B, 3, S, S), log-mels (B, 1, 201, 64)) on the device.
+    --decode fast decodes and augments the frames here (csol_train for training, squash for testing)."""
+    img = C.batch_images(batch, device, args, "csol_train" if train else "squash", args.image_size, RESIZE)
+    return img, C.csol_log_mel(batch["wav"].to(device, non_blocking=True), SR)
+
+
+def train_step(model, opt, amp, inputs, args):
+    """One stage-one localization step (Eq. 2; stage one is what the paper preset trains most: 15 epochs, against
+    5 of stage two): trunks under mixed precision on CUDA, the map and the BCE in float32, backward, Adam step.
+    Returns the loss. (Stage one's classification passes and stage two have their own steps in their loops.)"""
+    img, spec = inputs
+    with amp.autocast():
+        v_fea, a_fea = model.features(C.channels_last(img), spec)
+    loss = stage1_loc_loss(model, v_fea.float(), a_fea.float())         # Eq. 2
+    amp.step(loss, opt)
+    return loss
 
 
 def loader_for(ds, args, epoch, shuffle=True):
     return torch.utils.data.DataLoader(ds, args.batch_size, shuffle=shuffle, num_workers=args.workers,
-                                       drop_last=shuffle and len(ds) >= args.batch_size,
+                                       drop_last=shuffle and len(ds) >= args.batch_size, collate_fn=C.collate_av,
                                        generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
 
 
 @torch.no_grad()
-def extract_objects(model, ds, args, device):
-    """Object features (Eq. 3) of every clip of ds (positive pairs, eval mode)."""
+def extract_objects(model, ds, args, device, train: bool):
+    """Object features (Eq. 3) of every clip of ds (positive pairs, eval mode; train: with the training
+    augmentation, as ds's frames are seen in training) -> (features, their ids)."""
     model.eval()
-    feats = []
-    for img, wav, _ in loader_for(ds, args, 0, shuffle=False):
-        v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+    feats, ids = [], []
+    for batch in loader_for(ds, args, 0, shuffle=False):
+        v_fea, a_fea = model.features(*batch_to_device(batch, device, args, train))
         feats.append(object_features(v_fea, model.loc_map(v_fea, a_fea), args.mask_threshold, args.obj_pool).cpu())
-    return torch.cat(feats).numpy()
+        ids += batch["ids"]
+    return torch.cat(feats).numpy(), ids
 
 
 def class_labels(ann, ids, names):
@@ -290,8 +340,10 @@ def class_labels(ann, ids, names):
 
 def train_stage1(args, device, log, run_dir, ck=None):
     model = build_model(args).to(device)
+    C.gpu_habits(args, device, model.imgnet, [model.imgnet, model.audnet])   # CUDA: cudnn.benchmark, channels_last
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
                            lr=args.lr, weight_decay=1e-4)
+    amp = C.Amp(device, args.amp)
     start, best, history, assign, nmi = 0, -1.0, [], None, None
     if ck:                                                                # --resume inside stage one
         model.load_state_dict(ck["model"])
@@ -309,36 +361,39 @@ def train_stage1(args, device, log, run_dir, ck=None):
         C.seed_everything(args.seed * 1000 + epoch)
         model.train()
         tot, n = 0.0, 0
-        for step, (img, wav, _) in enumerate(C.progress(loader_for(train_ds, args, epoch), f"stage 1 loc {epoch + 1}")):
+        for step, batch in enumerate(C.progress(loader_for(train_ds, args, epoch), f"stage 1 loc {epoch + 1}")):
             if args.max_steps and step >= args.max_steps:
                 break
-            v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
-            loss = stage1_loc_loss(model, v_fea, a_fea)                   # Eq. 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            inputs = batch_to_device(batch, device, args, True)
+            if len(inputs[0]) == 0:                                       # every sample skipped (--skip-bad)
+                continue
+            loss = train_step(model, opt, amp, inputs, args)              # Eq. 2
             tot, n = tot + loss.item(), n + 1
         if epoch >= 1:                                                    # official: cluster + classify from epoch 1
-            feats = extract_objects(model, train_ds, args, device)
+            feats, feat_ids = extract_objects(model, train_ds, args, device, True)
             D, labels, km = build_dictionary(feats, args.clusters, args.seed)   # Eq. 4-5
             model.D.copy_(torch.from_numpy(D))
-            val_pseudo = km.predict(_l2(extract_objects(model, val_ds, args, device)))
-            assign, nmi = match_clusters(class_labels(ann, val_ds.ids, names), val_pseudo, len(names), args.clusters)
+            val_feats, val_ids = extract_objects(model, val_ds, args, device, False)
+            val_pseudo = km.predict(_l2(val_feats))
+            assign, nmi = match_clusters(class_labels(ann, val_ids, names), val_pseudo, len(names), args.clusters)
             model.reset_heads(args.clusters)
             heads = torch.optim.Adam(list(model.h_v.parameters()) + list(model.h_a.parameters()), lr=1e-3,
                                      weight_decay=1e-4)
-            lab = dict(zip(train_ds.ids, labels.tolist()))
+            lab = dict(zip(feat_ids, labels.tolist()))
             for it in range(args.class_iter):                             # Eq. 6 on the pseudo labels
                 model.train()
-                for step, (img, wav, ids) in enumerate(loader_for(train_ds, args, epoch * 10 + it + 1)):
+                for step, batch in enumerate(loader_for(train_ds, args, epoch * 10 + it + 1)):
                     if args.max_steps and step >= args.max_steps:
                         break
-                    v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
-                    y = torch.tensor([lab[i] for i in ids], device=device)
+                    img, spec = batch_to_device(batch, device, args, True)
+                    if len(img) == 0:
+                        continue
+                    y = torch.tensor([lab[i] for i in batch["ids"]], device=device)
+                    with amp.autocast():
+                        v_fea, a_fea = model.features(C.channels_last(img), spec)
+                    v_fea, a_fea = v_fea.float(), a_fea.float()
                     loss = F.cross_entropy(model.h_v(v_fea.mean((2, 3))), y) + F.cross_entropy(model.h_a(a_fea), y)
-                    opt.zero_grad(set_to_none=True), heads.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step(), heads.step()
+                    amp.step(loss, opt, heads)
         res = evaluate_single(model, val_ds, ann, args, device, baselines=False)
         score = res["test"]["ciou@0.5"]
         history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "val": res["test"], "nmi": nmi})
@@ -366,8 +421,11 @@ def nmi_score(y_true, y_pred):
 
 def train_stage2(args, device, log, run_dir, model, stage1_info, ck=None):
     fixed = copy.deepcopy(model).eval().requires_grad_(False)            # the frozen stage-one audio model (Eq. 10)
+    C.gpu_habits(args, device, model.imgnet, [model.imgnet, model.audnet])   # after the copy: fixed stays uncompiled
+    C.gpu_habits(args, device, fixed.imgnet)
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
                            lr=args.lr, weight_decay=1e-4)
+    amp = C.Amp(device, args.amp)
     start, history = 0, []
     if ck:                                                                # --resume inside stage two
         model.load_state_dict(ck["model"])
@@ -382,19 +440,24 @@ def train_stage2(args, device, log, run_dir, model, stage1_info, ck=None):
         model.train()
         tot = totc = 0.0
         n = 0
-        for step, (img, wav, _) in enumerate(C.progress(loader_for(train_ds, args, 500 + epoch), f"stage 2 {epoch + 1}")):
+        for step, batch in enumerate(C.progress(loader_for(train_ds, args, 500 + epoch), f"stage 2 {epoch + 1}")):
             if args.max_steps and step >= args.max_steps:
                 break
-            img, spec = img.to(device), C.csol_log_mel(wav.to(device), SR)
-            v_fea, a_fea = model.features(img, spec)
+            img, spec = batch_to_device(batch, device, args, True)
+            if len(img) == 0:                                             # every sample skipped (--skip-bad)
+                continue
+            img = C.channels_last(img)
+            with amp.autocast():                                          # trunks in mixed precision on CUDA
+                v_fea, a_fea = model.features(img, spec)
+            v_fea, a_fea = v_fea.float(), a_fea.float()
             s = class_maps(model, v_fea, model.loc_map(v_fea, a_fea), not args.no_obj_affine)   # Eq. 7-8
             with torch.no_grad():
-                a_logits = fixed.h_a(fixed.features(img, spec)[1])
+                with amp.autocast():
+                    a_fixed = fixed.features(img, spec)[1]
+                a_logits = fixed.h_a(a_fixed.float())
             L_c = kl_consistency(s, a_logits, args.kl)                    # Eq. 9-11
             loss = L_c + args.lam * stage2_loc_loss(model, v_fea, a_fea)  # Eq. 12
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            amp.step(loss, opt)
             tot, totc, n = tot + loss.item(), totc + L_c.item(), n + 1
         history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "L_c": totc / max(n, 1)})
         log(f"stage 2 epoch {epoch + 1}/{args.epochs2} L2 {tot / max(n, 1):.4f} L_c {totc / max(n, 1):.4f} | "
@@ -408,6 +471,19 @@ def train_stage2(args, device, log, run_dir, model, stage1_info, ck=None):
 def train(args):
     """Both stages (or --stage 1 / 2). --resume RUN continues the run in RUN: stage one from its last epoch, or
     stage two from its last epoch (the frozen audio model of Eq. 10 is the finished stage one, reloaded)."""
+    if args.stage == "2" and not (args.ckpt or args.resume):
+        raise C.UserError("--stage 2 needs --ckpt <stage-one run folder or stage1.pt>")
+    resume_ck = stage1_ck = None
+    if args.resume:                                   # the settings come from the run's latest checkpoint
+        rd = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        resume_ck = rd / "stage2.pt" if (rd / "stage2.pt").is_file() else rd / "stage1.pt"
+    elif args.stage == "2":
+        stage1_ck = Path(args.ckpt) / "stage1.pt" if Path(args.ckpt).is_dir() else args.ckpt
+    splits = (("train_split", "val_split") if args.stage != "2" else ()) + \
+        (("cocktail_train_split",) if args.stage != "1" else ()) + ("test_split",) + \
+        (("cocktail_test_split",) if Path(args.cocktail_test_split).is_file() else ())
+    C.preflight(args, METHOD, resume_ck, splits=splits, annotated=("val_split", "test_split", "cocktail_test_split"),
+                ckpt=stage1_ck, train_key=None, free=("stage",), raisable=("epochs2",))   # before the run folder
     device = C.resolve_device(args.device)
     C.seed_everything(args.seed)
     if args.resume:
@@ -438,6 +514,21 @@ def train(args):
     run_eval(args, device, log, seconds_train=time.time() - t0)
 
 
+def benchmark(args):
+    """--benchmark: samples/s of the loader, of train_step (stage one, Eq. 2) and end to end, peak memory
+    (common.run_benchmark); trains a few steps on the side, writes benchmark.json, never a checkpoint."""
+    C.single_process("--benchmark")
+    device, run_dir = C.resolve_device(args.device), C.make_run_dir(args, METHOD)
+    C.seed_everything(args.seed)
+    model = build_model(args).to(device)
+    C.gpu_habits(args, device, model.imgnet, [model.imgnet, model.audnet])
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
+                           lr=args.lr, weight_decay=1e-4)
+    make_loader = lambda: loader_for(make_dataset(args, args.train_split, True), args, 0)   # noqa: E731
+    return C.run_benchmark(args, METHOD, device, run_dir, C.RunLog(run_dir / "log.txt"), make_loader,
+                           batch_to_device, train_step, model, opt, C.Amp(device, args.amp))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
@@ -451,8 +542,12 @@ def compute_outputs(model, ds, args, device, with_classes=False):
     """{id: l} (single-source map) and, with_classes, {id: S (K, h, w)} (Eq. 13)."""
     model.eval()
     loc, cls = {}, {}
-    for img, wav, ids in loader_for(ds, args, 0, shuffle=False):
-        v_fea, a_fea = model.features(img.to(device), C.csol_log_mel(wav.to(device), SR))
+    for batch in loader_for(ds, args, 0, shuffle=False):
+        img, spec = batch_to_device(batch, device, args, False)
+        ids = batch["ids"]
+        if not ids:
+            continue
+        v_fea, a_fea = model.features(img, spec)
         l = model.loc_map(v_fea, a_fea)
         S = final_maps(class_maps(model, v_fea, l, not args.no_obj_affine), args.map_temp) if with_classes else None
         for k, vid in enumerate(ids):
@@ -487,7 +582,8 @@ def box_activation(m, box) -> float:
 
 
 def class_aware_eval(cls_maps, ann, ids, assign, names, frac=0.5, tau=0.2):
-    """CIoU@0.3 / AUC / NSA on cocktail images: class map = sum of its clusters' maps (official). Also the mean
+    """CIoU@0.3 / AUC / NSA on cocktail images: class map = sum of its clusters' maps (official for CIoU; for NSA
+    see deviation 4). Also the mean
     activation of each object's own class map inside its box, for sounding and for silent in-frame objects (ours:
     NSA counts every silent class, mostly absent ones, so it cannot show whether *visible* silent objects stay dark)."""
     cious, nsas, examples, act_snd, act_sil = [], [], [], [], []
@@ -513,13 +609,13 @@ def class_aware_eval(cls_maps, ann, ids, assign, names, frac=0.5, tau=0.2):
 
 
 def load_model(path, args, device):
-    ck = C.load_checkpoint(path)
-    a = ck["args"]
+    ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
+    a = C.checkpoint_args(ck, path, METHOD, ("encoder", "clusters", "image_size", "preset"))
     for k in ("encoder", "clusters", "image_size", "preset"):
         setattr(args, k, a[k])
     args.classes = ck.get("classes")
     model = LocationNet(args.encoder, args.clusters)
-    model.load_state_dict(ck["model"])
+    C.load_state(model, ck.get("model"), path, METHOD)
     return model.to(device), ck
 
 
@@ -574,7 +670,7 @@ def predict(args, device, log):
     x, sr = C.read_wav(args.audio)
     if sr != SR:
         raise C.UserError(f"{args.audio}: {sr} Hz; CSOL expects {SR} Hz (convert with data_prep.py)")
-    img = C.image_transform("squash", args.image_size)(frame)[None].to(device)
+    img = C.image_transform("squash", args.image_size, RESIZE)(frame)[None].to(device)
     wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, "center"))[None].to(device)
     v_fea, a_fea = model.features(img, C.csol_log_mel(wav, SR))
     heat = model.loc_map(v_fea, a_fea)[0].cpu().numpy()
@@ -587,9 +683,10 @@ def predict(args, device, log):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if not (args.train or args.eval or args.predict):
-        raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
+    if not (args.train or args.eval or args.predict or args.benchmark):
+        raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
+    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise C.UserError("csol_classaware.py runs in one process (k-means needs every object feature in one place); "
                           "launch it with python, not torchrun")
@@ -606,8 +703,10 @@ def main(argv=None):
             setattr(args, f"cocktail_{k}_split", str(root / "splits" / f"cocktail_{k}.txt"))
     args.protocol = args.protocol or "rel0.1"      # CSOL's single-source tools.py: map > 0.1 max
     args.align_corners = bool(args.align_corners)  # official: cv2.resize INTER_LINEAR (half-pixel)
+    if args.benchmark:
+        return benchmark(args)
     if args.train:
-        return train(args)
+        return C.train_seeds(args, train, log) if args.seeds else train(args)
     if not args.ckpt:
         raise C.UserError("--eval needs --ckpt")
     return run_eval(args, C.resolve_device(args.device), log)

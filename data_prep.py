@@ -7,28 +7,40 @@
     python data_prep.py flickr SRC --out ROOT                the Flickr-SoundNet test download (Data/... + Annotations/*.xml)
     python data_prep.py vggss --json vggss.json --clips ROOT the VGG-SS test split + annotations from the clips present
     python data_prep.py split LIST --name NAME --root ROOT   any id list (*.txt / *.csv) as ROOT/splits/NAME.txt
+    python data_prep.py check ROOT [--split NAME] [--workers N]  decode every frame and WAV (before a long run)
+
+The synthetic benchmark's generator lives here: a method run without --data imports it (data_prep.py must then
+sit beside common.py); with --data nothing here is needed.
 
 Every ingesting command writes ROOT/manifest.csv (id, status ok/missing/failed, reason, frame time, duration,
-source sample rate, fps), skips ids already done when re-run, never replaces a broken clip by another one, writes
-each output atomically, and ends with a summary table. Run `python data_prep.py SUBCOMMAND --help` for details.
+source sample rate, fps measured from the frame timestamps, audio duration, the settings the clip was made with),
+skips ids already done with the same settings when re-run (a clip made with another --sr / --time is made again),
+never replaces a broken clip by another one, writes each output atomically, and ends with a summary table. A clip
+whose audio is much shorter than its video is kept ('ok') with a warning in its reason.
+Run `python data_prep.py SUBCOMMAND --help` for details.
 """
 import argparse
 import csv
 import json
+import math
 import os
+import sys
 import shutil
+import time
 from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 import common as C
 
 VIDEO_EXT = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp"}
 IMAGE_EXT = {".jpg", ".jpeg", ".png"}
 AUDIO_EXT = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus"}
-MANIFEST_FIELDS = ["id", "status", "reason", "frame_time", "duration", "src_sr", "fps"]
+MANIFEST_FIELDS = ["id", "status", "reason", "frame_time", "duration", "src_sr", "fps", "audio_duration", "settings"]
+SHORT_AUDIO = 0.8    # audio shorter than this fraction of the video (and by more than 0.5 s) is reported
 FLICKR_MISSING = "3908875357"   # in the original 250-image test list, absent from the released data
 
 
@@ -94,6 +106,16 @@ def frame_at(container, t: float):
     return best[0].to_image().convert("RGB"), best[1] - start, fps
 
 
+def measured_fps(path) -> float | None:
+    """The frame rate measured from the video packets' timestamps: (frames - 1) / (last - first timestamp).
+    A variable-frame-rate file reports its real mean rate, not the nominal rate of its header."""
+    import av
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        pts = sorted(float(p.pts * vs.time_base) for p in c.demux(vs) if p.pts is not None and p.size)
+    return (len(pts) - 1) / (pts[-1] - pts[0]) if len(pts) > 1 and pts[-1] > pts[0] else None
+
+
 def video_duration(container) -> float:
     if container.duration:
         return container.duration / 1e6
@@ -111,7 +133,8 @@ def process_video(job):
     """One video -> frames/<id>.jpg + audio/<id>.wav; returns a manifest row (never raises)."""
     import av
     vid, src, out, sr, when = job
-    row = dict(id=vid, status="failed", reason="", frame_time="", duration="", src_sr="", fps="")
+    row = dict(id=vid, status="failed", reason="", frame_time="", duration="", src_sr="", fps="", audio_duration="",
+               settings=settings_key(sr, when))
     try:
         try:
             container = av.open(str(src))
@@ -126,10 +149,12 @@ def process_video(job):
             if t > dur:
                 raise ClipError(f"shorter ({dur:.2f} s) than the requested frame time {t:.2f} s")
             img, ft, fps = frame_at(container, t)
-            row["frame_time"], row["fps"] = f"{ft:.3f}", f"{fps:.3f}"
+            row["frame_time"], row["fps"] = f"{ft:.3f}", f"{measured_fps(src) or fps:.3f}"
         with av.open(str(src)) as container:
             x, src_sr = decode_audio(container, sr)
-            row["src_sr"] = str(src_sr)
+            row["src_sr"], row["audio_duration"] = str(src_sr), f"{len(x) / sr:.3f}"
+        if len(x) / sr < SHORT_AUDIO * dur and dur - len(x) / sr > 0.5:
+            row["reason"] = f"warning: audio much shorter than the video ({len(x) / sr:.2f} s of {dur:.2f} s)"
         save_jpeg(img, Path(out) / "frames" / f"{vid}.jpg")
         C.write_wav(Path(out) / "audio" / f"{vid}.wav", x, sr)
         row["status"] = "ok"
@@ -145,7 +170,8 @@ def process_pair(job):
     PCM16 at sr)."""
     import av
     vid, img_path, aud_path, out, sr = job
-    row = dict(id=vid, status="failed", reason="", frame_time="", duration="", src_sr="", fps="")
+    row = dict(id=vid, status="failed", reason="", frame_time="", duration="", src_sr="", fps="", audio_duration="",
+               settings=settings_key(sr))
     try:
         if img_path is None or aud_path is None:
             row["status"], row["reason"] = "missing", "no frame" if img_path is None else "no audio"
@@ -160,6 +186,7 @@ def process_pair(job):
         except av.error.FFmpegError as e:
             raise ClipError(f"cannot decode audio ({e})") from None
         row["duration"], row["src_sr"] = f"{len(x) / sr:.3f}", str(src_sr)
+        row["audio_duration"] = row["duration"]
         save_jpeg(img, Path(out) / "frames" / f"{vid}.jpg")
         C.write_wav(Path(out) / "audio" / f"{vid}.wav", x, sr)
         row["status"] = "ok"
@@ -191,10 +218,16 @@ def write_manifest(root, rows: dict):
     os.replace(tmp, p)
 
 
-def done(root, vid, manifest) -> bool:
+def settings_key(sr: int, when=None) -> str:
+    """The settings a clip is made with, recorded in the manifest: a re-run with others makes the clip again."""
+    return f"sr={sr}" + (f";time={when}" if when is not None else "")
+
+
+def done(root, vid, manifest, settings: str | None = None) -> bool:
     r = Path(root)
-    return manifest.get(vid, {}).get("status") == "ok" and (r / "frames" / f"{vid}.jpg").is_file() \
-        and (r / "audio" / f"{vid}.wav").is_file()
+    row = manifest.get(vid, {})
+    return row.get("status") == "ok" and (settings is None or row.get("settings") == settings) \
+        and (r / "frames" / f"{vid}.jpg").is_file() and (r / "audio" / f"{vid}.wav").is_file()
 
 
 def run_jobs(fn, jobs, root, workers: int, manifest: dict):
@@ -202,8 +235,7 @@ def run_jobs(fn, jobs, root, workers: int, manifest: dict):
     interrupted run keeps what it finished), then print the summary table."""
     if jobs:
         log_path = Path(root) / "manifest.csv"
-        if not log_path.is_file():
-            write_manifest(root, manifest)
+        write_manifest(root, manifest)                  # (re)written with the current columns before appending
         with open(log_path, "a", newline="") as f:
             w = csv.DictWriter(f, MANIFEST_FIELDS)
             pool = Pool(workers) if workers > 1 else None
@@ -220,7 +252,7 @@ def run_jobs(fn, jobs, root, workers: int, manifest: dict):
 
 
 def summary(manifest: dict):
-    by = Counter((r["status"], r["reason"].split(" (")[0]) for r in manifest.values())
+    by = Counter((r["status"], (r.get("reason") or "").split(" (")[0]) for r in manifest.values())
     print(f"{'status':<8} {'count':>7}  reason")
     for (status, reason), n in sorted(by.items(), key=lambda kv: (kv[0][0] != "ok", -kv[1])):
         print(f"{status:<8} {n:>7}  {reason}")
@@ -243,6 +275,215 @@ def files_by_stem(src, exts) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The synthetic benchmark (`synth`; every method imports it from here when run without --data)
+# ----------------------------------------------------------------------------------------------------------
+# Each class has a look (colour, shape, texture) and a sound (fundamental, timbre = harmonic amplitudes,
+# rhythm = pulse rate). Frames show the sounding object plus silent objects of other classes of the same size
+# distribution on a cluttered grey background, so only the sound says which object to localise.
+SYNTH_CLASSES = [  # name, RGB, shape, texture, f0 (Hz), harmonic amplitudes, pulses per second
+    ("red_disc", (215, 45, 45), "disc", "plain", 300.0, (1.0, 0.5, 0.25, 0.12), 2.0),
+    ("green_square", (45, 180, 60), "square", "stripes", 450.0, (1.0, 0.0, 0.6, 0.0), 3.0),
+    ("blue_triangle", (50, 85, 225), "triangle", "dots", 675.0, (1.0, 0.8, 0.0, 0.4), 4.5),
+    ("yellow_diamond", (230, 205, 40), "diamond", "plain", 1010.0, (1.0, 0.2, 0.2, 0.2), 6.0),
+    ("magenta_cross", (205, 50, 195), "cross", "stripes", 1520.0, (1.0, 0.6, 0.0, 0.0), 1.5),
+    ("cyan_ring", (40, 195, 205), "ring", "dots", 2280.0, (1.0, 0.0, 0.0, 0.3), 8.0),
+    ("orange_disc", (240, 140, 30), "disc", "stripes", 370.0, (1.0, 0.9, 0.7, 0.5), 5.0),
+    ("purple_square", (120, 50, 170), "square", "dots", 820.0, (1.0, 0.3, 0.6, 0.1), 2.5),
+]
+SYNTH_DEFAULTS = dict(seed=0, n_classes=6, image_size=128, seconds=3.0, sr=16000,
+                      sizes=dict(train=1200, val=150, test=300, cocktail_train=800, cocktail_val=100, cocktail_test=200))
+
+
+def default_synth_root() -> Path:
+    """Where methods look for (and generate) the synthetic benchmark: $AVSL_SYNTH or data/synth beside this file
+    (data_prep.py sits beside common.py and the method files)."""
+    return Path(os.environ.get("AVSL_SYNTH", Path(__file__).resolve().parent / "data" / "synth"))
+
+
+def _class_sound(rng, c: int, n: int, sr: int) -> np.ndarray:
+    _, _, _, _, f0, amps, rate = SYNTH_CLASSES[c]
+    t = np.arange(n) / sr
+    f0 = f0 * (1 + rng.uniform(-0.02, 0.02))
+    tone = sum(a * np.sin(2 * np.pi * (h + 1) * f0 * t + rng.uniform(0, 2 * np.pi)) for h, a in enumerate(amps) if a)
+    env = 0.15 + 0.85 / (1 + np.exp(-8 * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))))
+    return tone * env / sum(amps)
+
+
+def synth_audio(rng, classes, n: int, sr: int) -> np.ndarray:
+    """The mixture of the given classes' sounds plus white background noise, peak-normalised to 0.7."""
+    x = sum(_class_sound(rng, c, n, sr) for c in classes) + rng.normal(0, rng.uniform(0.05, 0.2), n)
+    return 0.7 * x / np.abs(x).max()
+
+
+def _background(rng, size: int) -> Image.Image:
+    low = rng.normal(0, 1, (6, 6))
+    low = np.asarray(Image.fromarray(((low - low.min()) / (np.ptp(low) + 1e-9) * 255).astype(np.uint8))
+                     .resize((size, size), Image.BICUBIC), np.float64)
+    base = rng.uniform(90, 170) + (low - 127) * 0.25
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).convert("RGB")
+    d = ImageDraw.Draw(img)
+    for _ in range(rng.integers(6, 13)):  # grey clutter
+        s = rng.uniform(0.06, 0.18) * size
+        x, y = rng.uniform(-s / 2, size - s / 2, 2)
+        g = int(rng.uniform(50, 210))
+        fill = tuple(int(np.clip(g + rng.integers(-8, 9), 0, 255)) for _ in range(3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)([x, y, x + s, y + s * rng.uniform(0.5, 1.5)], fill=fill)
+    return img
+
+
+def _draw_object(img: Image.Image, rng, c: int, box) -> np.ndarray:
+    """Draw class c filling the integer pixel box [x1, y1, x2, y2) (the shape touches all four sides).
+    Returns the boolean mask of the drawn pixels."""
+    _, rgb, shape, texture, *_ = SYNTH_CLASSES[c]
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    m = Image.new("L", img.size, 0)
+    d = ImageDraw.Draw(m)
+    r = [x1, y1, x2 - 1, y2 - 1]
+    if shape == "disc":
+        d.ellipse(r, fill=255)
+    elif shape == "square":
+        d.rectangle(r, fill=255)
+    elif shape == "triangle":
+        d.polygon([(x1 + (w - 1) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=255)
+    elif shape == "diamond":
+        d.polygon([(x1 + (w - 1) / 2, y1), (x2 - 1, y1 + (h - 1) / 2), (x1 + (w - 1) / 2, y2 - 1), (x1, y1 + (h - 1) / 2)],
+                  fill=255)
+    elif shape == "cross":
+        d.rectangle([x1 + w // 3, y1, x2 - 1 - w // 3, y2 - 1], fill=255)
+        d.rectangle([x1, y1 + h // 3, x2 - 1, y2 - 1 - h // 3], fill=255)
+    elif shape == "ring":
+        d.ellipse(r, fill=255)
+        t = max(2, int(0.22 * min(w, h)))
+        d.ellipse([x1 + t, y1 + t, x2 - 1 - t, y2 - 1 - t], fill=0)
+    mask = np.asarray(m) > 0
+    col = np.clip(np.array(rgb) + rng.integers(-12, 13, 3), 0, 255).astype(np.float64)
+    tex = np.ones(img.size[::-1])
+    yy, xx = np.mgrid[0:img.size[1], 0:img.size[0]]
+    if texture == "stripes":
+        tex[((xx + yy) // 3) % 3 == 0] = 0.78
+    elif texture == "dots":
+        tex[((xx % 6) < 2) & ((yy % 6) < 2)] = 0.78
+    arr = np.asarray(img, np.float64).copy()
+    arr[mask] = col * tex[mask][:, None]
+    img.paste(Image.fromarray(arr.astype(np.uint8)))
+    return mask
+
+
+def _place(rng, size, sides, tries=200, max_overlap=0.2):
+    """Random non-overlapping (up to max_overlap of the smaller box) integer boxes of the given side lengths."""
+    boxes = []
+    for s in sides:
+        s = int(round(s * size))
+        for _ in range(tries):
+            x, y = rng.integers(0, size - s + 1, 2)
+            b = (int(x), int(y), int(x) + s, int(y) + s)
+            ok = all(max(0, min(b[2], o[2]) - max(b[0], o[0])) * max(0, min(b[3], o[3]) - max(b[1], o[1]))
+                     <= max_overlap * min(s, o[2] - o[0]) ** 2 for o in boxes)
+            if ok:
+                boxes.append(b)
+                break
+    return boxes
+
+
+def render_single(rng, n_classes: int, size: int):
+    """One single-source scene: (PIL image, sounding class, its normalised box, objects list, sounding mask)."""
+    img = _background(rng, size)
+    c = int(rng.integers(n_classes))
+    others = [int(o) for o in rng.permutation([k for k in range(n_classes) if k != c])[:rng.choice([1, 2], p=[0.6, 0.4])]]
+    boxes = _place(rng, size, rng.uniform(0.48, 0.62, 1 + len(others)))
+    others = others[:len(boxes) - 1]                # a distractor that does not fit is left out
+    objects = []
+    for k, b in zip(others, boxes[1:]):            # silent ones first; the sounding object is drawn on top
+        _draw_object(img, rng, k, b)
+        objects.append((k, b, False))
+    mask = _draw_object(img, rng, c, boxes[0])
+    objects.append((c, boxes[0], True))
+    return img, c, objects, mask
+
+
+def render_cocktail(rng, n_classes: int, size: int):
+    """A 2x2 grid of four single-object tiles of distinct classes; two of them sound."""
+    tile = size // 2
+    img = Image.new("RGB", (size, size))
+    classes = [int(k) for k in rng.permutation(n_classes)[:4]]
+    sounding = set(int(i) for i in rng.permutation(4)[:2])
+    objects = []
+    for q, k in enumerate(classes):
+        t = _background(rng, tile)
+        s = int(round(rng.uniform(0.6, 0.85) * tile))
+        x, y = (int(v) for v in rng.integers(0, tile - s + 1, 2))
+        _draw_object(t, rng, k, (x, y, x + s, y + s))
+        ox, oy = (q % 2) * tile, (q // 2) * tile
+        img.paste(t, (ox, oy))
+        objects.append((k, (ox + x, oy + y, ox + x + s, oy + y + s), q in sounding))
+    return img, objects
+
+
+def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 128, seconds: float = 3.0,
+                   sr: int = 16000, sizes: dict | None = None, log=print) -> Path:
+    """Write the synthetic benchmark in the standard layout (deterministic by seed; one rng per clip).
+
+    Splits: train/val/test (single source: the sounding object plus 1-2 silent ones), cocktail_train/val/test
+    (2x2 grids, two sounding + two silent tiles, audio mixed). annotations.json covers every id (the methods read
+    boxes only for val/test; CSOL's evaluation reads the classes of the clustered items).
+    """
+    if not 4 <= n_classes <= len(SYNTH_CLASSES):
+        raise C.UserError(f"n_classes must be between 4 and {len(SYNTH_CLASSES)}")
+    sizes = dict(SYNTH_DEFAULTS["sizes"] if sizes is None else sizes)
+    root = Path(root)
+    for d in ("frames", "audio", "splits"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    names = [c[0] for c in SYNTH_CLASSES[:n_classes]]
+    n = int(round(seconds * sr))
+    ann, t0 = [], time.time()
+    for si, (split, count) in enumerate(sizes.items()):
+        ids = []
+        for i in range(count):
+            vid = f"{split}_{i:05d}"
+            rng = np.random.default_rng([seed, si, i])
+            if split.startswith("cocktail"):
+                img, objects = render_cocktail(rng, n_classes, image_size)
+                snd = [k for k, _, s in objects if s]
+                audio = synth_audio(rng, snd, n, sr)
+                entry_class = "+".join(names[k] for k in snd)
+            else:
+                img, c, objects, _ = render_single(rng, n_classes, image_size)
+                audio = synth_audio(rng, [c], n, sr)
+                entry_class = names[c]
+            norm = lambda b: [round(v / image_size, 6) for v in b]  # noqa: E731
+            tmp = root / "frames" / f"{vid}.jpg.part"
+            img.save(tmp, format="JPEG", quality=95)
+            os.replace(tmp, root / "frames" / f"{vid}.jpg")
+            C.write_wav(root / "audio" / f"{vid}.wav", audio, sr)
+            ann.append({"file": vid, "class": entry_class, "bbox": [norm(b) for _, b, s in objects if s],
+                        "objects": [{"class": names[k], "bbox": norm(b), "sounding": bool(s)} for k, b, s in objects]})
+            ids.append(vid)
+        (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        log(f"  synthetic {split}: {count} clips")
+    C.write_json(root / "annotations.json", ann)
+    meta = dict(seed=seed, n_classes=n_classes, image_size=image_size, seconds=seconds, sr=sr, sizes=sizes,
+                classes=names)
+    C.write_json(root / "synth.json", meta)
+    log(f"  synthetic benchmark written to {root} in {time.time() - t0:.1f}s")
+    return root
+
+
+def ensure_synthetic(root=None, log=print, **kw) -> Path:
+    """Generate the synthetic benchmark once (announced on the console); reuse it when its synth.json matches."""
+    root = Path(root) if root else default_synth_root()
+    want = {**SYNTH_DEFAULTS, **kw}
+    meta_path = root / "synth.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if all(meta.get(k) == v for k, v in want.items()):
+            return root
+        log(f"synthetic benchmark at {root} was made with other settings; regenerating")
+    log(f"no --data given: generating the built-in synthetic benchmark at {root} (once; about a minute)")
+    return make_synthetic(root, log=log, **want)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Subcommands
 # ----------------------------------------------------------------------------------------------------------
 def cmd_videos(a):
@@ -251,7 +492,8 @@ def cmd_videos(a):
     if not videos:
         raise C.UserError(f"no video files ({', '.join(sorted(VIDEO_EXT))}) under {a.src}")
     manifest = read_manifest(out)
-    todo = [(v, p, str(out), a.sr, a.time) for v, p in videos.items() if not done(out, v, manifest)]
+    key = settings_key(a.sr, a.time)
+    todo = [(v, p, str(out), a.sr, a.time) for v, p in videos.items() if not done(out, v, manifest, key)]
     print(f"{len(videos)} videos under {a.src}: {len(videos) - len(todo)} already done, {len(todo)} to process")
     run_jobs(process_video, todo, out, a.workers, manifest)
     write_all_split(out, manifest)
@@ -264,7 +506,8 @@ def cmd_frames(a):
     if not ids:
         raise C.UserError(f"no frames or audio files under {a.src}")
     manifest = read_manifest(out)
-    todo = [(v, imgs.get(v), auds.get(v), str(out), a.sr) for v in ids if not done(out, v, manifest)]
+    todo = [(v, imgs.get(v), auds.get(v), str(out), a.sr) for v in ids
+            if not done(out, v, manifest, settings_key(a.sr))]
     print(f"{len(ids)} ids under {a.src}: {len(ids) - len(todo)} already done, {len(todo)} to process")
     run_jobs(process_pair, todo, out, a.workers, manifest)
     write_all_split(out, manifest)
@@ -298,7 +541,8 @@ def cmd_flickr(a):
     data = src / "Data" if (src / "Data").is_dir() else src
     imgs, auds = files_by_stem(data, IMAGE_EXT), files_by_stem(data, AUDIO_EXT)
     manifest = read_manifest(out)
-    todo = [(v, imgs.get(v), auds.get(v), str(out), a.sr) for v in sorted(ann) if not done(out, v, manifest)]
+    todo = [(v, imgs.get(v), auds.get(v), str(out), a.sr) for v in sorted(ann)
+            if not done(out, v, manifest, settings_key(a.sr))]
     run_jobs(process_pair, todo, out, a.workers, manifest)
     ok = [v for v in sorted(ann) if manifest.get(v, {}).get("status") == "ok"]
     merge_annotations(out, [ann[v] for v in sorted(ann)])
@@ -326,10 +570,10 @@ def cmd_vggss(a):
 
 
 def cmd_synth(a):
-    sizes = dict(C.SYNTH_DEFAULTS["sizes"])
+    sizes = dict(SYNTH_DEFAULTS["sizes"])
     if a.scale != 1.0:
         sizes = {k: max(4, int(round(v * a.scale))) for k, v in sizes.items()}
-    C.make_synthetic(a.out, seed=a.seed, n_classes=a.classes, image_size=a.image_size, sizes=sizes)
+    make_synthetic(a.out, seed=a.seed, n_classes=a.classes, image_size=a.image_size, sizes=sizes)
 
 
 def cmd_split(a):
@@ -345,6 +589,68 @@ def cmd_split(a):
         miss = root / "splits" / f"{a.name}.missing.txt"
         miss.write_text("\n".join(missing) + "\n")
         print(f"{len(missing)} listed ids have no frame/wav under {root}; listed in {miss}")
+
+
+def frame_time(v: str) -> str:
+    """--time: 'middle' or a finite number of seconds >= 0 (checked once, as an argument error)."""
+    if v == "middle":
+        return v
+    try:
+        t = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{v}' is neither 'middle' nor a number of seconds") from None
+    if not math.isfinite(t) or t < 0:
+        raise argparse.ArgumentTypeError(f"{v}: the frame time must be a finite number of seconds >= 0")
+    return v
+
+
+def check_clip(job):
+    """Decode one clip's frame (PIL, every pixel) and WAV (common.read_wav) -> (id, reason or None)."""
+    root, vid = job
+    reasons = []
+    for what, fn in (("frame", lambda: C.load_image(Path(root) / "frames" / f"{vid}.jpg")),
+                     ("audio", lambda: C.read_wav(Path(root) / "audio" / f"{vid}.wav"))):
+        try:
+            fn()
+        except C.UserError as e:
+            reasons.append(str(e))
+        except Exception as e:  # anything a broken file raises is a reason, never a crash of the check
+            reasons.append(f"{what}: {type(e).__name__}: {e}")
+    return vid, "; ".join(reasons) or None
+
+
+def cmd_check(a):
+    """Decode every frame and WAV of a split (or of every clip under ROOT) in parallel; write the bad ids with
+    their reasons to ROOT/check_<NAME>.txt; exit status 1 if any is bad."""
+    root = Path(a.root)
+    if not root.is_dir():
+        raise C.UserError(f"{root}: no such dataset root")
+    if a.split:
+        split = Path(a.split) if Path(a.split).suffix == ".txt" else root / "splits" / f"{a.split}.txt"
+        ids, name = C.read_split(split), split.stem
+    else:
+        ids = sorted({p.stem for p in (root / "frames").glob("*.jpg")} |
+                     {p.stem for p in (root / "audio").glob("*.wav")})
+        name = "all"
+        if not ids:
+            raise C.UserError(f"{root}: no frames/*.jpg or audio/*.wav to check")
+    jobs = [(str(root), v) for v in ids]
+    pool = Pool(a.workers) if a.workers > 1 else None
+    it = pool.imap_unordered(check_clip, jobs, chunksize=16) if pool else map(check_clip, jobs)
+    bad = dict(r for r in C.progress(it, "check", total=len(jobs)) if r[1])
+    if pool:
+        pool.close()
+        pool.join()
+    out = root / f"check_{name}.txt"
+    tmp = Path(str(out) + ".part")
+    tmp.write_text("".join(f"{v}\t{bad[v]}\n" for v in sorted(bad)))
+    os.replace(tmp, out)
+    print(f"checked {len(ids)} clips ({'split ' + name if a.split else 'every clip under ' + str(root)}): "
+          f"{len(ids) - len(bad)} ok, {len(bad)} bad; bad ids and reasons in {out}")
+    for v in sorted(bad)[:5]:
+        print(f"  {v}: {bad[v]}")
+    if bad:
+        sys.exit(1)
 
 
 def ingest_args(s, src_help: str):
@@ -364,7 +670,8 @@ def build_parser():
                                    "found by timestamp, not index), ROOT/audio/<id>.wav (the whole audio track, mono "
                                    "PCM16 at --sr), ROOT/manifest.csv and ROOT/splits/all.txt.")
     ingest_args(s, "folder with the videos")
-    s.add_argument("--time", default="middle", help="frame time: 'middle' of the clip or SECONDS from its start")
+    s.add_argument("--time", default="middle", type=frame_time,
+                   help="frame time: 'middle' of the clip or SECONDS (>= 0) from its start")
     s.set_defaults(fn=cmd_videos)
     s = sub.add_parser("frames", help="already-extracted frames + audio -> the layout",
                        description="Pairs image files (jpg/png) and audio files (wav/flac/mp3/m4a/...) under SRC by "
@@ -405,6 +712,15 @@ def build_parser():
     s.add_argument("--root", required=True, help="dataset root in the standard layout")
     s.add_argument("--present-only", action="store_true", help="keep only the ids whose files are present")
     s.set_defaults(fn=cmd_split)
+    s = sub.add_parser("check", help="decode every frame and WAV (run before a long training run)",
+                       description="Decodes every frame (PIL, all pixels) and WAV (the reader the methods use) of "
+                                   "a split, or of every clip under ROOT, in parallel. Writes the bad ids with their "
+                                   "reasons to ROOT/check_<NAME>.txt (NAME: the split, or 'all'), prints a summary "
+                                   "and exits with status 1 if any clip is bad.")
+    s.add_argument("root", help="dataset root in the standard layout")
+    s.add_argument("--split", help="split name (ROOT/splits/NAME.txt) or a .txt id list (default: every clip)")
+    s.add_argument("--workers", type=int, default=1, help="parallel processes")
+    s.set_defaults(fn=cmd_check)
     return p
 
 

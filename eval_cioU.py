@@ -5,6 +5,8 @@
                         [--per-sample out.csv] [--baselines] [--json summary.json] [--missing-out missing.txt]
                         [--neg-threshold T] [--device cpu|cuda]
 
+    python eval_cioU.py --table runs/*/results.json      # mean ± std of many runs (seeds) as a markdown table
+
 --pred: one float map per id (any size; what every method's `--eval --save-maps` writes), an .npz archive.
 --gt:   the standard layout's annotations.json, the original vggss.json, or a folder of the original
         Flickr-SoundNet XML files (consensus ground truth, C = 2).
@@ -32,8 +34,11 @@ import common as C
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred", required=True, help=".npz with one 2-D map per id")
-    p.add_argument("--gt", required=True, help="annotations json (VGG-SS format) or a Flickr XML folder")
+    p.add_argument("--pred", help=".npz with one 2-D map per id")
+    p.add_argument("--gt", help="annotations json (VGG-SS format) or a Flickr XML folder")
+    p.add_argument("--table", nargs="+", metavar="RESULTS", help="instead of scoring: table these results.json files "
+                   "(or run folders) as mean ± std per method and data; runs that differ in split, protocol or N "
+                   "are refused")
     p.add_argument("--split", help="test id list (one id per line or first csv column); default: the ids of --pred")
     p.add_argument("--protocol", default="median", choices=list(C.PROTOCOLS), help="how a map becomes binary")
     p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=None,
@@ -48,6 +53,12 @@ def main(argv=None):
                                                          "one stored in the file by the method)")
     p.add_argument("--device", default="cpu", help="where the evaluator runs: cpu (default) or cuda")
     a = p.parse_args(argv)
+    if a.table:
+        table = C.results_table(a.table)
+        print(table)
+        return table
+    if not (a.pred and a.gt):
+        raise C.UserError("give --pred and --gt (or --table RESULTS...)")
 
     maps, negs, meta_eval = C.load_maps(a.pred, with_negatives=True)
     if a.align_corners is None:

@@ -17,12 +17,14 @@ Equations implemented (paper numbering):
 
 Run:
   python ez_vsl.py --train                                   # synthetic benchmark, cpu preset (a few minutes)
+  python ez_vsl.py --train --seeds 0,1,2        # one run per seed, then a mean ± std table of the runs
   python ez_vsl.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt   # paper preset (20 epochs)
   python ez_vsl.py --train --data ROOT --train-split ROOT/splits/flickr_10k.txt --epochs 100
   torchrun --nproc_per_node=2 ez_vsl.py --train --data ROOT --amp     # 2 GPUs x 64, local negatives (the paper)
   python ez_vsl.py --eval --ckpt runs/<run>/best.pt --data ROOT --test-split ROOT/splits/test.txt --viz 20
   python ez_vsl.py --eval --ckpt ezvsl_vggss144k/best.pth --data ROOT    # the authors' released checkpoint
   python ez_vsl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python ez_vsl.py --benchmark --data ROOT --preset paper --no-pretrained --batch-size 128 --workers 8   # samples/s
 
 Deviations (from the paper P, from the official code O), and why:
   1. (P, O) The spectrogram rate: the paper says 11025 Hz and 257x300; the official code uses the file's rate.
@@ -43,9 +45,25 @@ Deviations (from the paper P, from the official code O), and why:
   7. cpu preset (synthetic benchmark only): small CNNs instead of ResNet-18, 112 px images, dim 128, lr 5e-4.
      OGL needs ImageNet weights; when they are unavailable (offline) the OBJ and blended rows are skipped with a
      message and the AVL map is the reported one.
-  8. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another
-     clip's audio; the raw S^AVL (cosine, fixed scale [-1, 1]) is thresholded at 0.5 after the resize to 224
-     (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
+  8. (O) PCM scale: 16-bit samples are divided by 32768 (common.read_wav, as LVS's soundfile); the official
+     audio_io decodes to int16 and divides by 32767 (then clips to [-1, 1]). In the /12 log spectrogram the
+     official input is larger by log((S (32768/32767)^2 + 1e-7) / (S + 1e-7)) / 12 <= 2 ln(32768/32767) / 12
+     = 5.09e-6, reached in bins well above the 1e-7 floor (a 3 s synthetic clip: max 5.085e-6, median 1.8e-6;
+     numpy/torch float64, 2-core CPU, 2026-11-28). Kept: read_wav is shared with LVS, whose scale it matches.
+  9. (O) The data path (--decode fast, the default): frames are decoded, resized, cropped, flipped per batch with
+     torch ops on the training device (nvJPEG on CUDA), training crops from the pre-resized frame cache on real
+     data. Against the official per-sample PIL pipeline (--decode pil, kept bit for bit): identical pixels from the
+     cache; otherwise at most 2 grey levels (max |diff| 0.035 after ImageNet normalisation), mean 1e-4 (CPU, torch's
+     uint8 bicubic; photo-like 640x360 and 1280x720 JPEGs and the synthetic frames; 2026-11-28, 2-core CPU). On CUDA
+     the resize runs in float32 (max 0.07, mean 0.003, measured on CPU); nvJPEG's decode is not measured (no GPU
+     here). The crop/flip draws are torchvision's own calls in its order, made in the main process: with --workers 0
+     the same seed gives --decode pil's augmentation (with workers, pil draws in each worker's stream). Audio: the
+     window is read straight from the WAV (identical samples); a clip shorter than a quarter of the window is an
+     error (the official code tiles it silently), tiled clips are counted in the log; the log spectrogram is
+     computed in float32 (max |diff| to float64 6e-7 on 10 s clips).
+  10. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another
+      clip's audio; the raw S^AVL (cosine, fixed scale [-1, 1]) is thresholded at 0.5 after the resize to 224
+      (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
 """
 import argparse
 import time
@@ -205,9 +223,25 @@ def ogl_blend(s_avl, s_obj, alpha: float = 0.4):
 # Train
 # ----------------------------------------------------------------------------------------------------------
 def make_dataset(args, split_file, train: bool):
-    ids = C.read_split(split_file)[: args.limit]
-    tf = C.image_transform("crop_flip" if train else "squash", args.image_size)
-    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+    return C.av_dataset(args, split_file, "crop_flip" if train else "squash", CLIP_SECONDS, "center", SR)
+
+
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what a step consumes: (images (B, 3, S, S), log spectrograms (B, 1, 257, 200)) on the
+    device. --decode fast decodes and augments the frames here (crop_flip for training, squash for testing)."""
+    img = C.batch_images(batch, device, args, "crop_flip" if train else "squash", args.image_size)
+    return img, C.log_spectrogram(batch["wav"].to(device, non_blocking=True), SR)
+
+
+def train_step(net, opt, amp, inputs, args):
+    """One optimisation step: forward (mixed precision on CUDA), L = L_a->v + L_v->a (Eq. 5) in float32,
+    backward, Adam step. Returns the loss."""
+    img, spec = inputs
+    with amp.autocast():
+        v, a = net(C.channels_last(img), spec)
+    loss = ezvsl_loss(v, a, args.tau, args.gather_negatives)
+    amp.step(loss, opt)
+    return loss
 
 
 def train(args):
@@ -215,6 +249,7 @@ def train(args):
     device, world, main_proc, ck, run_dir, log = run.device, run.world, run.main, run.ck, run.dir, run.log
     log(f"EZ-VSL | data {args.data} | preset {args.preset} | device {device} x{world} | run {run_dir}")
     model = build_model(args).to(device)
+    C.gpu_habits(args, device, model.imgnet, [model])    # CUDA: cudnn.benchmark, channels_last; --compile
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     start, best, history = 0, -1.0, []
     if ck:
@@ -234,15 +269,15 @@ def train(args):
         loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
         net.train()
         tot, n = 0.0, 0
-        for step, (img, wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
+        for step, batch in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
             if args.max_steps and step >= args.max_steps:
                 break
-            img, spec = img.to(device, non_blocking=True), C.log_spectrogram(wav.to(device), SR)
-            with amp.autocast():
-                v, a = net(img, spec)
-            loss = ezvsl_loss(v, a, args.tau, args.gather_negatives)
-            amp.step(loss, opt)
+            inputs = batch_to_device(batch, device, args, True)
+            if len(inputs[0]) == 0:                          # every sample skipped (--skip-bad)
+                continue
+            loss = train_step(net, opt, amp, inputs, args)
             tot, n = tot + loss.item(), n + 1
+        tot, n = run.sums(tot, n)                        # over every DDP rank: the logged loss is their mean
         if main_proc:
             res = evaluate(model, val_ds, ann, args, device, ogl=False, baselines=False)
             score = res["test"]["ciou@0.5"]
@@ -264,6 +299,19 @@ def train(args):
         run_eval(args, device, log, seconds_train=time.time() - t0)
 
 
+def benchmark(args):
+    """--benchmark: samples/s of the loader, of train_step and end to end, peak memory (common.run_benchmark);
+    trains a few steps on the side, writes benchmark.json, never a checkpoint."""
+    C.single_process("--benchmark")
+    run = C.Run(args, METHOD)                         # device, seed, run folder, log
+    model = build_model(args).to(run.device)
+    C.gpu_habits(args, run.device, model.imgnet, [model])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    make_loader = lambda: run.loader(make_dataset(args, args.train_split, True), args, 0)   # noqa: E731
+    return C.run_benchmark(args, METHOD, run.device, run.dir, run.log, make_loader, batch_to_device, train_step,
+                           model, opt, C.Amp(run.device, args.amp))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
@@ -273,15 +321,18 @@ NEG_THRESHOLD, NEG_SCALE = 0.5, "S^AVL cosine in [-1, 1]"
 
 
 @torch.no_grad()
-def compute_maps(model, ds, device, batch_size=32, obj_model=None, workers=0):
+def compute_maps(model, ds, device, args, batch_size=32, obj_model=None, workers=0):
     """{id: S^AVL} and, given f_obj, {id: S^OBJ} (each at its own feature resolution, float32 numpy; the official
     test up-samples each to 224 before the blend)."""
     model.eval()
     avl, obj = {}, {}
-    loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers)
-    for img, wav, ids in loader:
-        img = img.to(device)
-        v, a = model(img, C.log_spectrogram(wav.to(device), SR))
+    loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=C.collate_av)
+    for batch in loader:
+        img, spec = batch_to_device(batch, device, args, False)
+        ids = batch["ids"]
+        if not ids:
+            continue
+        v, a = model(img, spec)
         s = avl_map(v, a).cpu().numpy()
         o = obj_model(img).float() if obj_model is not None else None
         for k, vid in enumerate(ids):
@@ -294,7 +345,7 @@ def compute_maps(model, ds, device, batch_size=32, obj_model=None, workers=0):
 def blend_maps(avl: dict, obj: dict, alpha: float, align_corners: bool = True, ids=None) -> dict:
     """{id: Eq. 9 map at 224x224}: S^AVL and S^OBJ each up-sampled to 224 first, then blended (official order)."""
     out = {}
-    for k in (ids if ids is not None else list(avl)):
+    for k in [k for k in (ids if ids is not None else list(avl)) if k in avl and k in obj]:
         a, o = (C.resize_maps(torch.from_numpy(np.asarray(m, np.float32))[None], C.GT_SIZE, align_corners)
                 for m in (avl[k], obj[k]))
         out[k] = ogl_blend(a, o, alpha)[0].numpy()
@@ -305,7 +356,7 @@ def evaluate(model, ds, ann, args, device, ogl=True, baselines=True, obj_model=N
     """The method's test map under the protocol; with OGL, rows for AVL, OBJ and AVL+OBJ (Eq. 9, blended after the
     up-sampling to 224 as the official test). res["maps"]: the scored maps of the ids in keep_maps (default all;
     the blended maps are 224x224)."""
-    avl, obj = compute_maps(model, ds, device, args.batch_size or 32, obj_model if ogl else None, args.workers)
+    avl, obj = compute_maps(model, ds, device, args, args.batch_size or 32, obj_model if ogl else None, args.workers)
     kw = dict(ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners)
     if not obj:
         res = C.evaluate_maps(avl, ann, baselines=baselines, **kw)
@@ -321,14 +372,17 @@ def evaluate(model, ds, ann, args, device, ogl=True, baselines=True, obj_model=N
 
 def load_model(path, args, device):
     """Our checkpoints carry their args; the official release is {'model': state_dict} (module.-prefixed)."""
-    ck = C.load_checkpoint(Path(path) / "best.pt" if Path(path).is_dir() else path)
+    path = Path(path) / "best.pt" if Path(path).is_dir() else path
+    ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
     if "args" in ck:
+        a = C.checkpoint_args(ck, path, METHOD, ("encoder", "dim", "image_size", "preset"))
         for k in ("encoder", "dim", "image_size", "preset"):
-            setattr(args, k, ck["args"][k])
+            setattr(args, k, a[k])
     else:                                                   # the authors' release: paper architecture
         args.encoder, args.dim, args.image_size = "resnet18", 512, 224
     model = EZVSL(args.encoder, args.dim)
-    model.load_state_dict(C.strip_prefix(ck["model"]))
+    sd = ck.get("model")
+    C.load_state(model, C.strip_prefix(sd) if isinstance(sd, dict) else sd, path, METHOD)
     return model.to(device).eval()
 
 
@@ -356,7 +410,7 @@ def run_eval(args, device, log, seconds_train=None):
     if args.negatives:
         thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
         res["negatives"], res["negatives_maps"] = C.run_negatives(
-            lambda d: compute_maps(model, d, device, args.batch_size or 32, None, args.workers)[0], ds, ann, thr,
+            lambda d: compute_maps(model, d, device, args, args.batch_size or 32, None, args.workers)[0], ds, ann, thr,
             NEG_SCALE, args.align_corners, log)
     for name, row in res.get("rows", {}).items():
         log(f"[test] EZ-VSL row {name:<8} {C.fmt_metrics(row)}   ({res['protocol']}, N={res['n']})")
@@ -391,9 +445,10 @@ def predict(args, device, log):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if not (args.train or args.eval or args.predict):
-        raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
+    if not (args.train or args.eval or args.predict or args.benchmark):
+        raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
+    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
     log = C.RunLog()
     if args.predict:
         args.preset = args.preset or "paper"
@@ -403,8 +458,10 @@ def main(argv=None):
     C.apply_preset(args, PRESETS)
     args.protocol = args.protocol or "median"      # official EZ-VSL test: per-image median
     args.align_corners = True if args.align_corners is None else args.align_corners   # official test.py
+    if args.benchmark:
+        return benchmark(args)
     if args.train:
-        return train(args)
+        return C.train_seeds(args, train, log) if args.seeds else train(args)
     if not args.ckpt:
         raise C.UserError("--eval needs --ckpt")
     return run_eval(args, C.resolve_device(args.device), log)

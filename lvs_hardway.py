@@ -29,10 +29,12 @@ means of S_{i->j} over the other images j, summed).
 
 Run:
   python lvs_hardway.py --train                                                   # synthetic benchmark, cpu preset
+  python lvs_hardway.py --train --seeds 0,1,2        # one run per seed, then a mean ± std table of the runs
   python lvs_hardway.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt      # paper preset
   torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT --amp                      # batch 256 over 4 GPUs
   python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT     # the authors' released checkpoint
   python lvs_hardway.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python lvs_hardway.py --benchmark --data ROOT --preset paper --no-pretrained --workers 8     # samples/s, memory
   Table 4 ablations: --no-trimap (model a/b), --no-hard-neg, --epsilon-p 0.6 --epsilon-n 0.45 (models c-f).
 
 Deviations (from the paper P, from the official code O), and why:
@@ -52,9 +54,20 @@ Deviations (from the paper P, from the official code O), and why:
   7. (O) Checkpoint selection on a validation split (the paper does not say how it selected).
   8. cpu preset (synthetic benchmark only): small CNNs (visual stride 8: 112 px -> 14x14, as the stride-16
      ResNet at 224), batch 64, lr 5e-4.
-  9. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
-     audio; the raw S_ii (cosine, fixed scale [-1, 1]) is thresholded at eps_p = 0.65 after the resize to 224
-     (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
+  9. (O) The data path (--decode fast, the default): frames are decoded, resized, cropped, flipped per batch with
+     torch ops on the training device (nvJPEG on CUDA), training crops from the pre-resized frame cache on real
+     data. Against the official per-sample PIL pipeline (--decode pil, kept bit for bit): identical pixels from the
+     cache; otherwise at most 2 grey levels (max |diff| 0.035 after ImageNet normalisation), mean 1e-4 (CPU, torch's
+     uint8 bicubic; photo-like 640x360 and 1280x720 JPEGs and the synthetic frames; 2026-11-28, 2-core CPU). On CUDA
+     the resize runs in float32 (max 0.07, mean 0.003, measured on CPU); nvJPEG's decode is not measured (no GPU
+     here). The crop/flip draws are torchvision's own calls in its order, made in the main process: with --workers 0
+     the same seed gives --decode pil's augmentation (with workers, pil draws in each worker's stream). Audio: the
+     window is read straight from the WAV (identical samples); a clip shorter than a quarter of the window is an
+     error (the official code tiles it silently), tiled clips are counted in the log; the log spectrogram is
+     computed in float32 (max |diff| to float64 6e-7 on 10 s clips).
+  10. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
+      audio; the raw S_ii (cosine, fixed scale [-1, 1]) is thresholded at eps_p = 0.65 after the resize to 224
+      (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
 """
 import argparse
 import time
@@ -213,12 +226,27 @@ def localization_map(V, A):
 # Train
 # ----------------------------------------------------------------------------------------------------------
 def make_dataset(args, split_file, train: bool):
-    ids = C.read_split(split_file)[: args.limit]
     if train:
-        return C.AVDataset(args.data, ids, C.image_transform("crop_flip", args.image_size), TRAIN_SECONDS, "center",
-                           SR, cache=args.preset == "cpu")
-    return C.AVDataset(args.data, ids, C.image_transform(args.test_transform, args.image_size), TEST_SECONDS,
-                       "start", SR, cache=args.preset == "cpu")
+        return C.av_dataset(args, split_file, "crop_flip", TRAIN_SECONDS, "center", SR)
+    return C.av_dataset(args, split_file, args.test_transform, TEST_SECONDS, "start", SR)
+
+
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what a step consumes: (images (B, 3, S, S), log spectrograms (B, 1, 257, T)) on the
+    device. --decode fast decodes and augments the frames here (crop_flip for training, --test-transform else)."""
+    img = C.batch_images(batch, device, args, "crop_flip" if train else args.test_transform, args.image_size)
+    return img, C.log_spectrogram(batch["wav"].to(device, non_blocking=True), SR)
+
+
+def train_step(net, opt, amp, inputs, args):
+    """One optimisation step: forward (mixed precision on CUDA), the loss in float32 outside autocast, backward,
+    Adam step. Returns the loss."""
+    img, spec = inputs
+    with amp.autocast():
+        V, A = net(C.channels_last(img), spec)
+    loss = lvs_loss(V, A, args)                           # in float32, outside autocast
+    amp.step(loss, opt)
+    return loss
 
 
 def train(args):
@@ -226,6 +254,7 @@ def train(args):
     device, world, main_proc, ck, run_dir, log = run.device, run.world, run.main, run.ck, run.dir, run.log
     log(f"LVS | loss {args.loss} | data {args.data} | preset {args.preset} | device {device} x{world} | run {run_dir}")
     model = build_model(args).to(device)
+    C.gpu_habits(args, device, model.imgnet, [model])    # CUDA: cudnn.benchmark, channels_last; --compile
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     start, best, history = 0, -1.0, []
     if ck:
@@ -245,15 +274,15 @@ def train(args):
         loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
         net.train()
         tot, n = 0.0, 0
-        for step, (img, wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
+        for step, batch in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
             if args.max_steps and step >= args.max_steps:
                 break
-            img, spec = img.to(device, non_blocking=True), C.log_spectrogram(wav.to(device), SR)
-            with amp.autocast():
-                V, A = net(img, spec)
-            loss = lvs_loss(V, A, args)                           # in float32, outside autocast
-            amp.step(loss, opt)
+            inputs = batch_to_device(batch, device, args, True)
+            if len(inputs[0]) == 0:                          # every sample skipped (--skip-bad)
+                continue
+            loss = train_step(net, opt, amp, inputs, args)
             tot, n = tot + loss.item(), n + 1
+        tot, n = run.sums(tot, n)                        # over every DDP rank: the logged loss is their mean
         if main_proc:
             res = evaluate(model, val_ds, ann, args, device, baselines=False)
             score = res["test"]["ciou@0.5"]
@@ -274,6 +303,19 @@ def train(args):
         run_eval(args, device, log, seconds_train=time.time() - t0)
 
 
+def benchmark(args):
+    """--benchmark: samples/s of the loader, of train_step and end to end, peak memory (common.run_benchmark);
+    trains a few steps on the side, writes benchmark.json, never a checkpoint."""
+    C.single_process("--benchmark")
+    run = C.Run(args, METHOD)                         # device, seed, run folder, log
+    model = build_model(args).to(run.device)
+    C.gpu_habits(args, run.device, model.imgnet, [model])
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    make_loader = lambda: run.loader(make_dataset(args, args.train_split, True), args, 0)   # noqa: E731
+    return C.run_benchmark(args, METHOD, run.device, run.dir, run.log, make_loader, batch_to_device, train_step,
+                           model, opt, C.Amp(run.device, args.amp))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
@@ -283,18 +325,22 @@ NEG_THRESHOLD, NEG_SCALE = 0.65, "S_ii cosine in [-1, 1]"
 
 
 @torch.no_grad()
-def compute_maps(model, ds, device, batch_size=32, workers=0):
+def compute_maps(model, ds, device, args, batch_size=32, workers=0):
     model.eval()
     maps = {}
-    for img, wav, ids in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers):
-        V, A = model(img.to(device), C.log_spectrogram(wav.to(device), SR))
-        for vid, m in zip(ids, localization_map(V, A).cpu().numpy()):
+    for batch in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers,
+                                             collate_fn=C.collate_av):
+        img, spec = batch_to_device(batch, device, args, False)
+        if not batch["ids"]:
+            continue
+        V, A = model(img, spec)
+        for vid, m in zip(batch["ids"], localization_map(V, A).cpu().numpy()):
             maps[vid] = m
     return maps
 
 
 def evaluate(model, ds, ann, args, device, baselines=True):
-    maps = compute_maps(model, ds, device, min(args.batch_size or 32, 64), args.workers)
+    maps = compute_maps(model, ds, device, args, min(args.batch_size or 32, 64), args.workers)
     res = C.evaluate_maps(maps, ann, ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners,
                           baselines=baselines)
     res["maps"] = maps
@@ -303,15 +349,20 @@ def evaluate(model, ds, ann, args, device, baselines=True):
 
 def load_model(path, args, device):
     """Our checkpoints carry their args; the authors' release stores 'model_state_dict' with their key names."""
-    ck = C.load_checkpoint(Path(path) / "best.pt" if Path(path).is_dir() else path)
+    path = Path(path) / "best.pt" if Path(path).is_dir() else path
+    ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
     if "args" in ck:
-        args.encoder, args.image_size = ck["args"]["encoder"], ck["args"]["image_size"]
-        sd = ck["model"]
+        a = C.checkpoint_args(ck, path, METHOD, ("encoder", "image_size", "loss"))
+        args.encoder, args.image_size = a["encoder"], a["image_size"]
+        sd = ck.get("model")
     else:
         args.encoder, args.image_size = "resnet18", 224
-        sd = convert_official_state_dict(ck.get("model_state_dict", ck))
+        try:
+            sd = convert_official_state_dict(ck.get("model_state_dict", ck))
+        except (KeyError, ValueError, AttributeError, TypeError) as e:
+            raise C.UserError(f"{path}: not an LVS checkpoint (official key layout not found: {e})") from None
     model = AVENet(args.encoder)
-    model.load_state_dict(sd)
+    C.load_state(model, sd, path, METHOD)
     return model.to(device).eval()
 
 
@@ -325,7 +376,7 @@ def run_eval(args, device, log, seconds_train=None):
     if args.negatives:
         thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
         res["negatives"], res["negatives_maps"] = C.run_negatives(
-            lambda d: compute_maps(model, d, device, min(args.batch_size or 32, 64), args.workers), ds, ann, thr,
+            lambda d: compute_maps(model, d, device, args, min(args.batch_size or 32, 64), args.workers), ds, ann, thr,
             NEG_SCALE, args.align_corners, log)
     return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0), "S_ii",
                           {"loss": getattr(args, "loss", "official")})
@@ -352,9 +403,10 @@ def predict(args, device, log):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if not (args.train or args.eval or args.predict):
-        raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
+    if not (args.train or args.eval or args.predict or args.benchmark):
+        raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
+    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
     log = C.RunLog()
     if args.predict:
         args.preset = args.preset or "paper"
@@ -364,8 +416,10 @@ def main(argv=None):
     C.apply_preset(args, PRESETS)
     args.protocol = args.protocol or "median_strict"     # the official LVS test script, exactly
     args.align_corners = bool(args.align_corners)       # official: cv2.resize INTER_LINEAR (half-pixel)
+    if args.benchmark:
+        return benchmark(args)
     if args.train:
-        return train(args)
+        return C.train_seeds(args, train, log) if args.seeds else train(args)
     if not args.ckpt:
         raise C.UserError("--eval needs --ckpt")
     return run_eval(args, C.resolve_device(args.device), log)

@@ -21,11 +21,13 @@ Equations implemented (paper numbering; S = supplement):
 
 Run:
   python sspl.py --train                       # synthetic benchmark, cpu preset, with PCM (--no-pcm without)
+  python sspl.py --train --seeds 0,1,2        # one run per seed, then a mean ± std table of the runs
   python sspl.py --train --data ROOT --train-split ROOT/splits/flickr_10k.txt --vggish-weights vggish-10086976.pth
   python sspl.py --train --data ROOT --no-pcm --lr-table vggsound ...          # VGG-Sound w/o PCM (Table S1)
   torchrun --nproc_per_node=2 sspl.py --train --data ROOT ...                   # 2 x 128 = 256 (paper)
   python sspl.py --eval --ckpt runs/<run>/best.pt --data ROOT --pcm-cycles 8    # Fig. 6: other test-time T
   python sspl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python sspl.py --benchmark --data ROOT --preset paper --no-pretrained --workers 8        # samples/s, memory
 
 Deviations (from the paper P, from the official code O), and why:
   1. (O) Checkpoint selection on a validation split (the official code saves the best epoch by *test-set*
@@ -39,7 +41,8 @@ Deviations (from the paper P, from the official code O), and why:
   4. (O, kept) As the official code: a_l, b_l are per-channel (1x512x1x1) under ReLU, init 1.0 / 0.5, no weight
      decay; the top layer's feedback update has no BN; the init pass has BN+GELU on predictions; f~_a is the
      mean of g over the three VGGish patches; the waveform is min-max normalised per clip before the log-mel;
-     the map is the raw cosine S of view 1 (before min-max), evaluated with `abs0.5`.
+     the map is the raw cosine S of view 1 (before min-max), evaluated with `abs0.5`; a clip shorter than 3 s
+     is tiled int(48000 / len) + 1 times and the 3 s window centred in the tiling (start len // 2 - 24000).
   5. (P) Augmentation: crop + horizontal flip (Table S2's choice, the official train transform).
   6. cpu preset (synthetic benchmark only): the small CNNs are *trained* (there are no pretrained weights for
      them), 64 channels instead of 512 (PCM included), 2 PCM cycles after the initial pass instead of 4,
@@ -49,7 +52,21 @@ Deviations (from the paper P, from the official code O), and why:
      final ReLU the negative-free objective let the attention drift to the background (inverted maps, cIoU@0.5
      33.3 w/ PCM and 37.0 w/o PCM against 43.7 for the centred prior); with a frozen randomly initialised visual CNN
      (--freeze-visual) the maps find objects but hardly depend on the sound (58.3, audio-swapped 55.7).
-  7. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
+  7. (O) The default test transform is `squash`, Resize((224, 224)) bicubic, so full-frame boxes stay aligned;
+     the official test resizes the short side to 224 (bicubic) and centre-crops (--test-transform center_crop).
+     The two are identical on square frames (the official VGG-SS H5 frames are 256x256), not on non-square
+     frames such as the Flickr-SoundNet test JPEGs.
+  8. (O) The data path (--decode fast, the default): frames are decoded, resized, cropped, flipped (two views) per
+     batch with torch ops on the training device (nvJPEG on CUDA), training crops from the pre-resized frame cache
+     on real data. Against the official per-sample PIL pipeline (--decode pil, kept bit for bit): identical pixels
+     from the cache; otherwise at most 2 grey levels (max |diff| 0.035 after ImageNet normalisation), mean 1e-4
+     (CPU, torch's uint8 bicubic; photo-like 640x360 and 1280x720 JPEGs and the synthetic frames; 2026-11-28, 2-core
+     CPU). On CUDA the resize runs in float32 (max 0.07, mean 0.003, measured on CPU); nvJPEG's decode is not
+     measured (no GPU here). The crop/flip draws are torchvision's own calls in its order, made in the main process:
+     with --workers 0 the same seed gives --decode pil's augmentation (with workers, pil draws in each worker's
+     stream). Audio: the window is read straight from the WAV (identical samples); a clip shorter than a quarter of
+     the window is an error (the official code tiles it silently), tiled clips are counted in the log.
+  9. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
      audio; the raw S of view 1 (cosine, fixed scale [-1, 1]) is thresholded at 0.5 after the resize to 224
      (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
      The official abs0.5 test (min-max, >= 0.5, float32, cv2-style bilinear) is reproduced exactly by --eval.
@@ -82,6 +99,7 @@ TABLE_S1 = {  # (lr1 = projector/predictor MLPs, lr2 = the rest) per training se
     "vggsound": {True: (5e-5, 2e-5), False: (1e-2, 5e-3)},
 }
 SR, CLIP_SECONDS = 16000, 3.0
+WINDOW = "center_tiled"                # official: a clip under 3 s is tiled, the window centred in the tiling
 
 
 def build_parser():
@@ -198,7 +216,8 @@ class SSPL(nn.Module):
     def audio(self, wav):
         """(B, N) 16 kHz waveform -> per-clip normalisation -> (B, P, 1, 96, 64) log-mel patches ->
         f~_a = mean_k g(f_a,k) (B, c) and f_a = L2norm(mean_k f_a,k)."""
-        patches = C.vggish_examples(normalize_audio(wav), SR)
+        with torch.autocast(wav.device.type, enabled=False):       # the log-mel front end in float32 under AMP
+            patches = C.vggish_examples(normalize_audio(wav.to(torch.promote_types(wav.dtype, torch.float32))), SR)
         B, P = patches.shape[:2]
         emb = self.enc_a(patches.flatten(0, 1))
         emb = emb.amax((2, 3)) if emb.dim() == 4 else emb             # small CNN: global max pool
@@ -240,11 +259,14 @@ def build_model(args) -> SSPL:
 # Loss (Eq. 3-8)
 # ----------------------------------------------------------------------------------------------------------
 def attention(V, fa_tilde):
-    """Eq. 3-5: S (B, h, w) cosine map, S~ its per-sample min-max, f_av = sum_ij S~ V (un-normalised V)."""
-    S = torch.einsum("bchw,bc->bhw", F.normalize(V.float(), dim=1), F.normalize(fa_tilde.float(), dim=1))
+    """Eq. 3-5: S (B, h, w) cosine map, S~ its per-sample min-max, f_av = sum_ij S~ V (un-normalised V).
+    Computed in float32 or wider (half inputs are promoted; float64 stays float64)."""
+    dt = torch.promote_types(torch.promote_types(V.dtype, fa_tilde.dtype), torch.float32)
+    V, fa_tilde = V.to(dt), fa_tilde.to(dt)
+    S = torch.einsum("bchw,bc->bhw", F.normalize(V, dim=1), F.normalize(fa_tilde, dim=1))
     flat = S.flatten(1)
     S_t = (flat - flat.amin(1, keepdim=True)) / (flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True) + 1e-10)
-    f_av = torch.einsum("bchw,bhw->bc", V.float(), S_t.view_as(S))
+    f_av = torch.einsum("bchw,bhw->bc", V, S_t.view_as(S))
     return f_av, S, S_t.view_as(S)
 
 
@@ -279,19 +301,31 @@ def localization_map(model: SSPL, image, wav, cycles=None):
 # ----------------------------------------------------------------------------------------------------------
 # Train
 # ----------------------------------------------------------------------------------------------------------
-class TwoViews:
-    def __init__(self, tf):
-        self.tf = tf
-
-    def __call__(self, img):
-        return self.tf(img), self.tf(img)
-
-
 def make_dataset(args, split_file, train: bool):
-    ids = C.read_split(split_file)[: args.limit]
-    tf = TwoViews(C.image_transform("crop_flip", args.image_size)) if train else \
-        C.image_transform(args.test_transform, args.image_size)
-    return C.AVDataset(args.data, ids, tf, CLIP_SECONDS, "center", SR, cache=args.preset == "cpu")
+    if train:                                            # two independently augmented views of each frame
+        return C.av_dataset(args, split_file, "crop_flip", CLIP_SECONDS, WINDOW, SR, views=2)
+    return C.av_dataset(args, split_file, args.test_transform, CLIP_SECONDS, WINDOW, SR)
+
+
+def batch_to_device(batch, device, args, train: bool):
+    """A loader batch -> what a step consumes: (view 1, view 2, waveforms (B, N)) for training, (image, waveforms)
+    for testing, on the device (the VGGish front end runs inside SSPL.audio). --decode fast decodes and augments
+    the frames here."""
+    if train:                                            # batch_images first: it may drop unreadable samples
+        im1, im2 = C.batch_images(batch, device, args, "crop_flip", args.image_size, views=2)
+        return im1, im2, batch["wav"].to(device, non_blocking=True)
+    img = C.batch_images(batch, device, args, args.test_transform, args.image_size)
+    return img, batch["wav"].to(device, non_blocking=True)
+
+
+def train_step(net, opt, amp, inputs, args):
+    """One optimisation step: both views with the same audio through every shared module (mixed precision on
+    CUDA), Eq. 8, backward, AdamW step. Returns (loss, f_av of view 1) (f_av feeds the collapse monitor)."""
+    im1, im2, wav = inputs
+    with amp.autocast():
+        loss, f_av1 = net(C.channels_last(im1), C.channels_last(im2), wav)   # through DDP: gradients are averaged
+    amp.step(loss.float(), opt)
+    return loss, f_av1
 
 
 def param_groups(model: SSPL, args):
@@ -312,6 +346,7 @@ def train(args):
     log(f"SSPL {'w/' if args.pcm else 'w/o'} PCM | data {args.data} | preset {args.preset} | device {device} x{world} "
         f"| run {run_dir}")
     model = build_model(args).to(device)
+    C.gpu_habits(args, device, model.enc_v, [model])     # CUDA: cudnn.benchmark, channels_last; --compile
     opt = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
     start, best, history = 0, -1.0, []
     if ck:
@@ -330,16 +365,16 @@ def train(args):
         loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
         net.train()
         tot, n, f_std = 0.0, 0, 0.0
-        for step, ((im1, im2), wav, _) in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}",
-                                                                enabled=main_proc)):
+        for step, batch in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
             if args.max_steps and step >= args.max_steps:
                 break
-            im1, im2, wav = im1.to(device), im2.to(device), wav.to(device)
-            with amp.autocast():
-                loss, f_av1 = net(im1, im2, wav)                        # through DDP: gradients are averaged
-            amp.step(loss.float(), opt)
+            inputs = batch_to_device(batch, device, args, True)
+            if len(inputs[0]) == 0:                          # every sample skipped (--skip-bad)
+                continue
+            loss, f_av1 = train_step(net, opt, amp, inputs, args)
             tot, n = tot + loss.item(), n + 1
             f_std += collapse_std(f_av1)
+        tot, n, f_std = run.sums(tot, n, f_std)          # over every DDP rank: the logged loss is their mean
         if main_proc:
             res = evaluate(model, val_ds, ann, args, device, baselines=False)
             score = res["test"]["ciou@0.5"]
@@ -362,6 +397,19 @@ def train(args):
         run_eval(args, device, log, seconds_train=time.time() - t0)
 
 
+def benchmark(args):
+    """--benchmark: samples/s of the loader, of train_step and end to end, peak memory (common.run_benchmark);
+    trains a few steps on the side, writes benchmark.json, never a checkpoint."""
+    C.single_process("--benchmark")
+    run = C.Run(args, METHOD)                         # device, seed, run folder, log
+    model = build_model(args).to(run.device)
+    C.gpu_habits(args, run.device, model.enc_v, [model])
+    opt = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
+    make_loader = lambda: run.loader(make_dataset(args, args.train_split, True), args, 0)   # noqa: E731
+    return C.run_benchmark(args, METHOD, run.device, run.dir, run.log, make_loader, batch_to_device, train_step,
+                           model, opt, C.Amp(run.device, args.amp))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
@@ -371,18 +419,22 @@ NEG_THRESHOLD, NEG_SCALE = 0.5, "S cosine in [-1, 1]"
 
 
 @torch.no_grad()
-def compute_maps(model, ds, device, batch_size=32, workers=0, cycles=None):
+def compute_maps(model, ds, device, args, batch_size=32, workers=0, cycles=None):
     model.eval()
     maps = {}
-    for img, wav, ids in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers):
-        S = localization_map(model, img.to(device), wav.to(device), cycles)
-        for vid, m in zip(ids, S.cpu().numpy()):
+    for batch in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers,
+                                             collate_fn=C.collate_av):
+        img, wav = batch_to_device(batch, device, args, False)
+        if not batch["ids"]:
+            continue
+        S = localization_map(model, img, wav, cycles)
+        for vid, m in zip(batch["ids"], S.cpu().numpy()):
             maps[vid] = m
     return maps
 
 
 def evaluate(model, ds, ann, args, device, baselines=True):
-    maps = compute_maps(model, ds, device, min(args.batch_size or 32, 64), args.workers, args.eval_cycles)
+    maps = compute_maps(model, ds, device, args, min(args.batch_size or 32, 64), args.workers, args.eval_cycles)
     res = C.evaluate_maps(maps, ann, ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners,
                           baselines=baselines)
     res["maps"] = maps
@@ -390,13 +442,16 @@ def evaluate(model, ds, ann, args, device, baselines=True):
 
 
 def load_model(path, args, device):
-    ck = C.load_checkpoint(Path(path) / "best.pt" if Path(path).is_dir() else path)
+    path = Path(path) / "best.pt" if Path(path).is_dir() else path
+    ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
     if "args" not in ck:
         raise C.UserError(f"{path}: not a checkpoint written by sspl.py (the official code released no weights)")
-    for k in ("encoder", "pcm", "dim_proj", "dim_pred", "image_size", "preset", "freeze_visual"):
-        setattr(args, k, ck["args"][k])
-    model = SSPL(args.encoder, args.pcm, ck["args"]["pcm_cycles"], args.dim_proj, args.dim_pred, args.freeze_visual)
-    model.load_state_dict(ck["model"])
+    keys = ("encoder", "pcm", "dim_proj", "dim_pred", "image_size", "preset", "freeze_visual")
+    a = C.checkpoint_args(ck, path, METHOD, keys + ("pcm_cycles",))
+    for k in keys:
+        setattr(args, k, a[k])
+    model = SSPL(args.encoder, args.pcm, a["pcm_cycles"], args.dim_proj, args.dim_pred, args.freeze_visual)
+    C.load_state(model, ck.get("model"), path, METHOD)
     return model.to(device).eval()
 
 
@@ -410,7 +465,7 @@ def run_eval(args, device, log, seconds_train=None):
     if args.negatives:
         thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
         res["negatives"], res["negatives_maps"] = C.run_negatives(
-            lambda d: compute_maps(model, d, device, min(args.batch_size or 32, 64), args.workers,
+            lambda d: compute_maps(model, d, device, args, min(args.batch_size or 32, 64), args.workers,
                                      args.eval_cycles), ds, ann, thr, NEG_SCALE, args.align_corners, log)
     cycles = args.eval_cycles if args.eval_cycles is not None else (model.pcm.cycles if model.pcm else None)
     return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0), "S (view 1)",
@@ -427,7 +482,7 @@ def predict(args, device, log):
     if sr != SR:
         raise C.UserError(f"{args.audio}: {sr} Hz; SSPL expects {SR} Hz (convert with data_prep.py)")
     img = C.image_transform(args.test_transform, args.image_size)(frame)[None].to(device)
-    wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, "center"))[None].to(device)
+    wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, WINDOW))[None].to(device)
     heat = localization_map(model, img, wav, args.eval_cycles)[0].cpu().numpy()
     out = args.out or "heat.png"
     C.save_overlay_png(out, C.denormalize(img[0].cpu()), heat)
@@ -438,10 +493,10 @@ def predict(args, device, log):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (args.train or args.eval or args.predict):
-        raise C.UserError("choose one of --train, --eval, --predict (see --help)")
+    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
+    if not (args.train or args.eval or args.predict or args.benchmark):
+        raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
+    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
     # --pcm-cycles at --eval/--predict is the *test-time* T (Fig. 6); at --train it sets the architecture
     args.eval_cycles = None if args.train else args.pcm_cycles
     log = C.RunLog()
@@ -456,8 +511,10 @@ def main(argv=None):
     C.apply_preset(args, PRESETS)
     args.protocol = args.protocol or "abs0.5"      # the official SSPL test: fixed 0.5 on the min-max map
     args.align_corners = bool(args.align_corners)  # official: cv2.resize INTER_LINEAR (half-pixel)
+    if args.benchmark:
+        return benchmark(args)
     if args.train:
-        return train(args)
+        return C.train_seeds(args, train, log) if args.seeds else train(args)
     if not args.ckpt:
         raise C.UserError("--eval needs --ckpt")
     return run_eval(args, C.resolve_device(args.device), log)
