@@ -9,7 +9,8 @@ Sections, top to bottom:
   3. Data: WAV reading with `wave`, the standard layout, the dataset reader, clip windows, image transforms.
   4. (empty: the synthetic benchmark generator lives in data_prep.py; resolve_data imports it only when a method
      runs without --data, so a method file and common.py copied elsewhere train on that project's data alone.)
-  5. The evaluator: ground-truth maps, named protocols, cIoU / AUC, baselines, CSOL's class-aware metrics.
+  5. The evaluator: ground-truth maps, named protocols (each exactly its official script, in float32), batched
+     cIoU / AUC, baselines, CSOL's class-aware metrics, the negative-audio protocol (SLAVC AP / max-F1, pIA).
   6. Helpers: seeding, device/AMP, the CUDA habits (cudnn.benchmark, channels_last, --compile), DDP under
      torchrun, atomic checkpoints (validated on load, recording their method), progress bar, heat-map overlays,
      run folders, the command line every method shares, the preflight every training run passes before its run
@@ -926,16 +927,25 @@ def av_dataset(args, split_file, kind: str, seconds: float, where: str, sample_r
 # =====================================================================================================
 # 5. The evaluator
 # =====================================================================================================
-# Protocols (how a predicted map becomes the binary prediction P; the map is first resized to 224x224):
+# Every protocol reproduces its official script's arithmetic: the map is cast to float32 (the official scripts get
+# float32 maps from torch and stay in float32), resized to 224x224 with torch's bilinear kernel (align_corners=False
+# stands for the official cv2.resize INTER_LINEAR, the same half-pixel rule for up-sampling; True is EZ-VSL's
+# F.interpolate), normalised with the official normalize_img (a constant map is returned unchanged) and thresholded
+# with the official rule, ties and constant maps included. The one difference that stays: cv2's float arithmetic
+# may round an interpolated value differently in the last bit from torch's (cv2 is not a dependency here).
 PROTOCOLS = {
-    "median": "min-max normalise, P = map >= its per-image median (top half of the pixels; the LVS and EZ-VSL "
-              "test scripts; LVS keeps strictly-greater pixels, see 'median_strict')",
-    "median_strict": "as 'median' but P = map > median (the LVS test script exactly; one pixel fewer when "
-                     "values are distinct)",
-    "abs0.5": "min-max normalise, P = map >= 0.5 (the SSPL test script; the LVS paper's text)",
-    "rel0.1": "P = map > 0.1 * max(map), no min-max (CSOL's single-source tools.py)",
+    "median": "EZ-VSL test.py + utils.Evaluator exactly: q = normalize_img(map), P = q >= sorted(q)[25088] (the "
+              "per-image median; a constant map: every pixel)",
+    "median_strict": "LVS test.py exactly: p = 1 - normalize_img(-map), thr = sorted(p)[25088], "
+                     "p[p > thr] = 1, p[p < 1] = 0 (pixels equal to the maximum are kept; a constant map c: every "
+                     "pixel if 1 + c >= 1, none otherwise)",
+    "abs0.5": "SSPL test exactly: min-max normalise, P = map >= 0.5 (a constant map is 0/0 = NaN: no pixel)",
+    "rel0.1": "CSOL tools.py exactly: P = map > 0.1 * max(map), no min-max (the threshold is computed in float64 and "
+              "compared in float32, NumPy 1.x rules)",
 }
 AUC_THRESHOLDS = [0.05 * i for i in range(21)]  # exactly the official list (0.05*3 = 0.15000000000000002)
+MEDIAN_INDEX = GT_SIZE * GT_SIZE // 2           # 25088: the official np.sort(m.flatten())[int(224 * 224 / 2)]
+EVAL_CHUNK = 32                                 # maps scored at once (32 x 224 x 224 float32 = 6.4 MB per tensor)
 
 
 def _box_floats(box, where: str):
@@ -1014,8 +1024,14 @@ def load_annotations(path) -> dict:
 
 
 def rasterize_box(box, size: int = GT_SIZE):
-    """[x1, y1, x2, y2] normalised -> integer pixel slice bounds, as the official code: int(size * max(v, 0))."""
+    """[x1, y1, x2, y2] normalised -> integer pixel slice bounds, as the official code: int(size * max(v, 0))
+    (a bound above `size` is cut by the slice, as numpy's)."""
     return [int(size * max(v, 0.0)) for v in box]
+
+
+def box_outside(box) -> bool:
+    """True when a coordinate lies outside [0, 1] (vggss.json has 12 boxes at -2.88e16; the official code clamps)."""
+    return any(v < 0.0 or v > 1.0 for v in box)
 
 
 def boxes_to_map(boxes, kind: str = "union", size: int = GT_SIZE) -> np.ndarray:
@@ -1037,66 +1053,264 @@ def gt_map(entry: dict, size: int = GT_SIZE) -> np.ndarray:
     return boxes_to_map(entry["bbox"], entry.get("gt", "union"), size)
 
 
-def resize_map(m, size: int = GT_SIZE, align_corners: bool = False) -> np.ndarray:
-    """Bilinear resize of a 2-D map to size x size (align_corners=False matches OpenCV INTER_LINEAR when
-    up-sampling, as LVS/SSPL; True is EZ-VSL's test)."""
-    t = torch.as_tensor(np.asarray(m, np.float64))[None, None]
+def gt_maps_batch(entries, size: int = GT_SIZE, device="cpu") -> torch.Tensor:
+    """The ground-truth maps of several entries at once, (B, size, size) float32, equal to gt_map() of each:
+    the number of boxes covering a pixel is rows^T @ cols of the boxes' row/column indicator vectors (exact small
+    integers), then the union (> 0) or the consensus (count / 2 capped at 1)."""
+    k = max([len(e["bbox"]) for e in entries] + [1])
+    lim = torch.tensor([[rasterize_box(b, size) for b in e["bbox"]] + [[0, 0, 0, 0]] * (k - len(e["bbox"]))
+                        for e in entries], dtype=torch.long).reshape(len(entries), k, 4).to(device)
+    ax = torch.arange(size, device=device)
+    rows = ((ax >= lim[..., 1:2]) & (ax < lim[..., 3:4])).float()        # (B, K, size): y1 <= y < y2
+    cols = ((ax >= lim[..., 0:1]) & (ax < lim[..., 2:3])).float()        # (B, K, size): x1 <= x < x2
+    count = torch.bmm(rows.transpose(1, 2), cols)                         # (B, size, size)
+    consensus = torch.tensor([e.get("gt", "union") == "consensus" for e in entries], device=device)[:, None, None]
+    return torch.where(consensus, (count / 2.0).clamp_max(1.0), (count > 0).float())
+
+
+_WORKSPACE: dict = {}
+_NUMPY_ON_CPU = True     # CPU chunks: numpy selection / counts; False runs the torch code path of the GPU (tests)
+
+
+def _buffer(name: str, shape, dtype=torch.float32) -> torch.Tensor:
+    """A reused CPU buffer (the evaluator's chunks are large: fresh allocations cost page faults every time)."""
+    b = _WORKSPACE.get(name)
+    if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dtype:
+        b = _WORKSPACE[name] = torch.empty(tuple(shape), dtype=dtype)
+    return b
+
+
+def resize_maps(t: torch.Tensor, size: int = GT_SIZE, align_corners: bool = False, reuse: bool = False) -> torch.Tensor:
+    """(B, h, w) float32 -> (B, size, size) with torch's bilinear kernel (identity when already that size).
+    reuse (CPU): write into a reused buffer (the same kernel as F.interpolate, bit for bit; the result is
+    overwritten by the next call)."""
     if t.shape[-2:] == (size, size):
-        return t[0, 0].numpy()
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=align_corners)[0, 0].numpy()
+        return t
+    if reuse and t.device.type == "cpu":
+        out = _buffer("resize", (t.shape[0], 1, size, size))
+        torch._C._nn.upsample_bilinear2d(t[:, None], [size, size], align_corners, None, None, out=out)
+        return out[:, 0]
+    return F.interpolate(t[:, None], size=(size, size), mode="bilinear", align_corners=align_corners)[:, 0]
 
 
-def minmax(m: np.ndarray) -> np.ndarray:
-    """(m - min) / (max - min). A constant map becomes all zeros (defined here; the official LVS and EZ-VSL
-    normalize_img return a constant map unchanged, SSPL's divides by its zero range and gives NaN)."""
-    lo, hi = float(m.min()), float(m.max())
-    return np.zeros_like(m) if hi == lo else (m - lo) / (hi - lo)
+def resize_map(m, size: int = GT_SIZE, align_corners: bool = False) -> np.ndarray:
+    """Bilinear resize of one 2-D map to size x size in float32 (align_corners=False: the official cv2.resize
+    INTER_LINEAR of LVS / SSPL / CSOL when up-sampling; True: EZ-VSL's test)."""
+    return resize_maps(torch.as_tensor(np.asarray(m, np.float32))[None], size, align_corners)[0].numpy()
 
 
-def binarize(m: np.ndarray, protocol: str) -> np.ndarray:
-    """Binary prediction P from a 224x224 map under a named protocol (see PROTOCOLS).
+def minmax(m):
+    """The official normalize_img: (m - min) / (max - min) over the last two axes; a constant map is returned
+    unchanged (the official `if not (vmax - vmin) == 0`). numpy (H, W) or torch (..., H, W); keeps the dtype."""
+    if not isinstance(m, torch.Tensor):
+        return minmax(torch.as_tensor(np.asarray(m)))[...].numpy()
+    flat = m.flatten(-2)
+    lo, hi = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
+    r = hi - lo
+    return torch.where(r == 0, m, (m - lo) / torch.where(r == 0, torch.ones_like(r), r))
 
-    Constant maps: 'median' predicts every pixel (all tie at the median), 'median_strict' and 'abs0.5' predict
-    none (cIoU 0), 'rel0.1' predicts every pixel of a positive constant map and none of a non-positive one.
-    """
-    if protocol == "rel0.1":
-        return m > 0.1 * m.max()
-    p = minmax(m)
-    if protocol in ("median", "median_strict"):
-        thr = np.sort(p, axis=None)[p.size // 2]
-        return p >= thr if protocol == "median" else p > thr
-    if protocol == "abs0.5":
-        return p >= 0.5
+
+def _kth(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Per map, the value at index k of the ascending sort (the official np.sort(m.flatten())[k]), (B, 1, 1):
+    on the CPU an exact windowed selection (_kth_window), torch.kthvalue on a GPU."""
+    flat = t.flatten(1)
+    if flat.device.type == "cpu" and _NUMPY_ON_CPU:
+        return torch.from_numpy(_kth_window(np.ascontiguousarray(flat.numpy()), k))[:, None, None]
+    return flat.kthvalue(k + 1, dim=1).values[:, None, None]
+
+
+def _row_counts(m: np.ndarray) -> np.ndarray:
+    """True values per row of a 2-D bool array (np.count_nonzero row by row: 15x cheaper than with axis=1)."""
+    return np.array([np.count_nonzero(r) for r in m], np.int64)
+
+
+def _kth_window(x: np.ndarray, k: int, step: int = 13) -> np.ndarray:
+    """Exact k-th smallest of each row of x (B, L) without selecting over all L values: a window [a, b] is taken
+    around the k-th value of a strided subsample (every 13th value, +-2.5% of its ranks); when
+    #(x < a) <= k < #(x <= b) the answer is the (k - #(x < a))-th smallest value inside the window (about 5% of
+    the row); otherwise that row falls back to np.partition of the whole row."""
+    sub = x[:, ::step]
+    ks, d = k // step, max(8, sub.shape[1] // 40)
+    lo_i, hi_i = max(ks - d, 0), min(ks + d, sub.shape[1] - 1)
+    part = np.partition(sub, [lo_i, hi_i], axis=1)
+    a, b = part[:, lo_i:lo_i + 1], part[:, hi_i:hi_i + 1]
+    ge = _buffer("ge", x.shape, torch.bool).numpy()
+    inwin = _buffer("inwin", x.shape, torch.bool).numpy()
+    np.greater_equal(x, a, out=ge)
+    below = x.shape[1] - _row_counts(ge)
+    np.less_equal(x, b, out=inwin)
+    np.logical_and(inwin, ge, out=inwin)
+    cnt = _row_counts(inwin)
+    j = k - below
+    ok = (j >= 0) & (j < cnt)
+    vals, ends = x[inwin], np.cumsum(cnt)
+    out = np.empty(x.shape[0], x.dtype)
+    for i in range(x.shape[0]):
+        if ok[i]:
+            out[i] = np.partition(vals[ends[i] - cnt[i]:ends[i]], j[i])[j[i]]
+        else:
+            out[i] = np.partition(x[i], k)[k]
+    return out
+
+
+_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))   # the largest float32 below 1
+
+
+def _range(t: torch.Tensor):
+    flat = t.flatten(1)                     # amin + amax: 30x cheaper than torch.aminmax(dim=1) on the CPU here
+    return flat.amin(1)[:, None, None], flat.amax(1)[:, None, None]
+
+
+def binarize_batch(t: torch.Tensor, protocol: str, threshold: float | None = None,
+                   inplace: bool = False) -> torch.Tensor:
+    """Binary predictions P (B, 224, 224) bool from 224x224 float32 maps under a named protocol, with the
+    official arithmetic in float32 (see PROTOCOLS). protocol 'fixed' (the negative-audio protocol): P = map >=
+    threshold on the method's fixed scale, no normalisation. inplace: t may be overwritten (saves a copy)."""
+    if protocol in ("median", "median_strict", "abs0.5"):
+        lo, hi = _range(t)
+        flat = (hi == lo).flatten()                           # constant maps: normalize_img returns them unchanged
+        const = t[flat].clone() if flat.any() else None
+        w = t if inplace else t.clone()
+    if protocol == "median":                                  # EZ-VSL: q = normalize_img(h), P = q >= the median
+        q = w.sub_(lo).div_(hi - lo)
+        if const is not None:
+            q[flat] = const
+        return q >= _kth(q, MEDIAN_INDEX).to(t.device)
+    if protocol == "median_strict":                           # LVS: p = 1 - normalize_img(-h); >thr -> 1; <1 -> 0
+        # normalize_img(-h) = (-h - min(-h)) / (max(-h) - min(-h)) = (max h - h) / (max h - min h), the same
+        # float32 operations (hi - h computed as (-h) + hi, 1 - n as (-n) + 1: the same roundings);
+        # P = {p > thr} | {p >= 1} = {p > thr} if thr < 1, else {p > largest float below 1}
+        p = w.neg_().add_(hi).div_(hi - lo).neg_().add_(1.0)
+        if const is not None:
+            p[flat] = torch.rsub(-const, 1.0)
+        thr = _kth(p, MEDIAN_INDEX).to(t.device)
+        return p > torch.where(thr < 1.0, thr, torch.full_like(thr, _BELOW_ONE))
+    if protocol == "abs0.5":                                  # SSPL: (h - min) / (max - min) >= 0.5 (NaN if flat)
+        return w.sub_(lo).div_(hi - lo) >= 0.5
+    if protocol == "rel0.1":                                  # CSOL: h > 0.1 * max(h)
+        thr = (0.1 * t.flatten(1).amax(1).double()).float()[:, None, None]
+        return t > thr
+    if protocol == "fixed":
+        return t >= threshold
     raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
 
 
+def binarize(m: np.ndarray, protocol: str) -> np.ndarray:
+    """One 224x224 map -> binary P under a named protocol (binarize_batch on a batch of one)."""
+    return binarize_batch(torch.as_tensor(np.asarray(m, np.float32))[None], protocol)[0].numpy()
+
+
 def ciou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """cIoU = sum(P*G) / (sum(G) + sum(P*[G==0])) with P binary and G in [0, 1] (LVS appendix A). Both empty -> 0."""
-    p = pred.astype(np.float64)
-    den = gt.sum() + (p * (gt == 0)).sum()
-    return float((p * gt).sum() / den) if den > 0 else 0.0
+    """cIoU = sum(P*G) / (sum(G) + sum(P*[G==0])) with P binary and G in [0, 1] (LVS appendix A). Both empty ->
+    0/0 = NaN, as the official Evaluator (such a sample fails every threshold, t = 0 included)."""
+    p = np.asarray(pred).astype(np.float64)
+    g = np.asarray(gt, np.float64)
+    den = g.sum() + (p * (g == 0)).sum()
+    return float((p * g).sum() / den) if den > 0 else float("nan")
 
 
-def summarize(scores) -> dict:
-    """cIoU@0.5 = fraction of samples with cIoU >= 0.5 (what the papers print as 'cIoU'), AUC = sklearn's
-    trapezoid over the official 21 thresholds of the fraction with cIoU >= t, and the mean cIoU."""
-    from sklearn.metrics import auc
+class _GtChunk:
+    """The ground truth of a chunk of entries, for scoring. A single-box union entry (most of VGG-SS) is kept as its
+    row and column indicator vectors r, c (G = r c^T, never built: sum(P*G) = r^T P c); the others are built as
+    maps (gt_maps_batch). Every sum is exact (integers and halves in float32), the cIoU division float64."""
+
+    def __init__(self, entries, device):
+        self.n, self.device = len(entries), device
+        k = max([len(e["bbox"]) for e in entries] + [1])
+        lim = torch.tensor([[rasterize_box(b, GT_SIZE) for b in e["bbox"]] + [[0, 0, 0, 0]] * (k - len(e["bbox"]))
+                            for e in entries], dtype=torch.long).reshape(len(entries), k, 4)
+        ax = torch.arange(GT_SIZE)
+        rows = ((ax >= lim[..., 1:2]) & (ax < lim[..., 3:4])).float()
+        cols = ((ax >= lim[..., 0:1]) & (ax < lim[..., 2:3])).float()
+        single = [e.get("gt", "union") == "union" and len(e["bbox"]) == 1 for e in entries]
+        self.single = torch.tensor(single)
+        self.box = [[max(0, min(GT_SIZE, v)) for v in lim[i, 0].tolist()] for i in range(len(entries))]
+        self.r, self.c = rows[:, 0].to(device), cols[:, 0].to(device)
+        self.multi = [i for i, sg in enumerate(single) if not sg]
+        self.G = gt_maps_batch([entries[i] for i in self.multi], GT_SIZE, device) if self.multi else None
+        self.g_sum = (self.r.sum(1) * self.c.sum(1)).double()
+        self.n_pos = self.g_sum.clone()
+        if self.multi:
+            m = torch.tensor(self.multi, device=device)
+            self.g_sum[m] = self.G.flatten(1).sum(1).double()
+            self.n_pos[m] = (self.G > 0).flatten(1).sum(1).double()
+
+    def ciou(self, P: torch.Tensor, pos) -> np.ndarray:
+        """cIoU of binary P (b, 224, 224) for the chunk positions `pos`; 0/0 -> NaN."""
+        pos_t = torch.tensor(pos, device=self.device)
+        if P.device.type == "cpu" and _NUMPY_ON_CPU:   # numpy counts on the bool map: r^T P c = the count inside the box
+            Pn = P.numpy()
+            p_sum = torch.from_numpy(_row_counts(Pn.reshape(len(pos), -1)).astype(np.float64))
+            inter = torch.tensor([float(np.count_nonzero(Pn[j, y1:y2, x1:x2])) for j, (x1, y1, x2, y2) in
+                                  enumerate(self.box[q] for q in pos)], dtype=torch.float64)
+        else:
+            Pf = P.float()
+            rc = torch.stack([self.c[pos_t], torch.ones_like(self.c[pos_t])], 2)      # (b, 224, 2)
+            o = torch.bmm(Pf, rc)                                                       # (P c, row sums of P)
+            inter = (self.r[pos_t] * o[..., 0]).sum(1).double()
+            p_sum = o[..., 1].sum(1).double()
+        p_in = inter.clone()
+        where = {q: j for j, q in enumerate(pos)}
+        sel = [(where[q], gi) for gi, q in enumerate(self.multi) if q in where]
+        if sel:
+            lp, gi = torch.tensor([a for a, _ in sel], device=self.device), torch.tensor([b for _, b in sel],
+                                                                                        device=self.device)
+            G = self.G[gi].flatten(1)
+            Pm = P[lp].flatten(1).float()
+            inter[lp] = (Pm * G).sum(1).double()
+            p_in[lp] = (Pm * (G > 0).float()).sum(1).double()
+        den = self.g_sum[pos_t] + p_sum - p_in
+        out = inter / den
+        return torch.where(den > 0, out, torch.full_like(out, float("nan"))).cpu().numpy()
+
+    def ciou_fixed(self, P: torch.Tensor) -> np.ndarray:
+        """cIoU of one binary map P (224, 224) (a baseline) against every entry of the chunk."""
+        Pf = P.float()
+        inter = (self.r * (self.c @ Pf.T)).sum(1).double()                              # r^T P c per entry
+        p_in = inter.clone()
+        if self.multi:
+            m = torch.tensor(self.multi, device=self.device)
+            inter[m] = (self.G.flatten(1) * Pf.flatten()).sum(1).double()
+            p_in[m] = ((self.G > 0).float().flatten(1) * Pf.flatten()).sum(1).double()
+        den = self.g_sum + Pf.sum().double() - p_in
+        out = inter / den
+        return torch.where(den > 0, out, torch.full_like(out, float("nan"))).cpu().numpy()
+
+
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz    # what sklearn.metrics.auc computes (x increasing)
+
+
+def summarize(scores, nan_mean: str = "zero") -> dict:
+    """cIoU@0.5 = fraction of samples with cIoU >= 0.5 (what the papers print as 'cIoU'), AUC = the trapezoid of
+    sklearn.metrics.auc (the same np.trapezoid call, without importing sklearn's 74 MB) over the official 21
+    thresholds 0.05*i of the fraction with cIoU >= t (official: np.sum(s >= t) / len(s), so a NaN sample fails every
+    threshold), and the mean cIoU (nan_mean 'zero': a NaN sample counts 0, where the official EZ-VSL Avg-cIoU would
+    print NaN; 'skip': the mean over the non-NaN samples)."""
     s = np.asarray(scores, np.float64)
     if s.size == 0:
         return {"ciou@0.5": float("nan"), "auc": float("nan"), "mean_ciou": float("nan")}
-    succ = [float(np.mean(s >= t)) for t in AUC_THRESHOLDS]
-    return {"ciou@0.5": float(np.mean(s >= 0.5)), "auc": float(auc(AUC_THRESHOLDS, succ)), "mean_ciou": float(s.mean())}
+    succ = [float(np.sum(s >= t) / len(s)) for t in AUC_THRESHOLDS]
+    auc = lambda x, y: float(_trapezoid(np.asarray(y, np.float64), np.asarray(x, np.float64)))  # noqa: E731
+    mean = float(np.nan_to_num(s, nan=0.0).mean()) if nan_mean == "zero" else \
+        (float(np.nanmean(s)) if np.isfinite(s).any() else float("nan"))
+    return {"ciou@0.5": float(np.sum(s >= 0.5) / len(s)), "auc": float(auc(AUC_THRESHOLDS, succ)), "mean_ciou": mean}
 
 
-def check_map(vid: str, m) -> np.ndarray:
+def check_map(vid: str, m, where: str = "prediction") -> np.ndarray:
+    """A 2-D, non-empty, finite map as float32 (the official scripts' precision); (1, h, w) is accepted."""
     m = np.asarray(m)
     if m.ndim == 3 and m.shape[0] == 1:
         m = m[0]
     if m.ndim != 2:
-        raise UserError(f"prediction for {vid}: expected a 2-D map, got shape {m.shape}")
+        raise UserError(f"{where} for {vid}: expected a 2-D map, got shape {m.shape}")
+    if m.size == 0:
+        raise UserError(f"{where} for {vid}: empty map of shape {m.shape}")
+    if not (np.issubdtype(m.dtype, np.number) or m.dtype == bool) or np.iscomplexobj(m):
+        raise UserError(f"{where} for {vid}: not a real-valued map (dtype {m.dtype})")
+    m = m.astype(np.float32)
     if not np.isfinite(m).all():
-        raise UserError(f"prediction for {vid}: the map contains NaN or inf")
-    return m.astype(np.float64)
+        raise UserError(f"{where} for {vid}: the map contains NaN or inf (after the cast to float32)")
+    return m
 
 
 def center_prior(size: int = GT_SIZE) -> np.ndarray:
@@ -1108,45 +1322,99 @@ def center_prior(size: int = GT_SIZE) -> np.ndarray:
     return 1.0 - d / d.max()
 
 
-def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", align_corners: bool = False,
-                  baselines: bool = True, extra_baselines: dict | None = None) -> dict:
-    """Score predicted maps against annotations.
+def _stack(maps: dict, ids, where: str = "prediction") -> list[tuple[list[int], torch.Tensor]]:
+    """Group the maps of `ids` by shape: [(positions in ids, (B, h, w) float32 tensor)]."""
+    groups: dict = {}
+    for pos, vid in enumerate(ids):
+        m = check_map(vid, maps[vid], where)
+        groups.setdefault(m.shape, ([], []))
+        groups[m.shape][0].append(pos)
+        groups[m.shape][1].append(m)
+    return [(p, torch.from_numpy(np.stack(ms))) for p, ms in groups.values()]
 
-    maps: {id: 2-D map of any size}. ids: the test list (default: every id of `maps`). Every prediction must have
-    an annotation (else an error); listed ids without a prediction are reported as missing, never dropped
-    silently. Entries whose ground truth is empty are scored (cIoU 0, as the official code) and reported.
-    Returns {"protocol", "resize", "n", "n_listed", "missing", "empty_gt", "test": summary, "per_sample": {id:
-    cIoU}, "baselines": {"center": ..., "full_image": ..., **extra}} (the baseline maps go through the same
-    protocol; the full image is P = 1 everywhere).
+
+def _prepared(maps: dict, ids, align_corners: bool, device, fuse=None, where: str = "prediction",
+              reuse: bool = False):
+    """Yield (positions, (B, 224, 224) float32 maps on `device`) for the ids of one chunk; `fuse` = (other maps,
+    fn): fn(resized maps, resized other maps) -> the map to score (EZ-VSL's OGL blend at 224, as official).
+    reuse: the maps may live in a reused buffer (valid until the next chunk)."""
+    for pos, t in _stack(maps, ids, where):
+        t = resize_maps(t.to(device), GT_SIZE, align_corners, reuse=reuse and fuse is None)
+        if fuse is not None:
+            other, fn = fuse
+            o = torch.empty_like(t)
+            for opos, ot in _stack(other, [ids[p] for p in pos], where):
+                o[opos] = resize_maps(ot.to(device), GT_SIZE, align_corners)
+            t = fn(t, o)
+        yield pos, t
+
+
+def _unique_ids(ids):
+    seen, uniq, dup = set(), [], []
+    for i in ids:
+        if i in seen:
+            dup.append(i)
+        else:
+            seen.add(i)
+            uniq.append(i)
+    return uniq, sorted(set(dup))
+
+
+def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", align_corners: bool = False,
+                  baselines: bool = True, extra_baselines: dict | None = None, device="cpu",
+                  chunk: int = EVAL_CHUNK, fuse=None) -> dict:
+    """Score predicted maps against annotations, batched in torch (chunks of `chunk` maps; `device` cpu or cuda).
+
+    maps: {id: 2-D map of any size}. ids: the test list (default: every id of `maps`; an id listed twice is scored
+    once and reported). Every prediction must have an annotation (else an error); listed ids without a prediction
+    are reported as missing, never dropped silently. Entries whose ground truth is empty are scored (cIoU 0, or
+    NaN when nothing is predicted either, as the official code) and reported; boxes with a coordinate outside
+    [0, 1] are counted (clamped as the official code). fuse: see _prepared (EZ-VSL's OGL).
+    Returns {"protocol", "resize", "n", "n_listed", "missing", "duplicates", "empty_gt", "boxes_outside",
+    "test": summary, "per_sample": {id: cIoU}, "baselines": {"center": ..., "full_image": ..., **extra}} (the
+    baseline maps go through the same protocol; the full image is P = 1 everywhere).
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     unknown = [i for i in maps if i not in ann]
     if unknown:
         raise UserError(f"{len(unknown)} predicted ids have no annotation (first: {', '.join(unknown[:5])})")
-    listed = list(maps) if ids is None else list(ids)
+    listed, dups = _unique_ids(list(maps) if ids is None else list(ids))
     not_annotated = [i for i in listed if i not in ann]
     if not_annotated:
         raise UserError(f"{len(not_annotated)} ids of the test list have no annotation "
                         f"(first: {', '.join(not_annotated[:5])})")
     present = [i for i in listed if i in maps]
     missing = [i for i in listed if i not in maps]
-    gts = {i: gt_map(ann[i]) for i in present}
-    empty = [i for i in present if gts[i].sum() == 0]
-    per = {i: ciou(binarize(resize_map(check_map(i, maps[i]), GT_SIZE, align_corners), protocol), gts[i])
-           for i in present}
+    device = torch.device(device)
+    extra = dict(extra_baselines or {})
+    scores = {k: np.zeros(len(present)) for k in ["test", "center", "full_image", *extra]}
+    empty, outside = [], 0
+    cp = binarize_batch(torch.from_numpy(center_prior().astype(np.float32))[None].to(device), protocol)[0]
+    with torch.no_grad():
+        for s in range(0, len(present), chunk):
+            ids_c = present[s:s + chunk]
+            entries = [ann[i] for i in ids_c]
+            outside += sum(box_outside(b) for e in entries for b in e["bbox"])
+            gt = _GtChunk(entries, device)
+            empty += [i for i, z in zip(ids_c, (gt.n_pos == 0).tolist()) if z]
+            for name, mp, fz in [("test", maps, fuse), *[(k, v, None) for k, v in extra.items()]]:
+                for pos, t in _prepared(mp, ids_c, align_corners, device, fz, reuse=True):
+                    scores[name][[s + p for p in pos]] = gt.ciou(binarize_batch(t, protocol, inplace=True), pos)
+            if baselines:
+                scores["center"][s:s + len(ids_c)] = gt.ciou_fixed(cp)
+                den = gt.g_sum + (GT_SIZE * GT_SIZE - gt.n_pos)        # P = 1: sum(G) / (sum(G) + #[G == 0])
+                scores["full_image"][s:s + len(ids_c)] = torch.where(
+                    den > 0, gt.g_sum / den, torch.full_like(den, float("nan"))).cpu().numpy()
+    per = dict(zip(present, scores["test"].tolist()))
     out = {"protocol": protocol, "resize": f"bilinear align_corners={align_corners}", "n": len(present),
-           "n_listed": len(listed), "missing": missing, "empty_gt": empty, "test": summarize(list(per.values())),
-           "per_sample": per, "baselines": {}}
+           "n_listed": len(listed), "missing": missing, "duplicates": dups, "empty_gt": empty,
+           "boxes_outside": outside, "test": summarize(scores["test"]), "per_sample": per, "baselines": {}}
     if baselines:
-        cp = binarize(center_prior(), protocol)
-        full = np.ones((GT_SIZE, GT_SIZE), bool)
-        out["baselines"]["center"] = summarize([ciou(cp, gts[i]) for i in present])
-        out["baselines"]["full_image"] = summarize([ciou(full, gts[i]) for i in present])
-        for name, bmaps in (extra_baselines or {}).items():
-            out["baselines"][name] = summarize([ciou(binarize(resize_map(check_map(i, bmaps[i]), GT_SIZE,
-                                                                          align_corners), protocol), gts[i])
-                                                for i in present])
+        out["baselines"]["center"] = summarize(scores["center"])
+        out["baselines"]["full_image"] = summarize(scores["full_image"])
+    for name in extra:
+        out["baselines"][name] = summarize(scores[name])
     return out
 
 
@@ -1159,8 +1427,15 @@ def format_report(res: dict, title: str = "test") -> str:
     lines = [f"[{title}] protocol={res['protocol']} ({PROTOCOLS[res['protocol']]})",
              f"[{title}] resize={res['resize']}  N evaluated {res['n']} / listed {res['n_listed']}"
              + (f"  ({len(res['missing'])} missing)" if res["missing"] else "")]
+    if res.get("duplicates"):
+        lines.append(f"[{title}] warning: {len(res['duplicates'])} ids are listed more than once in the split and "
+                     f"scored once: {', '.join(res['duplicates'][:10])}")
+    if res.get("boxes_outside"):
+        lines.append(f"[{title}] warning: {res['boxes_outside']} annotation boxes have a coordinate outside [0, 1]; "
+                     f"clamped as the official code (int(224 * max(v, 0)), cut at 224)")
     if res["empty_gt"]:
-        lines.append(f"[{title}] warning: {len(res['empty_gt'])} entries have an empty ground truth and score 0: "
+        lines.append(f"[{title}] warning: {len(res['empty_gt'])} entries have an empty ground truth and score 0 "
+                     f"(0/0 = NaN, failing every threshold, when nothing is predicted either): "
                      f"{', '.join(res['empty_gt'][:10])}")
     width = max([len("model")] + [len(k) for k in res.get("baselines", {})])
     lines.append(f"[{title}] {'model':<{width}}  {fmt_metrics(res['test'])}   ({res['protocol']}, N={res['n']})")
@@ -1172,27 +1447,166 @@ def format_report(res: dict, title: str = "test") -> str:
 # CSOL's metrics (as its tools.py / eval.py compute them; see csol_classaware.py for the paper's variants).
 def class_aware_scores(class_maps: dict, sounding: dict, silent, ciou_frac: float = 0.5, nsa_tau: float = 0.2,
                        size: int = GT_SIZE, align_corners: bool = False):
-    """One cocktail image: class_maps {class: 2-D map (softmax probability per pixel)}, sounding {class: [boxes]},
-    silent: the classes without a sounding box.
-    Returns (ciou_n, nsa_n): ciou_n = mean over sounding classes c of IoU(P_c = map_c > ciou_frac*max(map_c), G_c);
-    nsa_n = mean over silent classes of the fraction of pixels with map_c <= nsa_tau (None if no silent class).
+    """One cocktail image, as CSOL's eval.py: class_maps {class: 2-D map (softmax probability per pixel)}, sounding
+    {class: [boxes]}, silent: the classes without a sounding box. Maps are resized in float32.
+    Returns (ciou_n, nsa_n): ciou_n = mean over sounding classes c of IoU(P_c = map_c > ciou_frac*max(map_c), G_c)
+    (the threshold computed in float64 and compared in float32, NumPy 1.x rules), NaN when the image has no
+    sounding box (np.mean of an empty list, as official); nsa_n = mean over silent classes of the fraction of
+    pixels with map_c <= nsa_tau (None if no silent class).
     """
     ious = []
     for c, boxes in sounding.items():
         m = resize_map(class_maps[c], size, align_corners)
-        ious.append(ciou(m > ciou_frac * m.max(), boxes_to_map(boxes, "union", size)))
-    nsa = [float(np.mean(resize_map(class_maps[c], size, align_corners) <= nsa_tau)) for c in silent]
-    return float(np.mean(ious)) if ious else 0.0, (float(np.mean(nsa)) if nsa else None)
+        ious.append(ciou(m > np.float32(ciou_frac * float(m.max())), boxes_to_map(boxes, "union", size)))
+    nsa = [float(np.mean(resize_map(class_maps[c], size, align_corners) <= np.float32(nsa_tau))) for c in silent]
+    return (float(np.mean(ious)) if ious else float("nan")), (float(np.mean(nsa)) if nsa else None)
 
 
 def summarize_class_aware(cious, nsas) -> dict:
-    """CIoU@0.3 = fraction of images whose mean class IoU >= 0.3 (CSOL's eval.py), AUC over the same scores,
-    CIoU@0.5, and NSA = mean silent-area score."""
-    s = summarize(cious)
+    """CIoU@0.3 = fraction of images whose mean class IoU >= 0.05*6 (CSOL's eval.py literally: 0.30000000000000004),
+    AUC over the same scores and CIoU@0.5 (an image without a sounding box scores NaN and fails every threshold,
+    t = 0 included, as official), the mean class IoU over the images with a sounding box, and NSA = mean
+    silent-area score."""
+    s = summarize(cious, nan_mean="skip")
+    arr = np.asarray(cious, np.float64)
     valid = [v for v in nsas if v is not None]
-    return {"ciou@0.3": float(np.mean(np.asarray(cious) >= 0.3)) if len(cious) else float("nan"),
+    return {"ciou@0.3": float(np.sum(arr >= 0.05 * 6) / len(arr)) if len(arr) else float("nan"),
             "ciou@0.5": s["ciou@0.5"], "auc": s["auc"], "mean_ciou": s["mean_ciou"],
             "nsa": float(np.mean(valid)) if valid else float("nan")}
+
+
+# The negative-audio protocol (--negatives): SLAVC's extended metrics (Mo & Morgado, NeurIPS 2022) and pIA.
+NEGATIVE_KINDS = ("silence", "noise", "offscreen")
+NOISE_STD = 0.1          # white noise: N(0, 0.1^2) per sample (-20 dBFS RMS), torch seed = the clip's index
+
+
+class NegativeAudio(torch.utils.data.Dataset):
+    """Item i keeps its frame and id; its audio becomes a negative of `kind`: 'silence' (zeros), 'noise' (white
+    Gaussian noise of std NOISE_STD, the same in every run and method: seeded by i), 'offscreen' (the audio of
+    clip derangement(N)[i], another clip's sound, as the audio-swapped control)."""
+
+    def __init__(self, ds, kind: str):
+        if kind not in NEGATIVE_KINDS:
+            raise ValueError(f"negative kind {kind!r}")
+        self.ds, self.ids, self.kind, self.perm = ds, ds.ids, kind, derangement(len(ds))
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        item = self.ds[i]                          # (image, waveform, id, ...) or an unreadable-sample marker
+        if isinstance(item, _Bad):
+            return item
+        wav = item[1]
+        if self.kind == "silence":
+            wav = torch.zeros_like(wav)
+        elif self.kind == "noise":
+            wav = (torch.randn(wav.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                   * NOISE_STD).to(wav.dtype)
+        else:
+            other = self.ds[self.perm[i]]
+            if isinstance(other, _Bad):
+                return other
+            wav = other[1]
+        return (item[0], wav, *item[2:])
+
+
+def confidence_batch(t: torch.Tensor) -> torch.Tensor:
+    """SLAVC-style confidence of (B, 224, 224) maps on the method's fixed scale: the mean of the top quarter of
+    the pixels (no per-image normalisation), float64."""
+    flat = t.flatten(1)
+    return flat.topk(flat.shape[1] // 4, dim=1).values.double().mean(1)
+
+
+def detection_ap(conf, correct, n_pos: int) -> tuple[float, float]:
+    """SLAVC's AP and max-F1: pairs ranked by confidence; at each confidence threshold (ties enter together)
+    TP = detected positives localised correctly, FP = every other detected pair (negatives, and positives with
+    cIoU < 0.5); precision = TP / (TP + FP), recall = TP / (all positive pairs). AP = sum_k (R_k - R_{k-1}) P_k."""
+    conf, correct = np.asarray(conf, np.float64), np.asarray(correct, bool)
+    if n_pos == 0 or conf.size == 0:
+        return float("nan"), float("nan")
+    order = np.argsort(-conf, kind="stable")
+    c, y = conf[order], correct[order]
+    last = np.r_[c[1:] != c[:-1], True]
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    prec, rec = tp / (tp + fp), tp / n_pos
+    ap = float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
+    f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-300), 0.0)
+    return ap, float(f1.max())
+
+
+def negative_metrics(pos: dict, neg: dict, ann: dict, ids, threshold: float, align_corners: bool = False,
+                     device="cpu", chunk: int = EVAL_CHUNK, iou: float = 0.5) -> dict:
+    """The negative-audio protocol on raw maps (the method's fixed scale, never min-max normalised).
+
+    pos: {id: map with the clip's own audio}; neg: {kind: {id: map with that negative audio}}. Every map is
+    resized to 224 (bilinear, align_corners as the method) and P = map >= threshold (the fixed threshold).
+    Returns {"threshold", "n", "positives": cIoU@0.5 / AUC / mean cIoU of the positives under P, "pia": {kind:
+    mean fraction of the image predicted}, "pia_positive", "confidence": {"positive"|kind: mean confidence},
+    "ap", "max_f1" (positives against all negatives), "per_kind": {kind: {"ap", "max_f1"}} (against that kind
+    only)}. A detected positive is correct when its cIoU >= iou.
+    """
+    listed, _ = _unique_ids(list(ids))
+    present = [i for i in listed if i in pos and all(i in m for m in neg.values())]
+    if not present:
+        raise UserError("negative-audio protocol: no id has a positive map and every negative map")
+    device = torch.device(device)
+    cious, conf = np.zeros(len(present)), {k: np.zeros(len(present)) for k in ["positive", *neg]}
+    area = {k: np.zeros(len(present)) for k in ["positive", *neg]}
+    with torch.no_grad():
+        for s in range(0, len(present), chunk):
+            ids_c = present[s:s + chunk]
+            gt = _GtChunk([ann[i] for i in ids_c], device)
+            for kind, mp in [("positive", pos), *neg.items()]:
+                for p, t in _prepared(mp, ids_c, align_corners, device):
+                    rows = [s + q for q in p]
+                    P = binarize_batch(t, "fixed", threshold)
+                    conf[kind][rows] = confidence_batch(t).cpu().numpy()
+                    area[kind][rows] = P.flatten(1).double().mean(1).cpu().numpy()
+                    if kind == "positive":
+                        cious[rows] = gt.ciou(P, p)
+    correct = cious >= iou
+    n = len(present)
+    all_conf = np.concatenate([conf["positive"], *[conf[k] for k in neg]])
+    all_ok = np.concatenate([correct, *[np.zeros(n, bool) for _ in neg]])
+    ap, f1 = detection_ap(all_conf, all_ok, n)
+    per_kind = {}
+    for k in neg:
+        a, f = detection_ap(np.concatenate([conf["positive"], conf[k]]), np.r_[correct, np.zeros(n, bool)], n)
+        per_kind[k] = {"ap": a, "max_f1": f}
+    return {"threshold": float(threshold), "resize": f"bilinear align_corners={align_corners}", "n": n,
+            "positives": summarize(cious), "pia_positive": float(area["positive"].mean()),
+            "pia": {k: float(area[k].mean()) for k in neg}, "ap": ap, "max_f1": f1, "per_kind": per_kind,
+            "confidence": {k: float(v.mean()) for k, v in conf.items()}, "kinds": list(neg),
+            "per_sample": {"ids": present, "ciou": cious.tolist(),
+                           "confidence": {k: v.tolist() for k, v in conf.items()}}}
+
+
+def format_negatives(r: dict, title: str = "negatives") -> str:
+    lines = [f"[{title}] negative audio ({', '.join(r['kinds'])}; noise std {NOISE_STD}), N={r['n']} clips; fixed "
+             f"threshold P = map >= {r['threshold']:g} on the raw map ({r.get('scale', 'method scale')}), "
+             f"{r['resize']}",
+             f"[{title}] positives at the fixed threshold  {fmt_metrics(r['positives'])}  "
+             f"(predicted area {100 * r['pia_positive']:.2f}%)",
+             f"[{title}] SLAVC extended (confidence = mean of the top quarter of the map; correct = cIoU >= 0.5): "
+             f"AP {100 * r['ap']:6.2f}  max-F1 {100 * r['max_f1']:6.2f}  (all {len(r['kinds'])} kinds)"]
+    for k in r["kinds"]:
+        lines.append(f"[{title}] {k:<9}  pIA {100 * r['pia'][k]:6.2f}%  AP {100 * r['per_kind'][k]['ap']:6.2f}  "
+                     f"max-F1 {100 * r['per_kind'][k]['max_f1']:6.2f}  mean confidence {r['confidence'][k]:.4f} "
+                     f"(positives {r['confidence']['positive']:.4f})")
+    return "\n".join(lines)
+
+
+def run_negatives(compute, ds, ann, threshold: float, scale: str, align_corners: bool, log, device="cpu"):
+    """--negatives in a method's --eval: compute(dataset) -> {id: raw map} is called on the test set and on its
+    three negative-audio copies (save_results prints the report). Returns (metrics, {"raw": positive maps, "neg":
+    {kind: maps}, "per_sample", "meta"}) (the second for save_maps)."""
+    raw = compute(ds)
+    neg = {k: compute(NegativeAudio(ds, k)) for k in NEGATIVE_KINDS}
+    r = negative_metrics(raw, neg, ann, ds.ids, threshold, align_corners, device)
+    r["scale"] = scale
+    return r, {"raw": raw, "neg": neg, "per_sample": r["per_sample"],
+               "meta": {"threshold": threshold, "scale": scale, "align_corners": align_corners}}
 
 
 # =====================================================================================================
@@ -1393,22 +1807,82 @@ def derangement(n: int) -> list[int]:
     return [(i + 1) % n for i in range(n)] if n > 1 else [0]
 
 
-def save_maps(path, maps: dict) -> None:
-    """One float map per id in an .npz (the format eval_cioU.py reads), written atomically."""
+def save_maps(path, maps: dict, negatives: dict | None = None, meta: dict | None = None) -> None:
+    """One float32 map per id in an .npz (the format eval_cioU.py reads), key = the id, written atomically; meta (json under
+    __eval__: the protocol and align_corners the maps were scored with) lets eval_cioU.py resize them the same way.
+    With negatives (from run_negatives, --eval --negatives) the same file also holds, for eval_cioU.py:
+      raw/<id>           the positive map on the method's fixed scale (the clip's own audio, never normalised)
+      neg/<kind>/<id>    the raw map with the negative audio <kind> (silence, noise, offscreen)
+      __confidence__     float64 (N, 1 + kinds): the confidences (mean of the top quarter), rows in the order of
+                         the ids in __negatives__, columns positive then the kinds
+      __negatives__      a json string: threshold, scale, align_corners, kinds, ids"""
+    out = {k: np.asarray(v, np.float32) for k, v in maps.items()}
+    if meta:
+        out["__eval__"] = np.array(json.dumps(meta))
+    if negatives:
+        for k, v in negatives["raw"].items():
+            out[f"raw/{k}"] = np.asarray(v, np.float32)
+        for kind, m in negatives["neg"].items():
+            for k, v in m.items():
+                out[f"neg/{kind}/{k}"] = np.asarray(v, np.float32)
+        meta = dict(negatives["meta"], kinds=list(negatives["neg"]))
+        if negatives.get("per_sample"):
+            ps = negatives["per_sample"]
+            meta["ids"] = ps["ids"]
+            out["__confidence__"] = np.stack([np.asarray(ps["confidence"][k], np.float64)
+                                              for k in ["positive", *meta["kinds"]]], 1)
+        out["__negatives__"] = np.array(json.dumps(meta))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "wb") as f:
-        np.savez_compressed(f, **{k: np.asarray(v, np.float32) for k, v in maps.items()})
+        np.savez_compressed(f, **out)
     os.replace(tmp, path)
 
 
-def load_maps(path) -> dict:
+def _read_npz(path) -> dict:
+    """Every array of an .npz; one error line for a missing, non-npz (.npy, empty, garbage) or corrupt file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prediction file not found: {path}")
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UserError(f"{path}: a single .npy array, not an .npz archive with one map per id "
+                        f"(write it with numpy.savez(path, **{{id: map}}))")
+    try:
+        with z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"{path}: corrupt .npz archive ({type(e).__name__}: {e})") from None
+
+
+def load_maps(path, with_negatives: bool = False):
+    """The maps of an .npz written by save_maps (or any {id: 2-D map} npz), each checked (2-D, non-empty,
+    finite). with_negatives: returns (maps, negatives, eval_meta) with negatives = {"raw", "neg", "meta"} or None
+    and eval_meta = the __eval__ dict ({} if absent)."""
+    data = _read_npz(path)
+    maps = {k: check_map(k, v, f"{path}: map") for k, v in data.items() if "/" not in k and not k.startswith("__")}
+    if not maps:
+        raise UserError(f"{path}: no maps in the archive")
+    if not with_negatives:
+        return maps
+    try:
+        eval_meta = json.loads(str(data["__eval__"])) if "__eval__" in data else {}
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: __eval__ is not valid json") from None
+    if "__negatives__" not in data:
+        return maps, None, eval_meta
+    try:
+        meta = json.loads(str(data["__negatives__"]))
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: __negatives__ is not valid json") from None
+    raw = {k[4:]: check_map(k, v, f"{path}: map") for k, v in data.items() if k.startswith("raw/")}
+    neg = {kind: {k[len(f"neg/{kind}/"):]: check_map(k, v, f"{path}: map") for k, v in data.items()
+                  if k.startswith(f"neg/{kind}/")} for kind in meta.get("kinds", [])}
+    return maps, {"raw": raw, "neg": neg, "meta": meta}, eval_meta
 
 
 class RunLog:
@@ -1443,7 +1917,9 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--test-split", help="test id list (default ROOT/splits/test.txt)")
     a("--annotations", help="annotations: json (VGG-SS format) or a Flickr XML folder (default ROOT/annotations.json)")
     a("--protocol", choices=list(PROTOCOLS), help="evaluation protocol (default: the method's official one)")
-    a("--align-corners", action="store_true", help="resize maps with align_corners=True (EZ-VSL's test)")
+    a("--align-corners", action=argparse.BooleanOptionalAction, default=None,
+      help="bilinear resize of the maps with align_corners=True / False (default: the method's official test: "
+           "True for EZ-VSL, False = cv2 INTER_LINEAR for LVS, SSPL, CSOL)")
     a("--save-maps", help="--eval: write the test maps to this .npz (for eval_cioU.py)")
     a("--viz", type=int, default=0, help="write N PNG overlays (frame + boxes, heat map, overlay)")
     a("--preset", choices=["cpu", "paper"], help="cpu: small encoders/images; paper: the official set-up "
@@ -1471,6 +1947,8 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--steps", type=int, help="--benchmark: measured steps (default: a few hundred samples)")
     a("--negatives", action="store_true", help="--eval: also score silence, white noise and off-screen audio "
       "(SLAVC extended metrics and pIA per negative kind)")
+    a("--neg-threshold", type=float, help="--negatives: the fixed threshold on the raw map (default: the method's, "
+      "see its header)")
     a("--out", help="--train: parent folder of run folders (default runs/); --eval: folder for results.json; "
       "--predict: output PNG")
     a("--resume", help="continue a run from its last.pt (path to the file or the run folder)")
@@ -1829,8 +2307,11 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
                "resize": res["resize"], "n": res["n"], "n_listed": res["n_listed"], "seconds": round(seconds, 1),
                "test": res["test"], "baselines": res["baselines"],
                "audio_swapped": swapped["test"] if swapped else None, "map": map_name,
-               "missing": res["missing"], "empty_gt": res["empty_gt"], "skipped": len(MEDIA.skipped),
-               **(extra or {})}
+               "missing": res["missing"], "duplicates": res.get("duplicates", []), "empty_gt": res["empty_gt"],
+               "boxes_outside": res.get("boxes_outside", 0), "skipped": len(MEDIA.skipped), **(extra or {})}
+    if res.get("negatives"):
+        results["negatives"] = {k: v for k, v in res["negatives"].items() if k != "per_sample"}
+        log(format_negatives(res["negatives"], "test negatives"))
     viz = None
     if args.viz:                                   # rendered into a temporary folder first (the slow part)
         viz = out / "viz"
@@ -1846,7 +2327,8 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     if args.save_maps:
-        save_maps(args.save_maps, res["maps"])
+        save_maps(args.save_maps, res["maps"], res.get("negatives_maps"),
+                  {"protocol": res["protocol"], "align_corners": res["resize"].endswith("True"), "map": map_name})
         log(f"maps written to {args.save_maps}")
     if viz is not None:
         viz.mkdir(exist_ok=True)

@@ -82,6 +82,13 @@ Deviations (from the paper P, from the official code O), and why:
      process: with --workers 0 the same seed gives --decode pil's augmentation (with workers, pil draws in each
      worker's stream). Audio: the window is read straight from the WAV (identical samples); a clip shorter than a
      quarter of the window is an error (the official code tiles it silently), tiled clips are counted in the log.
+  11. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
+      audio; the raw l (sigmoid, fixed scale [0, 1]) is thresholded at 0.5 after the resize to 224
+      (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
+  12. (O, kept) Metrics as the official tools.py / eval.py, in float32: single source P = l > 0.1 max(l)
+      (`rel0.1`); class-aware CIoU@0.3 = fraction of images with mean class IoU >= 0.05*6 (literally, so
+      0.30000000000000004), and an image without a sounding box scores NaN (np.mean of no class), which fails every
+      AUC threshold including t = 0; the mean class IoU skips those images.
 """
 import argparse
 import copy
@@ -525,6 +532,11 @@ def benchmark(args):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
+# --negatives: the raw l (sigmoid, fixed scale [0, 1]) thresholded at 0.5 after the resize to 224
+# (--neg-threshold changes it).
+NEG_THRESHOLD, NEG_SCALE = 0.5, "l sigmoid in [0, 1]"
+
+
 @torch.no_grad()
 def compute_outputs(model, ds, args, device, with_classes=False):
     """{id: l} (single-source map) and, with_classes, {id: S (K, h, w)} (Eq. 13)."""
@@ -614,6 +626,10 @@ def run_eval(args, device, log, seconds_train=None):
     ds = make_dataset(args, args.test_split, False)
     res = evaluate_single(model, ds, ann, args, device)
     swapped = evaluate_single(model, C.SwapAudio(ds), ann, args, device, baselines=False) if len(ds) > 1 else None
+    if args.negatives:
+        thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
+        res["negatives"], res["negatives_maps"] = C.run_negatives(
+            lambda d: compute_outputs(model, d, args, device)[0], ds, ann, thr, NEG_SCALE, args.align_corners, log)
     extra = {"stage": ck.get("stage")}
     names = args.classes
     if ck.get("stage") == 2 and names and ck.get("assignment") and Path(args.cocktail_test_split).is_file():
@@ -686,6 +702,7 @@ def main(argv=None):
         if getattr(args, f"cocktail_{k}_split") is None:
             setattr(args, f"cocktail_{k}_split", str(root / "splits" / f"cocktail_{k}.txt"))
     args.protocol = args.protocol or "rel0.1"      # CSOL's single-source tools.py: map > 0.1 max
+    args.align_corners = bool(args.align_corners)  # official: cv2.resize INTER_LINEAR (half-pixel)
     if args.benchmark:
         return benchmark(args)
     if args.train:

@@ -1,17 +1,29 @@
 """eval_cioU.py - score localization maps with a named protocol, exactly as the official test scripts.
 
     python eval_cioU.py --pred maps.npz --gt ROOT/annotations.json [--split ROOT/splits/test.txt]
-                        [--protocol median|median_strict|abs0.5|rel0.1] [--align-corners]
+                        [--protocol median|median_strict|abs0.5|rel0.1] [--align-corners | --no-align-corners]
                         [--per-sample out.csv] [--baselines] [--json summary.json] [--missing-out missing.txt]
+                        [--neg-threshold T] [--device cpu|cuda]
 
     python eval_cioU.py --table runs/*/results.json      # mean ± std of many runs (seeds) as a markdown table
 
---pred: one float map per id (any size; what every method's `--eval --save-maps` writes).
+--pred: one float map per id (any size; what every method's `--eval --save-maps` writes), an .npz archive.
 --gt:   the standard layout's annotations.json, the original vggss.json, or a folder of the original
         Flickr-SoundNet XML files (consensus ground truth, C = 2).
 Printed: protocol, resize variant, N evaluated / N listed, cIoU@0.5 (the papers' "cIoU"), AUC, mean cIoU, and with
 --baselines the centred prior and the full image on the same samples. The --json summary uses the keys of the
-methods' results.json.
+methods' results.json. The maps are scored in float32 with the official rules of the chosen protocol (common.py
+PROTOCOLS); the resize is the one the method stored in the file (EZ-VSL: bilinear align_corners=True; LVS, SSPL,
+CSOL: False = cv2 INTER_LINEAR), else False; --align-corners / --no-align-corners override it.
+
+Input checks (one `error:` line each): a file that is not a readable .npz (an .npy, an empty or garbage file), a
+map that is empty or not 2-D, NaN/inf values. Ids listed twice in --split are reported and scored once;
+annotation boxes with a coordinate outside [0, 1] are counted and reported (clamped as the official code, so the
+real vggss.json still gives the official numbers).
+
+Negative audio: an .npz written by `--eval --negatives --save-maps` also holds raw/<id>, neg/<kind>/<id>,
+__confidence__ and __negatives__ (see common.save_maps); the negative-audio metrics (SLAVC AP / max-F1, pIA per
+kind, the positives at the fixed threshold) are then recomputed from the raw maps and printed (--json: "negatives").
 """
 import argparse
 import csv
@@ -29,12 +41,17 @@ def main(argv=None):
                    "are refused")
     p.add_argument("--split", help="test id list (one id per line or first csv column); default: the ids of --pred")
     p.add_argument("--protocol", default="median", choices=list(C.PROTOCOLS), help="how a map becomes binary")
-    p.add_argument("--align-corners", action="store_true", help="bilinear resize with align_corners=True (EZ-VSL)")
+    p.add_argument("--align-corners", action=argparse.BooleanOptionalAction, default=None,
+                   help="bilinear resize with align_corners=True (EZ-VSL's test) or False (cv2 INTER_LINEAR); "
+                        "default: the value the method stored in the file (--save-maps), else False")
     p.add_argument("--per-sample", help="write id,ciou per sample to this csv")
     p.add_argument("--baselines", action="store_true", help="also score the centred prior and the full image")
     p.add_argument("--json", help="write the summary (results.json keys) to this file")
     p.add_argument("--missing-out", help="where to list ids of the split without a prediction "
                                          "(default: <pred>.missing.txt when any are missing)")
+    p.add_argument("--neg-threshold", type=float, help="negative-audio protocol: the fixed threshold (default: the "
+                                                         "one stored in the file by the method)")
+    p.add_argument("--device", default="cpu", help="where the evaluator runs: cpu (default) or cuda")
     a = p.parse_args(argv)
     if a.table:
         table = C.results_table(a.table)
@@ -43,15 +60,25 @@ def main(argv=None):
     if not (a.pred and a.gt):
         raise C.UserError("give --pred and --gt (or --table RESULTS...)")
 
-    maps = C.load_maps(a.pred)
+    maps, negs, meta_eval = C.load_maps(a.pred, with_negatives=True)
+    if a.align_corners is None:
+        a.align_corners = bool(meta_eval.get("align_corners", False))
     ann = C.load_annotations(a.gt)
     ids = C.read_split(a.split) if a.split else None
-    res = C.evaluate_maps(maps, ann, ids, a.protocol, a.align_corners, baselines=a.baselines)
+    res = C.evaluate_maps(maps, ann, ids, a.protocol, a.align_corners, baselines=a.baselines, device=a.device)
     print(C.format_report(res, title=Path(a.pred).name))
     if res["missing"]:
         out = Path(a.missing_out or f"{a.pred}.missing.txt")
         out.write_text("\n".join(res["missing"]) + "\n")
         print(f"[{Path(a.pred).name}] {len(res['missing'])} listed ids have no prediction; written to {out}")
+    neg = None
+    if negs:
+        meta = negs["meta"]
+        thr = meta["threshold"] if a.neg_threshold is None else a.neg_threshold
+        neg = C.negative_metrics(negs["raw"], negs["neg"], ann, ids if ids is not None else list(negs["raw"]), thr,
+                                 bool(meta.get("align_corners", False)), a.device)
+        neg["scale"] = meta.get("scale", "")
+        print(C.format_negatives(neg, f"{Path(a.pred).name} negatives"))
     if a.per_sample:
         with open(a.per_sample, "w", newline="") as f:
             w = csv.writer(f)
@@ -61,7 +88,10 @@ def main(argv=None):
         C.write_json(a.json, {"data": str(a.gt), "split": a.split or "(ids of --pred)", "protocol": a.protocol,
                               "resize": res["resize"], "n": res["n"], "n_listed": res["n_listed"],
                               "test": res["test"], "baselines": res["baselines"],
-                              "missing": res["missing"], "empty_gt": res["empty_gt"]})
+                              "missing": res["missing"], "duplicates": res["duplicates"], "empty_gt": res["empty_gt"],
+                              "boxes_outside": res["boxes_outside"],
+                              "negatives": {k: v for k, v in neg.items() if k != "per_sample"} if neg else None})
+    res["negatives"] = neg
     return res
 
 

@@ -35,11 +35,13 @@ Deviations (from the paper P, from the official code O), and why:
      --gather-negatives gathers them across GPUs instead. Without DDP, the whole batch is one negative pool:
      a 1-GPU batch of 128 has 127 negatives, not the paper's 63 (use --batch-size 64 to match the pool size).
   4. (O) Seeds are honoured (the official --seed is parsed but unused); maps are resized with
-     bilinear align_corners=True at test (official test.py) but validation uses the same evaluator as the test
-     (official validate() uses bicubic).
+     bilinear align_corners=True at test by default (official test.py; --no-align-corners gives False) and, with
+     OGL, S^AVL and S^OBJ are each up-sampled to 224 before Eq. 9, as official; validation uses the same
+     evaluator as the test (official validate() uses bicubic).
   5. (O) The test never silently replaces unreadable samples (official datasets.py substitutes a random item)
      and a missing checkpoint is an error (official test.py continues with random weights).
-  6. (O) The localization map is the cosine S^AVL (the official Savl is cos/tau; identical after min-max).
+  6. (O) The localization map is the cosine S^AVL (the official Savl is cos/tau: the same after min-max up to
+     float32 rounding, which can move a tie at the median).
   7. cpu preset (synthetic benchmark only): small CNNs instead of ResNet-18, 112 px images, dim 128, lr 5e-4.
      OGL needs ImageNet weights; when they are unavailable (offline) the OBJ and blended rows are skipped with a
      message and the AVL map is the reported one.
@@ -59,6 +61,9 @@ Deviations (from the paper P, from the official code O), and why:
      window is read straight from the WAV (identical samples); a clip shorter than a quarter of the window is an
      error (the official code tiles it silently), tiled clips are counted in the log; the log spectrogram is
      computed in float32 (max |diff| to float64 6e-7 on 10 s clips).
+  10. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another
+      clip's audio; the raw S^AVL (cosine, fixed scale [-1, 1]) is thresholded at 0.5 after the resize to 224
+      (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
 """
 import argparse
 import time
@@ -204,13 +209,13 @@ def avl_map(v, a):
 
 
 def minmax_batch(m):
-    lo = m.flatten(1).amin(1)[:, None, None]
-    hi = m.flatten(1).amax(1)[:, None, None]
-    return (m - lo) / (hi - lo).clamp_min(1e-12)
+    """The official utils.normalize_img per map: (m - min) / (max - min), a constant map returned unchanged."""
+    return C.minmax(m)
 
 
 def ogl_blend(s_avl, s_obj, alpha: float = 0.4):
-    """Eq. 9 on maps of the same size: alpha * minmax(AVL) + (1 - alpha) * minmax(OBJ), min-max again (official)."""
+    """Eq. 9 on maps of the same size: alpha * minmax(AVL) + (1 - alpha) * minmax(OBJ), min-max again. The official
+    test applies it to float32 maps already up-sampled to 224x224 (bilinear, align_corners=True), as evaluate()."""
     return minmax_batch(alpha * minmax_batch(s_avl) + (1 - alpha) * minmax_batch(s_obj))
 
 
@@ -310,9 +315,15 @@ def benchmark(args):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
+# --negatives: the raw S^AVL (cosine, fixed scale [-1, 1]; OGL is audio-free, so it is left out) thresholded at
+# NEG_THRESHOLD after the resize to 224 (--neg-threshold changes it).
+NEG_THRESHOLD, NEG_SCALE = 0.5, "S^AVL cosine in [-1, 1]"
+
+
 @torch.no_grad()
 def compute_maps(model, ds, device, args, batch_size=32, obj_model=None, workers=0):
-    """{id: S^AVL} and, given f_obj, {id: S^OBJ} (both at feature resolution, float32 numpy)."""
+    """{id: S^AVL} and, given f_obj, {id: S^OBJ} (each at its own feature resolution, float32 numpy; the official
+    test up-samples each to 224 before the blend)."""
     model.eval()
     avl, obj = {}, {}
     loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=C.collate_av)
@@ -324,8 +335,6 @@ def compute_maps(model, ds, device, args, batch_size=32, obj_model=None, workers
         v, a = model(img, spec)
         s = avl_map(v, a).cpu().numpy()
         o = obj_model(img).float() if obj_model is not None else None
-        if o is not None and o.shape[-2:] != v.shape[-2:]:
-            o = F.interpolate(o[:, None], size=v.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         for k, vid in enumerate(ids):
             avl[vid] = s[k]
             if o is not None:
@@ -333,23 +342,31 @@ def compute_maps(model, ds, device, args, batch_size=32, obj_model=None, workers
     return avl, obj
 
 
-def blend_maps(avl: dict, obj: dict, alpha: float) -> dict:
-    return {k: ogl_blend(torch.from_numpy(avl[k])[None], torch.from_numpy(obj[k])[None], alpha)[0].numpy() for k in avl}
+def blend_maps(avl: dict, obj: dict, alpha: float, align_corners: bool = True, ids=None) -> dict:
+    """{id: Eq. 9 map at 224x224}: S^AVL and S^OBJ each up-sampled to 224 first, then blended (official order)."""
+    out = {}
+    for k in [k for k in (ids if ids is not None else list(avl)) if k in avl and k in obj]:
+        a, o = (C.resize_maps(torch.from_numpy(np.asarray(m, np.float32))[None], C.GT_SIZE, align_corners)
+                for m in (avl[k], obj[k]))
+        out[k] = ogl_blend(a, o, alpha)[0].numpy()
+    return out
 
 
-def evaluate(model, ds, ann, args, device, ogl=True, baselines=True, obj_model=None):
-    """The method's test map under the protocol; with OGL, rows for AVL, OBJ and AVL+OBJ (Eq. 9)."""
+def evaluate(model, ds, ann, args, device, ogl=True, baselines=True, obj_model=None, keep_maps=None):
+    """The method's test map under the protocol; with OGL, rows for AVL, OBJ and AVL+OBJ (Eq. 9, blended after the
+    up-sampling to 224 as the official test). res["maps"]: the scored maps of the ids in keep_maps (default all;
+    the blended maps are 224x224)."""
     avl, obj = compute_maps(model, ds, device, args, args.batch_size or 32, obj_model if ogl else None, args.workers)
     kw = dict(ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners)
     if not obj:
         res = C.evaluate_maps(avl, ann, baselines=baselines, **kw)
         res["maps"] = avl
         return res
-    blended = blend_maps(avl, obj, args.alpha)
-    res = C.evaluate_maps(blended, ann, baselines=baselines, extra_baselines={"obj (audio-free)": obj}, **kw)
+    fuse = (obj, lambda a, o: ogl_blend(a, o, args.alpha))
+    res = C.evaluate_maps(avl, ann, baselines=baselines, extra_baselines={"obj (audio-free)": obj}, fuse=fuse, **kw)
     res["rows"] = {"avl": C.evaluate_maps(avl, ann, baselines=False, **kw)["test"],
                    "obj": res["baselines"]["obj (audio-free)"], "avl+obj": res["test"]}
-    res["maps"] = blended
+    res["maps"] = blend_maps(avl, obj, args.alpha, args.align_corners, keep_maps)
     return res
 
 
@@ -386,9 +403,15 @@ def run_eval(args, device, log, seconds_train=None):
     ds = make_dataset(args, args.test_split, False)
     ann = C.load_annotations(args.annotations)
     obj_model = make_obj_model(args, log, device)
-    res = evaluate(model, ds, ann, args, device, obj_model=obj_model)
-    swapped = evaluate(model, C.SwapAudio(ds), ann, args, device, obj_model=obj_model, baselines=False) \
-        if len(ds) > 1 else None
+    keep = None if args.save_maps else ds.ids[: args.viz]          # 224x224 blended maps: only those written
+    res = evaluate(model, ds, ann, args, device, obj_model=obj_model, keep_maps=keep)
+    swapped = evaluate(model, C.SwapAudio(ds), ann, args, device, obj_model=obj_model, baselines=False,
+                       keep_maps=[]) if len(ds) > 1 else None
+    if args.negatives:
+        thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
+        res["negatives"], res["negatives_maps"] = C.run_negatives(
+            lambda d: compute_maps(model, d, device, args, args.batch_size or 32, None, args.workers)[0], ds, ann, thr,
+            NEG_SCALE, args.align_corners, log)
     for name, row in res.get("rows", {}).items():
         log(f"[test] EZ-VSL row {name:<8} {C.fmt_metrics(row)}   ({res['protocol']}, N={res['n']})")
     return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0),
@@ -409,9 +432,10 @@ def predict(args, device, log):
     v, a = model(img, C.log_spectrogram(wav, SR))
     heat = avl_map(v, a)
     obj_model = make_obj_model(args, log, device)
-    if obj_model is not None:
-        o = F.interpolate(obj_model(img)[:, None], size=heat.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        heat = ogl_blend(heat, o, args.alpha)
+    if obj_model is not None:                       # as the official test: both up-sampled to 224, then Eq. 9
+        ac = True if args.align_corners is None else args.align_corners
+        heat = ogl_blend(C.resize_maps(heat.float(), C.GT_SIZE, ac),
+                         C.resize_maps(obj_model(img).float(), C.GT_SIZE, ac), args.alpha)
     out = args.out or "heat.png"
     C.save_overlay_png(out, np.asarray(frame.resize((args.image_size, args.image_size))), heat[0].cpu().numpy())
     log(f"heat map written to {out}")
@@ -433,6 +457,7 @@ def main(argv=None):
     C.resolve_data(args, log)
     C.apply_preset(args, PRESETS)
     args.protocol = args.protocol or "median"      # official EZ-VSL test: per-image median
+    args.align_corners = True if args.align_corners is None else args.align_corners   # official test.py
     if args.benchmark:
         return benchmark(args)
     if args.train:

@@ -47,8 +47,9 @@ Deviations (from the paper P, from the official code O), and why:
      (official), 257x671.
   4. (O) Test images are resized to 224x224 without cropping (the paper; boxes are full-frame); the official
      test crops the centre (--test-transform center_crop reproduces it).
-  5. (O) Evaluation: the official median protocol exactly (`median_strict`: pixels strictly above the
-     per-image median of the min-max map); `--protocol median` is EZ-VSL's >= variant.
+  5. (O) Evaluation: the official test.py rule exactly (`median_strict`: p = 1 - normalize_img(-map), pixels
+     strictly above the per-image median plus those equal to 1, in float32; bilinear align_corners=False for
+     cv2.resize); `--protocol median` is EZ-VSL's >= variant.
   6. (O) Runs on CPU (the official forward builds its mask with .cuda()); AVENet needs no undeclared argument.
   7. (O) Checkpoint selection on a validation split (the paper does not say how it selected).
   8. cpu preset (synthetic benchmark only): small CNNs (visual stride 8: 112 px -> 14x14, as the stride-16
@@ -64,6 +65,9 @@ Deviations (from the paper P, from the official code O), and why:
      window is read straight from the WAV (identical samples); a clip shorter than a quarter of the window is an
      error (the official code tiles it silently), tiled clips are counted in the log; the log spectrogram is
      computed in float32 (max |diff| to float64 6e-7 on 10 s clips).
+  10. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
+      audio; the raw S_ii (cosine, fixed scale [-1, 1]) is thresholded at eps_p = 0.65 after the resize to 224
+      (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
 """
 import argparse
 import time
@@ -315,6 +319,11 @@ def benchmark(args):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
+# --negatives: the raw S_ii (cosine, fixed scale [-1, 1]) thresholded at eps_p = 0.65 (the loss's positive-mask
+# threshold) after the resize to 224 (--neg-threshold changes it).
+NEG_THRESHOLD, NEG_SCALE = 0.65, "S_ii cosine in [-1, 1]"
+
+
 @torch.no_grad()
 def compute_maps(model, ds, device, args, batch_size=32, workers=0):
     model.eval()
@@ -364,6 +373,11 @@ def run_eval(args, device, log, seconds_train=None):
     ann = C.load_annotations(args.annotations)
     res = evaluate(model, ds, ann, args, device)
     swapped = evaluate(model, C.SwapAudio(ds), ann, args, device, baselines=False) if len(ds) > 1 else None
+    if args.negatives:
+        thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
+        res["negatives"], res["negatives_maps"] = C.run_negatives(
+            lambda d: compute_maps(model, d, device, args, min(args.batch_size or 32, 64), args.workers), ds, ann, thr,
+            NEG_SCALE, args.align_corners, log)
     return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0), "S_ii",
                           {"loss": getattr(args, "loss", "official")})
 
@@ -401,6 +415,7 @@ def main(argv=None):
     C.resolve_data(args, log)
     C.apply_preset(args, PRESETS)
     args.protocol = args.protocol or "median_strict"     # the official LVS test script, exactly
+    args.align_corners = bool(args.align_corners)       # official: cv2.resize INTER_LINEAR (half-pixel)
     if args.benchmark:
         return benchmark(args)
     if args.train:

@@ -66,6 +66,10 @@ Deviations (from the paper P, from the official code O), and why:
      with --workers 0 the same seed gives --decode pil's augmentation (with workers, pil draws in each worker's
      stream). Audio: the window is read straight from the WAV (identical samples); a clip shorter than a quarter of
      the window is an error (the official code tiles it silently), tiled clips are counted in the log.
+  9. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
+     audio; the raw S of view 1 (cosine, fixed scale [-1, 1]) is thresholded at 0.5 after the resize to 224
+     (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
+     The official abs0.5 test (min-max, >= 0.5, float32, cv2-style bilinear) is reproduced exactly by --eval.
 """
 import argparse
 import time
@@ -409,6 +413,11 @@ def benchmark(args):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
+# --negatives: the raw S of view 1 (cosine, fixed scale [-1, 1]) thresholded at 0.5 after the resize to 224
+# (--neg-threshold changes it).
+NEG_THRESHOLD, NEG_SCALE = 0.5, "S cosine in [-1, 1]"
+
+
 @torch.no_grad()
 def compute_maps(model, ds, device, args, batch_size=32, workers=0, cycles=None):
     model.eval()
@@ -453,6 +462,11 @@ def run_eval(args, device, log, seconds_train=None):
     ann = C.load_annotations(args.annotations)
     res = evaluate(model, ds, ann, args, device)
     swapped = evaluate(model, C.SwapAudio(ds), ann, args, device, baselines=False) if len(ds) > 1 else None
+    if args.negatives:
+        thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
+        res["negatives"], res["negatives_maps"] = C.run_negatives(
+            lambda d: compute_maps(model, d, device, args, min(args.batch_size or 32, 64), args.workers,
+                                     args.eval_cycles), ds, ann, thr, NEG_SCALE, args.align_corners, log)
     cycles = args.eval_cycles if args.eval_cycles is not None else (model.pcm.cycles if model.pcm else None)
     return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0), "S (view 1)",
                           {"pcm": bool(args.pcm), "pcm_cycles_test": cycles})
@@ -496,6 +510,7 @@ def main(argv=None):
         C.apply_preset(args, {"paper": dict(lr_head=lr1, lr=lr2, epochs=20 if args.pcm else 100)})
     C.apply_preset(args, PRESETS)
     args.protocol = args.protocol or "abs0.5"      # the official SSPL test: fixed 0.5 on the min-max map
+    args.align_corners = bool(args.align_corners)  # official: cv2.resize INTER_LINEAR (half-pixel)
     if args.benchmark:
         return benchmark(args)
     if args.train:

@@ -279,8 +279,9 @@ def test_ciou_hand_worked_both_protocols():
     # P = left half (25088 px): inter 12544, union 12544 + 12544 -> 0.5
     for proto in ("abs0.5", "median"):
         assert C.ciou(C.binarize(_half_map(), proto), g) == pytest.approx(0.5)
-    # ties at the median: the 0/1 map's median is 1, so the strict rule predicts nothing
-    assert C.binarize(_half_map(), "median_strict").sum() == 0
+    # ties at the median: the 0/1 map's median is 1; the official LVS rule (p[p > thr] = 1; p[p < 1] = 0) keeps the
+    # pixels equal to 1, so the left half is predicted (issue 12: this test asserted 0 pixels before)
+    assert C.binarize(_half_map(), "median_strict").sum() == 25088
     # a quarter at 1, the rest tied at 0: '>=' keeps everything, '>' keeps the quarter, abs0.5 the quarter
     q = np.zeros((224, 224))
     q[:112, :112] = 1
@@ -1751,3 +1752,214 @@ def test_seeds_trains_sibling_runs_and_tables_them(tiny, tmp_path, capsys):
     assert seeds == [0, 1]
     out = capsys.readouterr().out
     assert "| lvs_hardway |" in out and "| 2 (0,1) |" in out
+
+
+# ===== issue 12: exact evaluator =====
+def _official_resize(m, align_corners):
+    """The official resize: cv2.resize INTER_LINEAR (LVS, SSPL, CSOL) = torch bilinear align_corners=False when
+    up-sampling (cv2 is not installed); EZ-VSL: F.interpolate bilinear align_corners=True. float32 in, float32 out."""
+    m = np.asarray(m, np.float32)
+    if m.shape == (224, 224):
+        return m.copy()
+    t = torch.from_numpy(m)[None, None]
+    out = torch.nn.functional.interpolate(t, size=(224, 224), mode="bilinear", align_corners=align_corners)
+    return out[0, 0].numpy()
+
+
+def _official_normalize_img(v):                     # utils.normalize_img of LVS / EZ-VSL
+    vmin, vmax = v.min(), v.max()
+    if not (vmax - vmin) == 0:
+        v = (v - vmin) / (vmax - vmin)
+    return v
+
+
+def _official_gt(entry):                            # LVS utils.testset_gt: VGG-SS union / Flickr consensus
+    gt = np.zeros([224, 224])
+    for b in entry["bbox"]:
+        x1, y1, x2, y2 = [int(224 * max(v, 0)) for v in b]
+        if entry.get("gt", "union") == "union":
+            gt[y1:y2, x1:x2] = 1
+        else:
+            gt[y1:y2, x1:x2] += 1
+    if entry.get("gt", "union") == "consensus":
+        gt = gt / 2
+        gt[gt > 1] = 1
+    return gt
+
+
+def _official_cal_ciou(infer, gtmap, thres):       # Evaluator.cal_CIOU
+    infer_map = np.zeros((224, 224))
+    infer_map[infer >= thres] = 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sum(infer_map * gtmap) / (np.sum(gtmap) + np.sum(infer_map * (gtmap == 0)))
+
+
+def _official_ciou(m, entry, protocol, align_corners):
+    h, gt = _official_resize(m, align_corners), _official_gt(entry)
+    if protocol == "median_strict":                 # LVS test.py
+        h = 1 - _official_normalize_img(-h)
+        thr = np.sort(h.flatten())[int(h.shape[0] * h.shape[1] / 2)]
+        h[h > thr] = 1
+        h[h < 1] = 0
+        return _official_cal_ciou(h, gt, 0.5)
+    if protocol == "median":                        # EZ-VSL test.py
+        p = _official_normalize_img(h)
+        return _official_cal_ciou(p, gt, np.sort(p.flatten())[int(p.shape[0] * p.shape[1] / 2)])
+    if protocol == "abs0.5":                        # SSPL: min-max without the guard, >= 0.5
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return _official_cal_ciou((h - h.min()) / (h.max() - h.min()), gt, 0.5)
+    thr = np.float32(0.1 * np.float64(h.max()))     # CSOL tools.py under NumPy 1.x: float64 product, float32 compare
+    return _official_cal_ciou((h > thr).astype(np.float32), gt, 0.5)
+
+
+def _issue12_cases():
+    rng = np.random.default_rng(12)
+    maps, ann = {}, {}
+    for size in (7, 14, 224):
+        for j in range(4):
+            x1, x2 = sorted(rng.uniform(0, 1, 2))
+            y1, y2 = sorted(rng.uniform(0, 1, 2))
+            kind = "consensus" if j % 2 else "union"
+            boxes = [[x1, y1, x2, y2]] + ([[0.1, 0.2, 0.6, 0.7]] if kind == "consensus" else [])
+            for name, m in (("rand", rng.normal(size=(size, size))), ("bin", rng.random((size, size)) < 0.3),
+                            ("levels", rng.integers(0, 3, (size, size)) * 0.7),
+                            ("const", np.full((size, size), [-1.5, 0.0, 2.0, -1e-9][j]))):
+                k = f"{name}{size}_{j}"
+                maps[k], ann[k] = np.asarray(m, np.float32), {"file": k, "bbox": boxes, "gt": kind}
+    # empty ground truth (a corrupt box, a zero-height box) with nothing / everything predicted: 0/0 = NaN and 0
+    maps["empty_neg"], ann["empty_neg"] = np.full((7, 7), -1.0, np.float32), {"file": "e", "bbox": [[.5, .5, -3e16, 1]]}
+    maps["empty_pos"], ann["empty_pos"] = np.full((7, 7), 1.0, np.float32), {"file": "e", "bbox": [[.27, 1., .75, 1.]]}
+    return maps, ann
+
+
+@pytest.mark.parametrize("protocol", list(C.PROTOCOLS))
+def test_issue12_every_protocol_equals_the_official_per_sample_rule(protocol, monkeypatch):
+    maps, ann = _issue12_cases()
+    for ac, numpy_path in ((False, True), (True, True), (False, False)):   # False: the torch (GPU) code path
+        monkeypatch.setattr(C, "_NUMPY_ON_CPU", numpy_path)
+        res = C.evaluate_maps(maps, ann, protocol=protocol, align_corners=ac, chunk=5)   # chunks and mixed sizes
+        ref = np.array([_official_ciou(maps[k], ann[k], protocol, ac) for k in maps])
+        ours = np.array([res["per_sample"][k] for k in maps])
+        np.testing.assert_array_equal(ours, ref)   # bit for bit, NaN (0/0) included
+        succ = [np.sum(ref >= 0.05 * i) / len(ref) for i in range(21)]
+        assert res["test"]["auc"] == pytest.approx(np.trapezoid(succ, [0.05 * i for i in range(21)]), abs=1e-15)
+        assert res["test"]["ciou@0.5"] == np.sum(ref >= 0.5) / len(ref)
+
+
+def test_issue12_constant_and_tie_rules_hand_worked():
+    g = C.boxes_to_map([[0, 0, 0.5, 1]])
+    for c, whole in ((0.0, True), (2.0, True), (-1.5, False), (-1e-9, True)):   # LVS: 1 + c >= 1 in float32
+        assert C.binarize(np.full((224, 224), c), "median_strict").all() == whole
+        assert C.binarize(np.full((224, 224), c), "median_strict").any() == whole          # all or nothing
+    assert C.binarize(np.full((224, 224), -3.0), "median").all()                 # EZ-VSL: normalize_img keeps it
+    assert not C.binarize(np.full((224, 224), 5.0), "abs0.5").any()             # SSPL: 0/0 = NaN
+    assert np.isnan(C.ciou(np.zeros((4, 4), bool), np.zeros((4, 4))))
+    assert C.ciou(C.binarize(np.full((224, 224), 1.0), "median_strict"), g) == 0.5
+    np.testing.assert_array_equal(C.minmax(np.full((3, 3), 7.0)), np.full((3, 3), 7.0))
+    s = C.summarize([np.nan, 0.0, 1.0])      # NaN fails t = 0, the zero passes it
+    assert s["auc"] == pytest.approx(np.trapezoid([2 / 3] + [1 / 3] * 20, [0.05 * i for i in range(21)]))
+    assert s["mean_ciou"] == pytest.approx(1 / 3)
+
+
+def test_issue12_csol_ciou_at_0p3_and_nan_without_sounding_box():
+    # a mean class IoU of exactly 0.3 fails the official ">= 0.05*6" (= 0.30000000000000004)
+    s = C.summarize_class_aware([0.3, float("nan"), 1.0], [0.5, None, 1.0])
+    assert s["ciou@0.3"] == pytest.approx(1 / 3) and s["mean_ciou"] == pytest.approx(0.65) and s["nsa"] == 0.75
+    succ = [2 / 3] + [1 / 3] * 20            # the NaN image fails t = 0; the 0.3 image passes t <= 0.25 only
+    succ[1:6] = [2 / 3] * 5
+    assert s["auc"] == pytest.approx(np.trapezoid(succ, [0.05 * i for i in range(21)]))
+    ciou_n, nsa = C.class_aware_scores({"A": np.ones((14, 14))}, {}, ["A"])
+    assert np.isnan(ciou_n) and nsa == 0.0
+
+
+def test_issue12_ezvsl_ogl_blended_after_the_resize_to_224():
+    rng = np.random.default_rng(3)
+    avl, obj = {"a": rng.normal(size=(7, 7)).astype(np.float32)}, {"a": rng.random((4, 4)).astype(np.float32)}
+    pa = _official_normalize_img(_official_resize(avl["a"], True))
+    po = _official_normalize_img(_official_resize(obj["a"], True))
+    ref = _official_normalize_img(pa * 0.4 + po * (1 - 0.4))
+    np.testing.assert_array_equal(ez_vsl.blend_maps(avl, obj, 0.4)["a"], ref)
+    args = ez_vsl.build_parser().parse_args(["--eval"])
+    assert args.align_corners is None                                            # resolved by the method: True
+    assert ez_vsl.build_parser().parse_args(["--no-align-corners"]).align_corners is False
+
+
+def test_issue12_negative_metrics_hand_worked():
+    ids = [f"c{i}" for i in range(6)]
+    ann, pos = {}, {}
+    for i, k in enumerate(ids):                       # boxes of different areas -> distinct confidences
+        w = 0.3 + 0.1 * i
+        ann[k] = {"file": k, "bbox": [[0, 0, w, w]]}
+        m = -np.ones((224, 224), np.float32)
+        m[: int(224 * w), : int(224 * w)] = 1.0      # exactly the box: cIoU 1 at the fixed threshold 0.5
+        pos[k] = m
+    # a model that ignores the audio: every negative gives the same map -> AP at chance (1 correct pair in 4)
+    blind = C.negative_metrics(pos, {kind: pos for kind in C.NEGATIVE_KINDS}, ann, ids, 0.5)
+    assert blind["positives"]["ciou@0.5"] == 1.0 and blind["ap"] == pytest.approx(0.25)
+    assert blind["max_f1"] == pytest.approx(2 * 0.25 / 1.25)
+    area = np.mean([(int(224 * (0.3 + 0.1 * i)) ** 2) / 224 ** 2 for i in range(6)])
+    assert all(v == pytest.approx(area) for v in blind["pia"].values())
+    assert all(v["ap"] == pytest.approx(0.5) for v in blind["per_kind"].values())
+    # a perfect model: silent maps for every negative -> AP 1, pIA 0
+    dark = {k: np.full((7, 7), -1.0, np.float32) for k in ids}
+    perfect = C.negative_metrics(pos, {kind: dark for kind in C.NEGATIVE_KINDS}, ann, ids, 0.5)
+    assert perfect["ap"] == 1.0 and perfect["max_f1"] == 1.0 and set(perfect["pia"].values()) == {0.0}
+    # AP against sklearn's definition when every positive pair is correctly localised (then both agree)
+    from sklearn.metrics import average_precision_score
+    rng = np.random.default_rng(0)
+    conf, y = rng.random(40), rng.random(40) < 0.3
+    assert C.detection_ap(conf, y, int(y.sum()))[0] == pytest.approx(average_precision_score(y, conf))
+
+
+def test_issue12_eval_cli_input_checks(tmp_path):
+    ann = [{"file": f"v{i}", "class": "c", "bbox": [[0, 0, 0.5, 1.0]]} for i in range(15)]
+    ann[0]["bbox"].append([0.38, 0.86, 0.69, -2.88e16])      # corrupt, as vggss.json
+    ann[1]["bbox"] = [[0.0, 0.0, 1.2, 0.5]]                    # beyond the frame: cut at 224
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    rng = np.random.default_rng(1)
+    maps = {f"v{i}": rng.normal(size=(7, 7)).astype(np.float32) for i in range(15)}
+    C.save_maps(tmp_path / "maps.npz", maps)
+    (tmp_path / "test.txt").write_text("\n".join([f"v{i}" for i in range(15)] + [f"v{i}" for i in range(5)]) + "\n")
+    res = eval_cioU_main(["--pred", str(tmp_path / "maps.npz"), "--gt", str(tmp_path / "ann.json"), "--split",
+                          str(tmp_path / "test.txt"), "--protocol", "median_strict"])
+    assert res["n"] == 15 and res["n_listed"] == 15 and res["duplicates"] == [f"v{i}" for i in range(5)]
+    assert res["boxes_outside"] == 2
+    ref = [_official_ciou(maps[f"v{i}"], dict(ann[i]), "median_strict", False) for i in range(15)]
+    assert [res["per_sample"][f"v{i}"] for i in range(15)] == ref
+    np.save(tmp_path / "one.npy", np.zeros((7, 7)))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "junk.npz").write_bytes(b"\x00garbage" * 10)
+    np.savez(tmp_path / "zero.npz", v0=np.zeros((0, 7)))
+    np.savez(tmp_path / "threed.npz", v0=np.zeros((2, 7, 7)))
+    for name, msg in (("one.npy", "not an .npz"), ("empty.npz", "not a readable .npz"),
+                      ("junk.npz", "not a readable .npz"), ("zero.npz", "empty map"), ("threed.npz", "2-D")):
+        with pytest.raises(C.UserError, match=msg) as e:
+            eval_cioU_main(["--pred", str(tmp_path / name), "--gt", str(tmp_path / "ann.json")])
+        assert name in str(e.value)
+    r = run_py("eval_cioU.py", "--pred", tmp_path / "junk.npz", "--gt", tmp_path / "ann.json", check=False)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
+
+
+def eval_cioU_main(argv):
+    import eval_cioU
+    return eval_cioU.main(argv)
+
+
+def test_issue12_ezvsl_eval_negatives_and_eval_cioU_round_trip(tiny, tmp_path):
+    ez_vsl.main(["--train", "--data", str(tiny), "--preset", "cpu", "--batch-size", "8", "--max-steps", "1",
+                 "--epochs", "1", "--no-pretrained", "--out", str(tmp_path / "run")])
+    run = next((tmp_path / "run").iterdir())
+    ez_vsl.main(["--eval", "--ckpt", str(run / "best.pt"), "--data", str(tiny), "--negatives", "--no-pretrained",
+                 "--save-maps", str(tmp_path / "m.npz"), "--out", str(tmp_path / "ev")])
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    neg = res["negatives"]
+    assert res["resize"] == "bilinear align_corners=True" and neg["n"] == 8 and neg["threshold"] == 0.5
+    assert set(neg["pia"]) == {"silence", "noise", "offscreen"} and 0 <= neg["ap"] <= 1
+    back = eval_cioU_main(["--pred", str(tmp_path / "m.npz"), "--gt", str(tiny / "annotations.json"), "--split",
+                           str(tiny / "splits" / "test.txt")])
+    assert back["test"] == pytest.approx(res["test"]) and back["resize"] == res["resize"]
+    assert back["negatives"]["ap"] == pytest.approx(neg["ap"]) and back["negatives"]["pia"] == pytest.approx(neg["pia"])
+    with np.load(tmp_path / "m.npz") as z:
+        conf = z["__confidence__"]
+    assert conf.shape == (8, 4)
+    assert conf.mean(0) == pytest.approx([neg["confidence"][k] for k in ["positive", *neg["kinds"]]])
