@@ -73,15 +73,16 @@ Deviations (from the paper P, from the official code O), and why:
      negative can come from the same video when a batch holds two clips of one video (official: a random frame
      of a different video, checked by YouTube id; stage two: another random synthetic grid).
   10. (O) The data path (--decode fast, the default): frames are decoded, resized, cropped, flipped, colour-jittered
-     per batch with torch ops on the training device (nvJPEG on CUDA), training crops from the pre-resized frame
-     cache on real data. Against the official per-sample PIL pipeline (--decode pil, kept bit for bit): identical
-     pixels from the cache; otherwise at most 3 grey levels (max |diff| 0.053 after ImageNet normalisation), mean
-     1e-4 (CPU, torch's uint8 bicubic; photo-like 640x360 and 1280x720 JPEGs and the synthetic frames; 2026-11-28,
-     2-core CPU). On CUDA the resize runs in float32 (max 0.07, mean 0.003, measured on CPU); nvJPEG's decode is not
-     measured (no GPU here). The crop/flip/jitter draws are torchvision's own calls in its order, made in the main
-     process: with --workers 0 the same seed gives --decode pil's augmentation (with workers, pil draws in each
-     worker's stream). Audio: the window is read straight from the WAV (identical samples); a clip shorter than a
-     quarter of the window is an error (the official code tiles it silently), tiled clips are counted in the log.
+      per batch with torch ops on the training device (nvJPEG on CUDA), training crops from the pre-resized frame
+      cache on real data. Against the official per-sample PIL pipeline (--decode pil, kept bit for bit): identical
+      pixels from the cache; otherwise at most 2 grey levels (max |diff| 0.035 after ImageNet normalisation,
+      jitter included), mean <= 3e-4 (CPU, torch's uint8 bilinear with antialias against PIL's bilinear, CSOL's
+      official resize; csol_train and squash at 112 and 224 px on photo-like 640x360 and 1280x720 JPEGs and 20
+      synthetic frames; 2026-11-28, 2-core CPU). On CUDA the resize runs in float32 (bicubic measured on the CPU:
+      max 0.07, mean 0.003); nvJPEG's decode is not measured (no GPU here). The crop/flip/jitter draws are torchvision's own calls in its order, made in the main
+      process: with --workers 0 the same seed gives --decode pil's augmentation (with workers, pil draws in each
+      worker's stream). Audio: the window is read straight from the WAV (identical samples); a clip shorter than a
+      quarter of the window is an error (the official code tiles it silently), tiled clips are counted in the log.
   11. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
       audio; the raw l (sigmoid, fixed scale [0, 1]) is thresholded at 0.5 after the resize to 224
       (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
@@ -89,6 +90,9 @@ Deviations (from the paper P, from the official code O), and why:
       (`rel0.1`); class-aware CIoU@0.3 = fraction of images with mean class IoU >= 0.05*6 (literally, so
       0.30000000000000004), and an image without a sounding box scores NaN (np.mean of no class), which fails every
       AUC threshold including t = 0; the mean class IoU skips those images.
+  13. (O) On CUDA, training runs in mixed precision by default (bfloat16 where supported, else float16 with a
+      gradient scaler; the official code trains in float32, which --no-amp restores); losses, maps and audio
+      front ends stay in float32, image trunks use channels_last. Not yet run on a GPU (none in this environment).
 """
 import argparse
 import copy

@@ -20,7 +20,7 @@ Run:
   python ez_vsl.py --train --seeds 0,1,2        # one run per seed, then a mean ± std table of the runs
   python ez_vsl.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt   # paper preset (20 epochs)
   python ez_vsl.py --train --data ROOT --train-split ROOT/splits/flickr_10k.txt --epochs 100
-  torchrun --nproc_per_node=2 ez_vsl.py --train --data ROOT --amp     # 2 GPUs x 64, local negatives (the paper)
+  torchrun --nproc_per_node=2 ez_vsl.py --train --data ROOT           # 2 GPUs x 64, local negatives (the paper)
   python ez_vsl.py --eval --ckpt runs/<run>/best.pt --data ROOT --test-split ROOT/splits/test.txt --viz 20
   python ez_vsl.py --eval --ckpt ezvsl_vggss144k/best.pth --data ROOT    # the authors' released checkpoint
   python ez_vsl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
@@ -64,6 +64,9 @@ Deviations (from the paper P, from the official code O), and why:
   10. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another
       clip's audio; the raw S^AVL (cosine, fixed scale [-1, 1]) is thresholded at 0.5 after the resize to 224
       (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
+  11. (O) On CUDA, training runs in mixed precision by default (bfloat16 where supported, else float16 with a
+      gradient scaler; the official code trains in float32, which --no-amp restores); losses, maps and audio
+      front ends stay in float32, image trunks use channels_last. Not yet run on a GPU (none in this environment).
 """
 import argparse
 import time

@@ -31,7 +31,7 @@ Run:
   python lvs_hardway.py --train                                                   # synthetic benchmark, cpu preset
   python lvs_hardway.py --train --seeds 0,1,2        # one run per seed, then a mean ± std table of the runs
   python lvs_hardway.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt      # paper preset
-  torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT --amp                      # batch 256 over 4 GPUs
+  torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT                            # batch 256 over 4 GPUs
   python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT     # the authors' released checkpoint
   python lvs_hardway.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
   python lvs_hardway.py --benchmark --data ROOT --preset paper --no-pretrained --workers 8     # samples/s, memory
@@ -68,6 +68,9 @@ Deviations (from the paper P, from the official code O), and why:
   10. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
       audio; the raw S_ii (cosine, fixed scale [-1, 1]) is thresholded at eps_p = 0.65 after the resize to 224
       (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
+  11. (O) On CUDA, training runs in mixed precision by default (bfloat16 where supported, else float16 with a
+      gradient scaler; the official code trains in float32, which --no-amp restores); losses, maps and audio
+      front ends stay in float32, image trunks use channels_last. Not yet run on a GPU (none in this environment).
 """
 import argparse
 import time

@@ -70,6 +70,9 @@ Deviations (from the paper P, from the official code O), and why:
      audio; the raw S of view 1 (cosine, fixed scale [-1, 1]) is thresholded at 0.5 after the resize to 224
      (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
      The official abs0.5 test (min-max, >= 0.5, float32, cv2-style bilinear) is reproduced exactly by --eval.
+  10. (O) On CUDA, training runs in mixed precision by default (bfloat16 where supported, else float16 with a
+      gradient scaler; the official code trains in float32, which --no-amp restores); losses, maps and audio
+      front ends stay in float32, image trunks use channels_last. Not yet run on a GPU (none in this environment).
 """
 import argparse
 import time
