@@ -2556,12 +2556,15 @@ def results_table(paths) -> str:
             got = [get(r) for _, r in runs]
             for k in TABLE_KEYS:
                 row[f"{name} {k}"] = _mean_std([g[k] for g in got]) if all(got) else "-"
+        secs = [r.get("seconds") for _, r in runs]
+        row["seconds"] = f"{np.mean(secs):.0f}" if all(isinstance(v, (int, float)) for v in secs) else "-"
         negs = [_flat_numbers(r.get("negatives")) for _, r in runs]
         for k in sorted(set.intersection(*(set(n) for n in negs))) if all(negs) else []:
             row[f"neg {k}"] = _mean_std([n[k] for n in negs])
             neg_cols += [] if f"neg {k}" in neg_cols else [f"neg {k}"]
         rows.append(row)
-    head = list(rows[0])[:6] + [f"{name} {k}" for name, _ in parts for k in TABLE_KEYS] + neg_cols
+    head = list(rows[0])[:6] + [f"{name} {k}" for name, _ in parts for k in TABLE_KEYS] + neg_cols + ["seconds"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(row.get(h, "-") for h in head) + " |" for row in rows]
-    return "\n".join(out) + f"\n(mean ± sample std over the runs, in %; {len(paths)} results files)"
+    return "\n".join(out) + (f"\n(mean ± sample std over the runs, in %; seconds: mean wall time of train + test; "
+                              f"{len(paths)} results files)")
