@@ -2303,7 +2303,7 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
     out = Path(args.out or Path(args.ckpt).parent)
     out.mkdir(parents=True, exist_ok=True)
     results = {"method": method, "data": str(args.data), "split": str(args.test_split), "protocol": res["protocol"],
-               "seed": getattr(args, "seed", None),
+               "seed": getattr(args, "ckpt_seed", None),     # the checkpoint's training seed (None: not ours)
                "resize": res["resize"], "n": res["n"], "n_listed": res["n_listed"], "seconds": round(seconds, 1),
                "test": res["test"], "baselines": res["baselines"],
                "audio_swapped": swapped["test"] if swapped else None, "map": map_name,

@@ -615,6 +615,7 @@ def class_aware_eval(cls_maps, ann, ids, assign, names, frac=0.5, tau=0.2):
 def load_model(path, args, device):
     ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
     a = C.checkpoint_args(ck, path, METHOD, ("encoder", "clusters", "image_size", "preset"))
+    args.ckpt_seed = a.get("seed")                   # the training seed, for results.json
     for k in ("encoder", "clusters", "image_size", "preset"):
         setattr(args, k, a[k])
     args.classes = ck.get("classes")

@@ -379,6 +379,7 @@ def load_model(path, args, device):
     ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
     if "args" in ck:
         a = C.checkpoint_args(ck, path, METHOD, ("encoder", "dim", "image_size", "preset"))
+        args.ckpt_seed = a.get("seed")                   # the training seed, for results.json
         for k in ("encoder", "dim", "image_size", "preset"):
             setattr(args, k, a[k])
     else:                                                   # the authors' release: paper architecture

@@ -356,6 +356,7 @@ def load_model(path, args, device):
     ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
     if "args" in ck:
         a = C.checkpoint_args(ck, path, METHOD, ("encoder", "image_size", "loss"))
+        args.ckpt_seed = a.get("seed")                   # the training seed, for results.json
         args.encoder, args.image_size = a["encoder"], a["image_size"]
         sd = ck.get("model")
     else:

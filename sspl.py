@@ -451,6 +451,7 @@ def load_model(path, args, device):
         raise C.UserError(f"{path}: not a checkpoint written by sspl.py (the official code released no weights)")
     keys = ("encoder", "pcm", "dim_proj", "dim_pred", "image_size", "preset", "freeze_visual")
     a = C.checkpoint_args(ck, path, METHOD, keys + ("pcm_cycles",))
+    args.ckpt_seed = a.get("seed")                   # the training seed, for results.json
     for k in keys:
         setattr(args, k, a[k])
     model = SSPL(args.encoder, args.pcm, a["pcm_cycles"], args.dim_proj, args.dim_pred, args.freeze_visual)
