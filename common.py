@@ -838,7 +838,8 @@ class _Views:
         return tuple(self.tf(img) for _ in range(self.n))
 
 
-def build_frame_cache(root, ids, kind: str, size: int, log=print, interpolation: str = "bicubic") -> dict:
+def build_frame_cache(root, ids, kind: str, size: int, log=print, interpolation: str = "bicubic",
+                      stats: dict | None = None) -> dict:
     """The pre-resized frame cache of a random-crop training pipeline: ROOT/cache/frames_<kind><size>/<id>.<source
     mtime_ns>.npy holds the frame after image_transform(kind, size)'s PIL resize (uint8, so the fast path's crops
     start from the official pixels). Entries are written atomically (temp file + rename) by a thread pool on first
@@ -892,6 +893,8 @@ def build_frame_cache(root, ids, kind: str, size: int, log=print, interpolation:
     if errors:
         log(f"frame cache: cannot write under {d} ({errors[0]}); decoding the frames instead (--no-cache hides this)")
         return {}
+    if stats is not None:
+        stats["build_s"] = time.time() - t0                 # --benchmark reports it (cache_build_s)
     log(f"frame cache: {len(todo)} frames pre-resized for {kind} {size} px under {d} in {time.time() - t0:.1f} s "
         f"(built once, rebuilt per changed frame; --no-cache skips it)")
     return {vid: p for vid, p in entries.items() if vid not in todo or p.is_file()}
@@ -910,13 +913,15 @@ def av_dataset(args, split_file, kind: str, seconds: float, where: str, sample_r
         tf = image_transform(kind, args.image_size, interpolation)
         return AVDataset(args.data, ids, _Views(tf, views) if views > 1 else tf, seconds, where, sample_rate,
                          cache=memory, loader_items=True)
-    cache = None
+    cache, stats = None, {}
     if kind in ("crop_flip", "csol_train") and not memory and not args.no_cache:
         log = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
         check_layout(args.data, ids)
-        cache = build_frame_cache(args.data, ids, kind, args.image_size, log, interpolation)
-    return AVDataset(args.data, ids, None, seconds, where, sample_rate, cache=memory, frame_cache=cache,
-                     loader_items=True)
+        cache = build_frame_cache(args.data, ids, kind, args.image_size, log, interpolation, stats)
+    ds = AVDataset(args.data, ids, None, seconds, where, sample_rate, cache=memory, frame_cache=cache,
+                   loader_items=True)
+    ds.cache_build_s = stats.get("build_s")                 # seconds if this call built the frame cache, else None
+    return ds
 
 
 # =====================================================================================================
