@@ -913,13 +913,11 @@ def av_dataset(args, split_file, kind: str, seconds: float, where: str, sample_r
         tf = image_transform(kind, args.image_size, interpolation)
         return AVDataset(args.data, ids, _Views(tf, views) if views > 1 else tf, seconds, where, sample_rate,
                          cache=memory, loader_items=True)
-    cache, stats = None, {}
+    ds = AVDataset(args.data, ids, None, seconds, where, sample_rate, cache=memory, loader_items=True)  # checks
+    stats = {}                                                                                  # the layout first
     if kind in ("crop_flip", "csol_train") and not memory and not args.no_cache:
         log = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
-        check_layout(args.data, ids)
-        cache = build_frame_cache(args.data, ids, kind, args.image_size, log, interpolation, stats)
-    ds = AVDataset(args.data, ids, None, seconds, where, sample_rate, cache=memory, frame_cache=cache,
-                   loader_items=True)
+        ds.frame_cache = build_frame_cache(args.data, ids, kind, args.image_size, log, interpolation, stats)
     ds.cache_build_s = stats.get("build_s")                 # seconds if this call built the frame cache, else None
     return ds
 
@@ -1763,11 +1761,16 @@ def strip_prefix(sd: dict, prefix: str = "module.") -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
-def write_json(path, obj) -> None:
+def write_text_atomic(path, text: str) -> None:
+    """Write to a temporary name then rename: a reader never sees a half-written file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def progress(iterable, desc: str = "", total=None, enabled: bool = True):
@@ -2286,12 +2289,6 @@ def run_cli(main_fn) -> None:
         dist.destroy_process_group()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds: float, map_name: str,
                  extra: dict | None = None) -> dict:
     """Print the report, then write --save-maps, the --viz overlays, missing_ids.txt and results.json last.
@@ -2342,13 +2339,13 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
         tmp.rmdir()
         log(f"{len(ids)} overlays written to {viz}")
     if res["missing"]:
-        _write_text_atomic(out / "missing_ids.txt", "\n".join(res["missing"]) + "\n")
+        write_text_atomic(out / "missing_ids.txt", "\n".join(res["missing"]) + "\n")
     elif (out / "missing_ids.txt").is_file():
         (out / "missing_ids.txt").unlink()          # a stale list from an earlier evaluation
     if MEDIA.tiled:
         log(f"{len(MEDIA.tiled)} clips shorter than the audio window were tiled to fill it (official rule)")
     if MEDIA.skipped:
-        _write_text_atomic(out / "skipped_ids.txt", "".join(f"{k}\t{v}\n" for k, v in sorted(MEDIA.skipped.items())))
+        write_text_atomic(out / "skipped_ids.txt", "".join(f"{k}\t{v}\n" for k, v in sorted(MEDIA.skipped.items())))
         log(f"--skip-bad: skipped {len(MEDIA.skipped)} unreadable samples, listed in {out / 'skipped_ids.txt'}")
     write_json(out / "results.json", results)
     log(f"results written to {out / 'results.json'}")
