@@ -1986,10 +1986,10 @@ def resolve_data(args, log=print):
                             "there") from None
         args.data = str(data_prep.ensure_synthetic(log=log))
         args.preset = args.preset or "cpu"
-    args.preset = args.preset or "paper"
     root = Path(args.data)
     if not root.is_dir():
         raise UserError(f"--data {root}: no such directory")
+    args.preset = args.preset or ("cpu" if (root / "synth.json").is_file() else "paper")  # data_prep.py synth wrote it
     args.train_split = args.train_split or str(root / "splits" / "train.txt")
     args.val_split = args.val_split or str(root / "splits" / "val.txt")
     args.test_split = args.test_split or str(root / "splits" / "test.txt")

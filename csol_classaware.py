@@ -358,6 +358,9 @@ def train_stage1(args, device, log, run_dir, ck=None):
     train_ds, val_ds = make_dataset(args, args.train_split, True), make_dataset(args, args.val_split, False)
     ann = C.load_annotations(args.annotations)
     names = sorted({ann[i]["class"] for i in train_ds.ids + val_ds.ids if i in ann})
+    if len(names) > args.clusters:                                        # before training, not after an epoch
+        raise C.UserError(f"K = {args.clusters} clusters cannot cover the {len(names)} classes of the train/val "
+                          f"annotations ({args.annotations}); use --clusters >= {len(names)}")
     log(f"stage one: {len(train_ds)} single-source clips, val {len(val_ds)}; K = {args.clusters}; audio 1 s -> "
         f"log-mel {tuple(C.csol_log_mel(torch.zeros(1, SR)).shape[2:])}")
     t0 = time.time()

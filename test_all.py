@@ -5,6 +5,7 @@ filter banks, hand-worked examples); learning is checked by a score going up on 
 Nothing here needs ../shared or the network.
 """
 import json
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -733,8 +734,8 @@ def test_eval_maps_viz_and_predict(script, tiny, tmp_path):
 
 @pytest.mark.parametrize("script", list(METHODS))
 def test_clear_errors_not_tracebacks(script, tiny, tmp_path):
-    # real data defaults to the paper preset, whose ImageNet weights cannot be downloaded here
-    r = run_py(script, "--train", "--data", tiny, "--out", tmp_path, "--batch-size", "8", check=False,
+    # the paper preset (real data's default) needs ImageNet weights, which cannot be downloaded here
+    r = run_py(script, "--train", "--data", tiny, "--preset", "paper", "--out", tmp_path, "--batch-size", "8", check=False,
                env_extra={"TORCH_HOME": str(tmp_path / "th"), "https_proxy": "http://127.0.0.1:9",
                           "HTTPS_PROXY": "http://127.0.0.1:9"})
     assert r.returncode == 2 and "--no-pretrained" in r.stderr and "Traceback" not in r.stderr
@@ -855,6 +856,15 @@ def test_csol_masked_object_pooling():
     lp = torch.rand(1, 5, 5)
     ref = (v * lp[:, None]).sum((2, 3)) / lp.sum()
     torch.testing.assert_close(csol.object_features(v, lp, pool="paper"), ref)   # Eq. 3
+
+
+def test_csol_too_few_clusters_fail_before_training(tiny, tmp_path):
+    ann = {e["file"]: e["class"] for e in json.loads((tiny / "annotations.json").read_text())}
+    ids = C.read_split(tiny / "splits" / "train.txt") + C.read_split(tiny / "splits" / "val.txt")
+    n = len({ann[i] for i in ids})
+    with pytest.raises(C.UserError, match=f"K = {n - 1} clusters cannot cover the {n} classes"):
+        csol.main(["--train", "--data", str(tiny), "--preset", "cpu", "--clusters", str(n - 1), "--out", str(tmp_path)])
+    assert not list(tmp_path.rglob("*.pt"))                          # nothing trained
 
 
 def test_csol_dictionary_from_known_clusters():
@@ -1202,13 +1212,19 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
                         lambda **k: pytest.fail("a resumed run uses its own data"))
     with pytest.raises(C.UserError, match="already trained 1 epochs"):           # no --data: the run's own
         ez_vsl.main(["--train", "--resume", str(run)])
-    # flags not given come from the checkpoint (not from the paper preset real data gets, seed 0, no limit);
+    # flags not given come from the checkpoint (not from the cpu preset synthetic data gets: seed 0, no limit);
     # a given flag equal to the saved value is fine (test_same_seed_same_result_and_exact_resume trains on)
+    real = tmp_path / "real"                   # the same clips without data_prep's synth.json: "real" data
+    shutil.copytree(tiny, real, ignore=shutil.ignore_patterns("synth.json", "cache"))
+    for root, preset in ((real, "paper"), (tiny, "cpu")):        # the default preset follows the data
+        args = C.parse_args(ez_vsl.build_parser(), ["--train", "--data", str(root)])
+        C.resolve_data(args)
+        assert args.preset == preset
     args = C.parse_args(ez_vsl.build_parser(), ["--train", "--data", str(tiny), "--epochs", "2", "--batch-size", "8",
                                                 "--resume", str(run)])
     C.resolve_data(args)
     C.apply_preset(args, ez_vsl.PRESETS)
-    assert (args.preset, args.seed, args.limit, args.lr, args.dim) == ("paper", 0, None, 1e-4, 512)   # real data
+    assert (args.preset, args.seed, args.limit, args.lr, args.dim) == ("cpu", 0, None, 5e-4, 128)   # synthetic data
     C.preflight(args, "ez_vsl", args.resume)
     assert (args.preset, args.seed, args.limit, args.lr, args.dim, args.epochs) == ("cpu", 3, 16, 1e-3, 128, 2)
     saved = torch.load(ck, weights_only=False)
