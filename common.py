@@ -1486,31 +1486,26 @@ NOISE_STD = 0.1          # white noise: N(0, 0.1^2) per sample (-20 dBFS RMS), t
 class NegativeAudio(torch.utils.data.Dataset):
     """Item i keeps its frame and id; its audio becomes a negative of `kind`: 'silence' (zeros), 'noise' (white
     Gaussian noise of std NOISE_STD, the same in every run and method: seeded by i), 'offscreen' (the audio of
-    clip derangement(N)[i], another clip's sound, as the audio-swapped control)."""
+    clip derangement(N)[i], another clip's sound: the audio-swapped control, SwapAudio)."""
 
     def __init__(self, ds, kind: str):
         if kind not in NEGATIVE_KINDS:
             raise ValueError(f"negative kind {kind!r}")
-        self.ds, self.ids, self.kind, self.perm = ds, ds.ids, kind, derangement(len(ds))
+        self.ds, self.ids, self.kind = SwapAudio(ds) if kind == "offscreen" else ds, ds.ids, kind
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
         item = self.ds[i]                          # (image, waveform, id, ...) or an unreadable-sample marker
-        if isinstance(item, _Bad):
+        if isinstance(item, _Bad) or self.kind == "offscreen":
             return item
         wav = item[1]
         if self.kind == "silence":
             wav = torch.zeros_like(wav)
-        elif self.kind == "noise":
+        else:
             wav = (torch.randn(wav.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
                    * NOISE_STD).to(wav.dtype)
-        else:
-            other = self.ds[self.perm[i]]
-            if isinstance(other, _Bad):
-                return other
-            wav = other[1]
         return (item[0], wav, *item[2:])
 
 
