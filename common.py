@@ -2157,10 +2157,10 @@ def preflight(args, method: str, resume=None, splits=("train_split", "val_split"
                             f"or more clips" + ("" if share else " (at least one per process)"))
     if resume:
         check_writable(Path(resume) if Path(resume).is_dir() else Path(resume).parent, "--resume run folder")
+        if args.save_maps:
+            check_file_writable(args.save_maps, "--save-maps")
     else:
-        check_outputs(args)
-    if args.save_maps:
-        check_file_writable(args.save_maps, "--save-maps")
+        check_outputs(args)                                # --out and --save-maps
     global _PREFLIGHT_PASSED
     _PREFLIGHT_PASSED = True
     return ck
