@@ -805,9 +805,10 @@ def batch_images(batch: dict, device, args, kind: str, size: int, interpolation:
     if len(keep) < len(batch["ids"]):
         batch["ids"], batch["wav"] = [batch["ids"][k] for k in keep], batch["wav"][keep]
     shapes = [resize_target(kind, size, *f.shape[-2:]) for f in frames]
-    draws = [augment_params(kind, size, [hw]) for hw in shapes for _ in range(views)]   # sample by sample, as the
-    out = tuple(augment_frames(frames, kind, size, [d[0] for d in draws[v::views]], interpolation)  # per-sample
-                for v in range(views))                                                       # views draw
+    # the draws sample by sample, each sample's views in turn, as the per-sample pipeline makes them
+    draws = [augment_params(kind, size, [hw]) for hw in shapes for _ in range(views)]
+    out = tuple(augment_frames(frames, kind, size, [d[0] for d in draws[v::views]], interpolation)
+                for v in range(views))
     return out if views > 1 else out[0]
 
 
