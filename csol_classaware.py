@@ -342,6 +342,12 @@ def class_labels(ann, ids, names):
     return np.array([names.index(ann[i]["class"]) for i in ids])
 
 
+def stage1_classes(args, ann) -> list[str]:
+    """The annotated classes of stage one's train and val clips (first --limit ids of each split), sorted."""
+    ids = C.read_split(args.train_split)[: args.limit] + C.read_split(args.val_split)[: args.limit]
+    return sorted({ann[i]["class"] for i in ids if i in ann})
+
+
 def train_stage1(args, device, log, run_dir, ck=None):
     model = build_model(args).to(device)
     C.gpu_habits(args, device, model.imgnet, [model.imgnet, model.audnet])   # CUDA: cudnn.benchmark, channels_last
@@ -357,10 +363,7 @@ def train_stage1(args, device, log, run_dir, ck=None):
         log(f"resumed stage one at epoch {start}")
     train_ds, val_ds = make_dataset(args, args.train_split, True), make_dataset(args, args.val_split, False)
     ann = C.load_annotations(args.annotations)
-    names = sorted({ann[i]["class"] for i in train_ds.ids + val_ds.ids if i in ann})
-    if len(names) > args.clusters:                                        # before training, not after an epoch
-        raise C.UserError(f"K = {args.clusters} clusters cannot cover the {len(names)} classes of the train/val "
-                          f"annotations ({args.annotations}); use --clusters >= {len(names)}")
+    names = stage1_classes(args, ann)
     log(f"stage one: {len(train_ds)} single-source clips, val {len(val_ds)}; K = {args.clusters}; audio 1 s -> "
         f"log-mel {tuple(C.csol_log_mel(torch.zeros(1, SR)).shape[2:])}")
     t0 = time.time()
@@ -491,6 +494,11 @@ def train(args):
         (("cocktail_test_split",) if Path(args.cocktail_test_split).is_file() else ())
     C.preflight(args, METHOD, resume_ck, splits=splits, annotated=("val_split", "test_split", "cocktail_test_split"),
                 ckpt=stage1_ck, train_key=None, free=("stage",), raisable=("epochs2",))   # before the run folder
+    if args.stage != "2":                             # Hungarian matching needs a cluster for every class
+        n_cls = len(stage1_classes(args, C.load_annotations(args.annotations)))
+        if n_cls > args.clusters:
+            raise C.UserError(f"K = {args.clusters} clusters cannot cover the {n_cls} classes of the train/val "
+                              f"annotations ({args.annotations}); use --clusters >= {n_cls}")
     device = C.resolve_device(args.device)
     C.seed_everything(args.seed)
     if args.resume:
