@@ -1191,7 +1191,7 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
     import re
     # a checkpoint as train() writes it after epoch 1 (args after the preflight), without the minute of training
     args = C.parse_args(ez_vsl.build_parser(), _prefl(tiny, tmp_path / "a", "--seed", "3", "--limit", "16", "--lr",
-                                                      "1e-3", "--no-ogl"))
+                                                      "3e-3", "--no-ogl"))
     C.resolve_data(args)
     C.apply_preset(args, ez_vsl.PRESETS)
     args.protocol = "median"
@@ -1204,7 +1204,7 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
     C.write_json(run / "args.json", vars(args))
     # contradicting flags are refused, naming the flag and both values; --epochs may be raised
     for flag, val, saved in (("--batch-size", "4", "8"), ("--seed", "5", "3"), ("--limit", "12", "16"),
-                             ("--dim", "64", "128"), ("--lr", "0.01", "0.001")):
+                             ("--dim", "64", "128"), ("--lr", "0.01", "0.003")):
         with pytest.raises(C.UserError, match=re.escape(f"{flag} {val} contradicts the checkpoint's "
                                                         f"{flag[2:].replace('-', '_')} = {saved}")):
             ez_vsl.main(["--train", "--data", str(tiny), "--epochs", "2", flag, val, "--resume", str(ck)])
@@ -1224,9 +1224,9 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
                                                 "--resume", str(run)])
     C.resolve_data(args)
     C.apply_preset(args, ez_vsl.PRESETS)
-    assert (args.preset, args.seed, args.limit, args.lr, args.dim) == ("cpu", 0, None, 5e-4, 128)   # synthetic data
+    assert (args.preset, args.seed, args.limit, args.lr, args.dim) == ("cpu", 0, None, 1e-3, 128)   # synthetic data
     C.preflight(args, "ez_vsl", args.resume)
-    assert (args.preset, args.seed, args.limit, args.lr, args.dim, args.epochs) == ("cpu", 3, 16, 1e-3, 128, 2)
+    assert (args.preset, args.seed, args.limit, args.lr, args.dim, args.epochs) == ("cpu", 3, 16, 3e-3, 128, 2)
     saved = torch.load(ck, weights_only=False)
     assert saved["args"]["method"] == "ez_vsl"
     assert saved["args"]["given_options"][:4] == ["batch_size", "data", "epochs", "limit"]    # what the user typed
