@@ -48,8 +48,8 @@ Deviations (from the paper P, from the official code O), and why:
      float32 rounding, which can move a tie at the median).
   7. cpu preset (synthetic benchmark only): small CNNs instead of ResNet-18, 112 px images, dim 128, batch 16
      (15 negatives), lr 1e-3, 20 epochs. Training starts at chance (loss 2 ln B, the AVL map inverted), leaves
-     it after a number of *steps*, then the map sharpens slowly; the preset is what made every measured draw learn under
-     abs0.5 (issue 16's bar, README): batch 64 / lr 5e-4 / 12 epochs (18 steps an epoch), no seed of three beat
+     it after a number of *steps*, then the map sharpens slowly; the preset is what made every measured draw
+     learn under abs0.5 (issue 16's bar, README): batch 64 / lr 5e-4 / 12 epochs (18 steps an epoch), no seed of three beat
      the centred prior by 5 points of mean cIoU; batch 32, two of three; batch 16, the six one-thread draws (three
      seeds, two synthetic sets) but not the two-thread seed 0, even at 20 epochs; batch 16 with lr 1e-3: six of
      those seven draws at 12 epochs, all seven at 20. About 4 minutes on 2 cores. OGL needs ImageNet weights;
