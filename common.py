@@ -1964,12 +1964,21 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def resolve_data(args, log=print):
-    """Fill the data arguments: no --data -> the synthetic benchmark (generated once) and the cpu preset; real
+    """Fill the data arguments: no --data -> a resumed run's own data, or at --eval the data the checkpoint was
+    trained on (its run folder's args.json), else the synthetic benchmark (generated once) and the cpu preset; real
     data -> the paper preset; splits and annotations default to the standard layout's files."""
-    if args.data is None and getattr(args, "resume", None):      # a resumed run's data: its own (see apply_resume)
-        rd = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    evaluating = getattr(args, "eval", False) and not getattr(args, "train", False)
+    src = getattr(args, "resume", None) or (getattr(args, "ckpt", None) if evaluating else None)
+    if args.data is None and src:                 # a resumed run's data: its own (see apply_resume)
+        rd = Path(src) if Path(src).is_dir() else Path(src).parent
         with contextlib.suppress(OSError, ValueError, AttributeError):
             args.data = json.loads((rd / "args.json").read_text()).get("data")
+        if args.data and not getattr(args, "resume", None):
+            if not Path(args.data).is_dir():
+                raise UserError(f"{rd / 'args.json'}: the checkpoint was trained on --data {args.data}, which is not "
+                                f"there; pass --data ROOT to test it on a dataset")
+            log(f"data: {args.data} (the data the checkpoint was trained on, from {rd / 'args.json'}; pass --data ROOT "
+                f"to test on other data)")
     MEDIA.reset()
     if args.data is None:
         try:

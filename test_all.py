@@ -1220,6 +1220,19 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
         args = C.parse_args(ez_vsl.build_parser(), ["--train", "--data", str(root)])
         C.resolve_data(args)
         assert args.preset == preset
+    # --eval without --data tests on the data the checkpoint was trained on (its args.json), and says so
+    said = []
+    args = C.parse_args(ez_vsl.build_parser(), ["--eval", "--ckpt", str(ck)])
+    C.resolve_data(args, log=said.append)
+    assert (args.data, args.preset) == (str(tiny), "cpu") and "trained on" in said[0], said
+    args = C.parse_args(ez_vsl.build_parser(), ["--eval", "--ckpt", str(ck), "--data", str(real)])
+    C.resolve_data(args)
+    assert args.data == str(real)                                               # --data wins
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    C.write_json(moved / "args.json", {**json.loads((run / "args.json").read_text()), "data": str(tmp_path / "gone")})
+    with pytest.raises(C.UserError, match=r"args\.json: the checkpoint was trained on --data .*gone, which is not there"):
+        C.resolve_data(C.parse_args(ez_vsl.build_parser(), ["--eval", "--ckpt", str(moved / "best.pt")]))
     args = C.parse_args(ez_vsl.build_parser(), ["--train", "--data", str(tiny), "--epochs", "2", "--batch-size", "8",
                                                 "--resume", str(run)])
     C.resolve_data(args)
