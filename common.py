@@ -1969,7 +1969,7 @@ def resolve_data(args, log=print):
     data -> the paper preset; splits and annotations default to the standard layout's files."""
     evaluating = getattr(args, "eval", False) and not getattr(args, "train", False)
     src = getattr(args, "resume", None) or (getattr(args, "ckpt", None) if evaluating else None)
-    if args.data is None and src:                 # a resumed run's data: its own (see apply_resume)
+    if args.data is None and src:        # resumed: its own data (see apply_resume); --eval: what it was trained on
         rd = Path(src) if Path(src).is_dir() else Path(src).parent
         with contextlib.suppress(OSError, ValueError, AttributeError):
             args.data = json.loads((rd / "args.json").read_text()).get("data")
