@@ -1237,7 +1237,7 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
                                                 "--resume", str(run)])
     C.resolve_data(args)
     C.apply_preset(args, ez_vsl.PRESETS)
-    assert (args.preset, args.seed, args.limit, args.lr, args.dim) == ("cpu", 0, None, 1e-3, 128)   # synthetic data
+    assert (args.preset, args.seed, args.limit, args.lr, args.dim) == ("cpu", 0, None, 2e-3, 128)   # synthetic data
     C.preflight(args, "ez_vsl", args.resume)
     assert (args.preset, args.seed, args.limit, args.lr, args.dim, args.epochs) == ("cpu", 3, 16, 3e-3, 128, 2)
     saved = torch.load(ck, weights_only=False)
