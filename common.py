@@ -1963,22 +1963,32 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def run_folder(path) -> Path:
+    """The run folder a --resume / --ckpt path names: the folder itself, or the one holding the checkpoint file."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
 def resolve_data(args, log=print):
     """Fill the data arguments: no --data -> a resumed run's own data, or at --eval the data the checkpoint was
     trained on (its run folder's args.json), else the synthetic benchmark (generated once) and the cpu preset; real
     data -> the paper preset; splits and annotations default to the standard layout's files."""
     evaluating = getattr(args, "eval", False) and not getattr(args, "train", False)
-    src = getattr(args, "resume", None) or (getattr(args, "ckpt", None) if evaluating else None)
+    resume = getattr(args, "resume", None)
+    src = resume or (getattr(args, "ckpt", None) if evaluating else None)
+    trained_on = None                    # at --eval: the args.json that named the data
     if args.data is None and src:        # resumed: its own data (see apply_resume); --eval: what it was trained on
-        rd = Path(src) if Path(src).is_dir() else Path(src).parent
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            args.data = json.loads((rd / "args.json").read_text()).get("data")
-        if args.data and not getattr(args, "resume", None):
-            if not Path(args.data).is_dir():
-                raise UserError(f"{rd / 'args.json'}: the checkpoint was trained on --data {args.data}, which is not "
-                                f"there; pass --data ROOT to test it on a dataset")
-            log(f"data: {args.data} (the data the checkpoint was trained on, from {rd / 'args.json'}; pass --data ROOT "
-                f"to test on other data)")
+        saved = run_folder(src) / "args.json"
+        try:
+            args.data = json.loads(saved.read_text()).get("data")
+        except FileNotFoundError:                     # not a run folder (e.g. released weights): --data or synthetic
+            pass
+        except (OSError, ValueError, AttributeError) as e:
+            if not resume:                              # a resumed run's checkpoint is checked by apply_resume
+                raise UserError(f"{saved}: unreadable ({type(e).__name__}), so the checkpoint's data is unknown; pass "
+                                f"--data ROOT") from None
+        if args.data and not resume:
+            trained_on = saved
     MEDIA.reset()
     if args.data is None:
         try:
@@ -1993,7 +2003,11 @@ def resolve_data(args, log=print):
         args.preset = args.preset or "cpu"
     root = Path(args.data)
     if not root.is_dir():
-        raise UserError(f"--data {root}: no such directory")
+        raise UserError(f"{trained_on}: the checkpoint was trained on --data {args.data}, which is not there; pass "
+                        f"--data ROOT to test it on a dataset" if trained_on else f"--data {root}: no such directory")
+    if trained_on:
+        log(f"data: {args.data} (the data the checkpoint was trained on, from {trained_on}; pass --data ROOT to test "
+            f"on other data)")
     args.preset = args.preset or ("cpu" if (root / "synth.json").is_file() else "paper")  # data_prep.py synth wrote it
     args.train_split = args.train_split or str(root / "splits" / "train.txt")
     args.val_split = args.val_split or str(root / "splits" / "val.txt")
@@ -2166,7 +2180,7 @@ def preflight(args, method: str, resume=None, splits=("train_split", "val_split"
                             f"batch to train on; use --batch-size {share * world if share else world} or less, "
                             f"or more clips" + ("" if share else " (at least one per process)"))
     if resume:
-        check_writable(Path(resume) if Path(resume).is_dir() else Path(resume).parent, "--resume run folder")
+        check_writable(run_folder(resume), "--resume run folder")
         if args.save_maps:
             check_file_writable(args.save_maps, "--save-maps")
     else:
@@ -2191,7 +2205,7 @@ class Run:
         self.main = self.rank == 0
         seed_everything(args.seed)
         if args.resume:
-            self.dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+            self.dir = run_folder(args.resume)
         else:
             self.dir = make_run_dir(args, method) if self.main else None
         self.log = RunLog(self.dir / "log.txt" if self.main else None, self.main)

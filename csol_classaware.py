@@ -485,7 +485,7 @@ def train(args):
         raise C.UserError("--stage 2 needs --ckpt <stage-one run folder or stage1.pt>")
     resume_ck = stage1_ck = None
     if args.resume:                                   # the settings come from the run's latest checkpoint
-        rd = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        rd = C.run_folder(args.resume)
         resume_ck = rd / "stage2.pt" if (rd / "stage2.pt").is_file() else rd / "stage1.pt"
     elif args.stage == "2":
         stage1_ck = Path(args.ckpt) / "stage1.pt" if Path(args.ckpt).is_dir() else args.ckpt
@@ -501,10 +501,7 @@ def train(args):
                               f"annotations ({args.annotations}); use --clusters >= {n_cls}")
     device = C.resolve_device(args.device)
     C.seed_everything(args.seed)
-    if args.resume:
-        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-    else:
-        run_dir = C.make_run_dir(args, METHOD)
+    run_dir = rd if args.resume else C.make_run_dir(args, METHOD)
     log = C.RunLog(run_dir / "log.txt")
     log(f"CSOL | stages {args.stage} | data {args.data} | preset {args.preset} | device {device} | run {run_dir}")
     t0 = time.time()

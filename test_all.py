@@ -1233,6 +1233,9 @@ def test_resume_settings_from_checkpoint_and_checkpoint_errors(tiny, tmp_path, m
     C.write_json(moved / "args.json", {**json.loads((run / "args.json").read_text()), "data": str(tmp_path / "gone")})
     with pytest.raises(C.UserError, match=r"args\.json: the checkpoint was trained on --data .*gone, which is not there"):
         C.resolve_data(C.parse_args(ez_vsl.build_parser(), ["--eval", "--ckpt", str(moved / "best.pt")]))
+    (moved / "args.json").write_text("{not json")                              # unreadable: no silent default
+    with pytest.raises(C.UserError, match=r"args\.json: unreadable \(JSONDecodeError\), so the checkpoint's data"):
+        C.resolve_data(C.parse_args(ez_vsl.build_parser(), ["--eval", "--ckpt", str(moved / "best.pt")]))
     args = C.parse_args(ez_vsl.build_parser(), ["--train", "--data", str(tiny), "--epochs", "2", "--batch-size", "8",
                                                 "--resume", str(run)])
     C.resolve_data(args)
