@@ -3,96 +3,44 @@ Weiyao Lin, Ruihua Song, Ji-Rong Wen, IEEE TPAMI 2021 (extends "Discriminative S
 Self-supervised Audiovisual Matching", NeurIPS 2020).
 Paper: https://arxiv.org/abs/2112.11749    Official code: https://github.com/GeWu-Lab/CSOL_TPAMI2021
 
-Idea. Two stages. Stage one learns, on single-source clips, where a sound comes from (audio-visual matching with
-a sigmoid localization map), pools the visual features inside the sounding area into object representations,
-clusters them into an object dictionary (one key per pseudo category) and trains audio and visual classifiers
-on the cluster labels, alternating localization and classification. Stage two, on "cocktail-party" clips with
-several sounding and silent objects, lights up every object of every category by the dictionary keys, keeps
-only those inside the sounding area, and aligns the category distribution of the sounding objects with the one
-the stage-one audio classifier predicts from the mixed sound.
+Idea: two stages. Stage one learns, on single-source clips, where a sound comes from (audio-visual matching with a
+sigmoid map), pools the visual features inside the sounding area into object representations, clusters them into an
+object dictionary (one key per pseudo category) and trains audio and visual classifiers on the cluster labels. Stage
+two, on "cocktail-party" clips with several sounding and silent objects, lights up the objects of every category with
+the dictionary keys, keeps those inside the sounding area, and aligns their category distribution with the one the
+stage-one audio classifier predicts from the mixed sound.
 
-Equations implemented (paper numbering):
-  (1) l = sigmoid(conv1x1(cos(g(a), f(v))))                           the audio-visual localization map
-  (2) L_loc = BCE(y_match, GMP(l(g(a_i), f(v_j))))                    matched / mismatched pairs
-  (3) o_i = sum_mn f(v_i)(m,n) l_i(m,n) / sum_mn l_i(m,n)              object representation (--obj-pool paper)
-  (4)-(5) L_clu = sum_i min_{y_i} ||o_i - D^T y_i||^2, y_i one-hot   k-means: dictionary D (K x C), pseudo labels
-  (6) L_cls = CE(y*, h_a(a)) + CE(y*, h_v(v))                          pseudo-label classification
-  (7) m_i^k = d_k . f(v_i^c)         (8) s_i^k = m_i^k o l_i           class maps; silent objects suppressed by l
-  (9) p_v = softmax([GAP(s^1) ... GAP(s^K)])      (10) p_a = softmax(h_a(g(a^c)))   (frozen stage-one model)
-  (11) L_c = KL(p_v || p_a)          (12) L_2 = L_c + lambda L_loc       (13) S(m,n) = softmax_k s^k(m,n)
+Equations (paper numbering):
+  (1) l = sigmoid(conv1x1(cos(g(a), f(v))))              (2) L_loc = BCE(y_match, GMP(l(g(a_i), f(v_j))))
+  (3) o_i = sum_mn f(v_i)(m,n) l_i(m,n) / sum_mn l_i(m,n)    (4)-(5) L_clu = sum_i min_y ||o_i - D^T y_i||^2 (k-means)
+  (6) L_cls = CE(y*, h_a(a)) + CE(y*, h_v(v))            (7) m_i^k = d_k . f(v_i^c)    (8) s_i^k = m_i^k o l_i
+  (9) p_v = softmax([GAP(s^1) ... GAP(s^K)])           (10) p_a = softmax(h_a(g(a^c)))  (the frozen stage-one model)
+  (11) L_c = KL(p_v || p_a)     (12) L_2 = L_c + lambda L_loc     (13) S(m,n) = softmax_k s^k(m,n)
 
 Run:
-  python csol_classaware.py --train                    # synthetic benchmark: stage one on the single-source
-                                                       # splits, stage two on the cocktail splits (cpu preset)
-  python csol_classaware.py --train --stage 1 ...      # or --stage 2 --ckpt <stage-one run>/stage1.pt
-  python csol_classaware.py --train --seeds 0,1,2      # one run per seed, then a mean ± std table of the runs
-  python csol_classaware.py --train --data ROOT --clusters 11 --cocktail-train-split ROOT/splits/synthetic_train.txt ...
-  python csol_classaware.py --eval --ckpt runs/<run>/stage2.pt --data ROOT
+  python csol_classaware.py --train                 # synthetic benchmark: stage one on the single-source splits,
+                                                    # stage two on the cocktail splits (cpu preset)
+  python csol_classaware.py --train --stage 1 ...   # or --stage 2 --ckpt <stage-one run>/stage1.pt
+  python csol_classaware.py --train --seeds 0,1,2   # one run per seed, then their mean ± std
+  python csol_classaware.py --train --data ROOT --clusters 11 --cocktail-train-split ROOT/splits/synthetic_train.txt
+  python csol_classaware.py --eval --ckpt runs/<run>/stage2.pt [--data ROOT]
   python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --image frame.jpg --audio clip.wav --out heat.png
-  python csol_classaware.py --benchmark --data ROOT --preset paper --no-pretrained   # samples/s of stage one's step
 
-Deviations (from the paper P, from the official code O), and why:
-  1. (O) Cluster-to-category assignment by an exact optimum (Hungarian, scipy) of the official objective
-     sum P(cluster | class) with every class owning >= 1 cluster, on the labelled *validation* items; labels are
-     used only for evaluation (official: 10^6 random trials on training labels, then "manually ensure" it).
-  2. (O) Defaults follow the official code: binary mask l > 0.05 with 4-neighbour dilation and division by
-     H*W for the object features (--obj-pool paper: Eq. 3); dictionary = per-cluster mean of the raw features of
-     L2-normalised k-means; heads = single linear layers re-created every epoch on whole-image GAP features
-     (paper: MLPs on object features); the class maps pass through the official learned scalar affine
-     (--no-obj-affine removes it); stage-two negatives are the 2x2 quadrants of another grid; x3 before the
-     final softmax at test; images resized bilinearly (torchvision's default Resize, as the official dataset).
-     (P) The KL is the paper's KL(p_v || p_a) with batch-mean reduction by default; --kl official gives the
-     official KLDivLoss: KL(p_a || p_v) averaged over all B*K elements, i.e. exactly the batch-mean
-     KL(p_a || p_v) / K. So our default L_c is about K times the official one (KL is symmetric to second order
-     when p_v and p_a are close: 11.04x at K = 11 on nearby random logits, 8.8-11.2x on unrelated ones, B = 16;
-     torch float64, 2-core CPU, 2026-11-28, see test_csol_kl_default_is_about_k_times_the_official_kldivloss),
-     and at lambda 0.5 L_loc weighs about K times less relative to L_c than in the official code. --kl official
-     (with --lam 0.5) reproduces the official loss and its balance; with --kl paper, --lam 0.5*K gives about the
-     same balance (the overall scale is K times larger, which Adam largely absorbs).
-  3. (O) The official scripts crash as shipped (an unexpected `cluster` keyword, K hard-coded to 11, KMeans
-     algorithm='full', missing list files); these are rebuilt here with K as a parameter. Evaluation picks the
-     frame deterministically (official: a random frame per second, also at test).
-  4. (O) NSA is computed on the class maps of the silent classes (all classes without a sounding box, as
-     official) after summing each class's clusters into one class map. The official loop instead scores every
-     *cluster* that is not the first cluster of a sounding class (eval.py over range(11), eval_duet.py over
-     range(K)), so when K > number of classes the extra clusters of a sounding class count as silent. The two
-     coincide when K equals the number of classes (the cpu preset).
-  5. (O) Checkpoints: stage one keeps the localization checkpoint with the best validation single-source score
-     (stage1_best.pt, the official "_av_local") and the last one with its dictionary (stage1.pt, "_av_class"),
-     which initialises stage two.
-  6. cpu preset (synthetic benchmark only): small CNNs (visual stride 8, 112 px -> 14x14), K = number of
-     classes (6), 8 stage-one epochs with one classification pass each, 6 stage-two epochs.
-  7. (O) The official scalar affine on the class maps starts at the identity (alpha 1, beta 0). Official: PyTorch's
-     default init, alpha ~ U(-1, 1), so the sign of the class maps of Eq. 7 is random at the start of stage two;
-     with seed 0 on a 4-class synthetic set we measured alpha -0.29 and inverted class maps (sounding objects
-     darker than silent ones, worse than a random class assignment).
-  8. (O) One process only (the official code uses DataParallel): under torchrun it stops with a message.
-  9. (O) Negatives are built by rolling the batch: audio i is paired with the frame of clip i-1 of the same
-     batch (stage one: the whole frame; stage two: the 2x2 quadrants of that grid). So BatchNorm sees the B
-     batch images once (official: 2B rows, each positive frame plus a separately loaded negative frame), and a
-     negative can come from the same video when a batch holds two clips of one video (official: a random frame
-     of a different video, checked by YouTube id; stage two: another random synthetic grid).
-  10. (O) The data path (--decode fast, the default): frames are decoded, resized, cropped, flipped, colour-jittered
-      per batch with torch ops on the training device (nvJPEG on CUDA), training crops from the pre-resized frame
-      cache on real data. Against the official per-sample PIL pipeline (--decode pil, kept bit for bit): identical
-      pixels from the cache; otherwise at most 2 grey levels (max |diff| 0.035 after ImageNet normalisation,
-      jitter included), mean <= 3e-4 (CPU, torch's uint8 bilinear with antialias against PIL's bilinear, CSOL's
-      official resize; csol_train and squash at 112 and 224 px on photo-like 640x360 and 1280x720 JPEGs and 20
-      synthetic frames; 2026-11-28, 2-core CPU). On CUDA the resize runs in float32 (bicubic measured on the CPU:
-      max 0.07, mean 0.003); nvJPEG's decode is not measured (no GPU here). The crop/flip/jitter draws are torchvision's own calls in its order, made in the main
-      process: with --workers 0 the same seed gives --decode pil's augmentation (with workers, pil draws in each
-      worker's stream). Audio: the window is read straight from the WAV (identical samples); a clip shorter than a
-      quarter of the window is an error (the official code tiles it silently), tiled clips are counted in the log.
-  11. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
-      audio; the raw l (sigmoid, fixed scale [0, 1]) is thresholded at 0.5 after the resize to 224
-      (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
-  12. (O, kept) Metrics as the official tools.py / eval.py, in float32: single source P = l > 0.1 max(l)
-      (`rel0.1`); class-aware CIoU@0.3 = fraction of images with mean class IoU >= 0.05*6 (literally, so
-      0.30000000000000004), and an image without a sounding box scores NaN (np.mean of no class), which fails every
-      AUC threshold including t = 0; the mean class IoU skips those images.
-  13. (O) On CUDA, training runs in mixed precision by default (bfloat16 where supported, else float16 with a
-      gradient scaler; the official code trains in float32, which --no-amp restores); losses, maps and audio
-      front ends stay in float32, image trunks use channels_last. Not yet run on a GPU (none in this environment).
+Deviations from the paper (P) and the official code (O), one line each (details and measurements: README):
+  1. (O) clusters -> classes by an exact optimum (Hungarian) on the labelled validation clips (official: random trials).
+  2. (O) defaults follow the official code: masked pooling (--obj-pool paper: Eq. 3), linear heads, x3 softmax at test.
+  3. (P) the KL is the paper's KL(p_v || p_a), batch mean: about K times the official (--kl official: KLDivLoss).
+  4. (O) the official scripts crash as shipped (a `cluster` keyword, K fixed to 11, ...): rebuilt, K a parameter.
+  5. (O) NSA on the class maps of the silent classes (official: on clusters; equal when K = the number of classes).
+  6. (O) checkpoints: stage1_best.pt (best validation localization) and stage1.pt (last, with the dictionary).
+  7. cpu preset (synthetic data): small CNNs (112 px -> 14x14), K = 6 classes, 8 + 6 epochs, one classification pass.
+  8. (O) the class-map affine starts at the identity (official: alpha ~ U(-1, 1), which can invert the maps).
+  9. (O) one process only (official: DataParallel); under torchrun it stops with one line.
+  10. (O) negatives by rolling the batch (official: a separately loaded frame of another video).
+  11. (O) --decode fast: batched decode, bilinear resize and jitter on the device, <= 2 grey levels from --decode pil.
+  12. --negatives (beyond the paper): raw l >= 0.5 (--neg-threshold); SLAVC AP / max-F1 and pIA.
+  13. (O, kept) the official metrics in float32: rel0.1; CIoU@0.3 = share >= 0.05*6; no sounding box: NaN.
+  14. (O) CUDA: mixed precision by default (--no-amp: float32, as official); losses and maps in float32.
 """
 import argparse
 import copy
@@ -121,11 +69,12 @@ PRESETS = {
                 clusters=6, class_iter=1),
 }
 SR, CLIP_SECONDS = 16000, 1.0
+NEG_THRESHOLD, NEG_SCALE = 0.5, "l sigmoid in [0, 1]"           # --negatives: the raw l of Eq. 1
 RESIZE = "bilinear"                    # official: torchvision's default Resize interpolation (PIL bilinear)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="CSOL (TPAMI 2021) - see the module docstring")
+    p = argparse.ArgumentParser(description="CSOL (TPAMI 2021): see the module docstring")
     C.add_standard_args(p)
     p.add_argument("--stage", choices=["1", "2", "both"], default="both", help="which stage(s) --train runs")
     p.add_argument("--epochs2", type=int, help="stage-two epochs (official 5)")
@@ -142,6 +91,41 @@ def build_parser():
     p.add_argument("--cocktail-test-split", help="class-aware test ids (default ROOT/splits/cocktail_test.txt)")
     p.add_argument("--image-size", type=int, help="input image side (official 224)")
     return p
+
+
+def synthetic_data(log):          # no --data: the built-in synthetic benchmark, made once by data_prep.py
+    import data_prep
+    return data_prep.ensure_synthetic(log=log)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Audio front end
+# ----------------------------------------------------------------------------------------------------------
+def slaney_mel_matrix(n_fft: int, sr: int, n_mels: int) -> np.ndarray:
+    """librosa.filters.mel's defaults (Slaney mel scale, Slaney area normalisation, 0 to sr / 2): (n_fft//2+1, n_mels)."""
+    f_sp, logstep = 200.0 / 3, np.log(6.4) / 27.0          # linear below 1 kHz (15 mel), logarithmic above
+    hz2mel = lambda f: np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / logstep, f / f_sp)  # noqa
+    mel2hz = lambda m: np.where(m >= 15.0, 1000.0 * np.exp(logstep * (m - 15.0)), f_sp * m)                    # noqa
+    mel_f = mel2hz(np.linspace(hz2mel(0.0), hz2mel(sr / 2.0), n_mels + 2))
+    ramps = mel_f[:, None] - np.linspace(0, sr / 2.0, n_fft // 2 + 1)[None, :]
+    fdiff = np.diff(mel_f)
+    w = np.maximum(0, np.minimum(-ramps[:-2] / fdiff[:-1, None], ramps[2:] / fdiff[1:, None]))
+    return (w * (2.0 / (mel_f[2:n_mels + 2] - mel_f[:n_mels]))[:, None]).T
+
+
+def csol_log_mel(wav: torch.Tensor, sr: int = 16000) -> torch.Tensor:
+    """(B, N) -> (B, 1, 1 + N // 80, 64) (1 s at 16 kHz -> 201x64): STFT n_fft 160, hop 80, periodic Hann, centred
+    with zero padding; 64 Slaney mel bins on the *magnitude* (librosa melspectrogram(S=|STFT|)); power_to_db (amin
+    1e-10) with the top_db=80 floor per clip. In float64 (in float32 the bins near the floor are rounding noise),
+    returned in the input's float dtype."""
+    x = wav.double()
+    w = torch.hann_window(160, periodic=True, dtype=torch.float64, device=x.device)
+    spec = torch.stft(x, n_fft=160, hop_length=80, win_length=160, window=w, center=True, pad_mode="constant",
+                      return_complex=True).abs()                   # (B, 81, T)
+    mel = torch.einsum("fm,bft->btm", torch.from_numpy(slaney_mel_matrix(160, sr, 64)).to(x.device), spec)
+    db = 10.0 * torch.log10(mel.clamp_min(1e-10))
+    db = torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - 80.0)
+    return db.unsqueeze(1).to(wav.dtype if wav.is_floating_point() else torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,10 +285,10 @@ def make_dataset(args, split_file, train: bool):
 
 
 def batch_to_device(batch, device, args, train: bool):
-    """A loader batch -> what a step consumes: (images (B, 3, S, S), log-mels (B, 1, 201, 64)) on the device.
-    --decode fast decodes and augments the frames here (csol_train for training, squash for testing)."""
+    """A loader batch -> (images (B, 3, S, S), log-mels (B, 1, 201, 64)) on the device, or None when every sample was
+    skipped. --decode fast decodes and augments the frames here (csol_train to train, squash to test)."""
     img = C.batch_images(batch, device, args, "csol_train" if train else "squash", args.image_size, RESIZE)
-    return img, C.csol_log_mel(batch["wav"].to(device, non_blocking=True), SR)
+    return None if img is None else (img, csol_log_mel(batch["wav"].to(device, non_blocking=True), SR))
 
 
 def train_step(model, opt, amp, inputs, args):
@@ -332,7 +316,10 @@ def extract_objects(model, ds, args, device, train: bool):
     model.eval()
     feats, ids = [], []
     for batch in loader_for(ds, args, 0, shuffle=False):
-        v_fea, a_fea = model.features(*batch_to_device(batch, device, args, train))
+        inputs = batch_to_device(batch, device, args, train)
+        if inputs is None:
+            continue
+        v_fea, a_fea = model.features(*inputs)
         feats.append(object_features(v_fea, model.loc_map(v_fea, a_fea), args.mask_threshold, args.obj_pool).cpu())
         ids += batch["ids"]
     return torch.cat(feats).numpy(), ids
@@ -365,7 +352,7 @@ def train_stage1(args, device, log, run_dir, ck=None):
     ann = C.load_annotations(args.annotations)
     names = stage1_classes(args, ann)
     log(f"stage one: {len(train_ds)} single-source clips, val {len(val_ds)}; K = {args.clusters}; audio 1 s -> "
-        f"log-mel {tuple(C.csol_log_mel(torch.zeros(1, SR)).shape[2:])}")
+        f"log-mel {tuple(csol_log_mel(torch.zeros(1, SR)).shape[2:])}")
     t0 = time.time()
     for epoch in range(start, args.epochs):
         C.seed_everything(args.seed * 1000 + epoch)
@@ -375,7 +362,7 @@ def train_stage1(args, device, log, run_dir, ck=None):
             if args.max_steps and step >= args.max_steps:
                 break
             inputs = batch_to_device(batch, device, args, True)
-            if len(inputs[0]) == 0:                                       # every sample skipped (--skip-bad)
+            if inputs is None:                                            # every sample skipped (--skip-bad)
                 continue
             loss = train_step(model, opt, amp, inputs, args)              # Eq. 2
             tot, n = tot + loss.item(), n + 1
@@ -395,9 +382,10 @@ def train_stage1(args, device, log, run_dir, ck=None):
                 for step, batch in enumerate(loader_for(train_ds, args, epoch * 10 + it + 1)):
                     if args.max_steps and step >= args.max_steps:
                         break
-                    img, spec = batch_to_device(batch, device, args, True)
-                    if len(img) == 0:
+                    inputs = batch_to_device(batch, device, args, True)
+                    if inputs is None:
                         continue
+                    img, spec = inputs
                     y = torch.tensor([lab[i] for i in batch["ids"]], device=device)
                     with amp.autocast():
                         v_fea, a_fea = model.features(C.channels_last(img), spec)
@@ -453,9 +441,10 @@ def train_stage2(args, device, log, run_dir, model, stage1_info, ck=None):
         for step, batch in enumerate(C.progress(loader_for(train_ds, args, 500 + epoch), f"stage 2 {epoch + 1}")):
             if args.max_steps and step >= args.max_steps:
                 break
-            img, spec = batch_to_device(batch, device, args, True)
-            if len(img) == 0:                                             # every sample skipped (--skip-bad)
+            inputs = batch_to_device(batch, device, args, True)
+            if inputs is None:                                            # every sample skipped (--skip-bad)
                 continue
+            img, spec = inputs
             img = C.channels_last(img)
             with amp.autocast():                                          # trunks in mixed precision on CUDA
                 v_fea, a_fea = model.features(img, spec)
@@ -527,38 +516,30 @@ def train(args):
 
 
 def benchmark(args):
-    """--benchmark: samples/s of the loader, of train_step (stage one, Eq. 2) and end to end, peak memory
-    (common.run_benchmark); trains a few steps on the side, writes benchmark.json, never a checkpoint."""
-    C.single_process("--benchmark")
-    device, run_dir = C.resolve_device(args.device), C.make_run_dir(args, METHOD)
-    C.seed_everything(args.seed)
-    model = build_model(args).to(device)
-    C.gpu_habits(args, device, model.imgnet, [model.imgnet, model.audnet])
+    """--benchmark (common.run_benchmark): stage one's localization step (Eq. 2; what the paper preset trains most),
+    timed; writes benchmark.json, never a checkpoint."""
+    run = C.Run(args, METHOD)
+    model = build_model(args).to(run.device)
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("h_v", "h_a"))],
                            lr=args.lr, weight_decay=1e-4)
-    make_loader = lambda: loader_for(make_dataset(args, args.train_split, True), args, 0)   # noqa: E731
-    return C.run_benchmark(args, METHOD, device, run_dir, C.RunLog(run_dir / "log.txt"), make_loader,
-                           batch_to_device, train_step, model, opt, C.Amp(device, args.amp))
+    net, amp = run.prepare(model, opt, model.imgnet, [model.imgnet, model.audnet])
+    return C.run_benchmark(run, lambda: make_dataset(args, args.train_split, True), batch_to_device, train_step,
+                           net, opt, amp)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
-# --negatives: the raw l (sigmoid, fixed scale [0, 1]) thresholded at 0.5 after the resize to 224
-# (--neg-threshold changes it).
-NEG_THRESHOLD, NEG_SCALE = 0.5, "l sigmoid in [0, 1]"
-
-
 @torch.no_grad()
 def compute_outputs(model, ds, args, device, with_classes=False):
     """{id: l} (single-source map) and, with_classes, {id: S (K, h, w)} (Eq. 13)."""
     model.eval()
     loc, cls = {}, {}
     for batch in loader_for(ds, args, 0, shuffle=False):
-        img, spec = batch_to_device(batch, device, args, False)
-        ids = batch["ids"]
-        if not ids:
+        inputs = batch_to_device(batch, device, args, False)
+        if inputs is None:
             continue
+        img, spec, ids = *inputs, batch["ids"]
         v_fea, a_fea = model.features(img, spec)
         l = model.loc_map(v_fea, a_fea)
         S = final_maps(class_maps(model, v_fea, l, not args.no_obj_affine), args.map_temp) if with_classes else None
@@ -587,6 +568,29 @@ def match_clusters(y, pseudo, n_classes, K):
     return hungarian_assign(L), nmi_score(y, pseudo)
 
 
+def class_aware_scores(class_maps: dict, sounding: dict, silent, ciou_frac: float = 0.5, nsa_tau: float = 0.2):
+    """One cocktail image, as the official eval.py: class_maps {class: 2-D map}, sounding {class: [boxes]}, silent: the
+    classes without a sounding box; maps resized in float32 (cv2-style). -> (ciou_n, nsa_n): the mean over sounding
+    classes of IoU(map > ciou_frac max(map), boxes) (threshold in float64, compared in float32), NaN without a
+    sounding box (np.mean of nothing); the mean over silent classes of the share of pixels <= nsa_tau (or None)."""
+    ious = []
+    for c, boxes in sounding.items():
+        m = C.resize_map(class_maps[c])
+        P = torch.from_numpy(m > np.float32(ciou_frac * float(m.max())))
+        ious.append(C.ciou(P, torch.from_numpy(C.boxes_to_map(boxes, "union"))).item())
+    nsa = [float(np.mean(C.resize_map(class_maps[c]) <= np.float32(nsa_tau))) for c in silent]
+    return (float(np.mean(ious)) if ious else float("nan")), (float(np.mean(nsa)) if nsa else None)
+
+
+def summarize_class_aware(cious, nsas) -> dict:
+    """CIoU@0.3 = share of images whose mean class IoU >= 0.05*6 (eval.py literally: 0.30000000000000004), AUC and
+    CIoU@0.5 over the same scores (an image without a sounding box is NaN and fails every threshold, as official),
+    the mean class IoU over the images with a sounding box, NSA = the mean silent-area score."""
+    s, arr, valid = C.summarize(cious, nan_mean="skip"), np.asarray(cious, np.float64), [v for v in nsas if v is not None]
+    return {"ciou@0.3": float(np.sum(arr >= 0.05 * 6) / len(arr)) if len(arr) else float("nan"), **s,
+            "nsa": float(np.mean(valid)) if valid else float("nan")}
+
+
 def box_activation(m, box) -> float:
     """Mean of a class map (resized to 224) inside one normalised box."""
     x1, y1, x2, y2 = C.rasterize_box(box)
@@ -610,12 +614,12 @@ def class_aware_eval(cls_maps, ann, ids, assign, names, frac=0.5, tau=0.2):
             if o["sounding"]:
                 snd.setdefault(o["class"], []).append(o["bbox"])
         silent = [c for c in names if c not in snd]
-        ciou_n, nsa_n = C.class_aware_scores(per_class, snd, silent, frac, tau)
+        ciou_n, nsa_n = class_aware_scores(per_class, snd, silent, frac, tau)
         cious.append(ciou_n)
         nsas.append(nsa_n)
         examples.append(f"{vid}: sounding {sorted(snd)}, silent-in-frame "
                         f"{sorted(o['class'] for o in ann[vid]['objects'] if not o['sounding'])}")
-    out = C.summarize_class_aware(cious, nsas)
+    out = summarize_class_aware(cious, nsas)
     out["act_sounding_box"], out["act_silent_box"] = float(np.nanmean(act_snd)), float(np.nanmean(act_sil))
     return out, examples
 
@@ -632,7 +636,7 @@ def load_model(path, args, device):
     return model.to(device), ck
 
 
-def run_eval(args, device, log, seconds_train=None):
+def run_eval(args, device, log, seconds_train=0.0):
     t0 = time.time()
     model, ck = load_model(args.ckpt, args, device)
     ann = C.load_annotations(args.annotations)
@@ -642,7 +646,7 @@ def run_eval(args, device, log, seconds_train=None):
     if args.negatives:
         thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
         res["negatives"], res["negatives_maps"] = C.run_negatives(
-            lambda d: compute_outputs(model, d, args, device)[0], ds, ann, thr, NEG_SCALE, args.align_corners, log)
+            lambda d: compute_outputs(model, d, args, device)[0], ds, ann, thr, NEG_SCALE, args.align_corners)
     extra = {"stage": ck.get("stage")}
     names = args.classes
     if ck.get("stage") == 2 and names and ck.get("assignment") and Path(args.cocktail_test_split).is_file():
@@ -669,60 +673,41 @@ def run_eval(args, device, log, seconds_train=None):
         extra["class_aware"] = {"test": ca, "random_assignment": rand_mean, "audio_swapped": ca_sw, "nmi": nmi,
                                 "n": len(cdata), "split": str(args.cocktail_test_split),
                                 "assignment": [names[i] for i in assign]}
-    return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0), "l (Eq. 1)",
+    return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + seconds_train, "l (Eq. 1)",
                           extra)
 
 
 @torch.no_grad()
-def predict(args, device, log):
-    if not (args.ckpt and args.image and args.audio):
-        raise C.UserError("--predict needs --ckpt, --image and --audio")
+def predict(args, log=print):
+    device = C.resolve_device(args.device)
     model, _ = load_model(args.ckpt, args, device)
     model.eval()
-    frame = C.load_image(args.image)
-    x, sr = C.read_wav(args.audio)
-    if sr != SR:
-        raise C.UserError(f"{args.audio}: {sr} Hz; CSOL expects {SR} Hz (convert with data_prep.py)")
-    img = C.image_transform("squash", args.image_size, RESIZE)(frame)[None].to(device)
-    wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, "center"))[None].to(device)
-    v_fea, a_fea = model.features(img, C.csol_log_mel(wav, SR))
-    heat = model.loc_map(v_fea, a_fea)[0].cpu().numpy()
-    out = args.out or "heat.png"
-    C.save_overlay_png(out, C.denormalize(img[0].cpu()), heat)
-    log(f"heat map (l, Eq. 1) written to {out}")
+    img = C.image_transform("squash", args.image_size, RESIZE)(C.load_image(args.image))[None].to(device)
+    wav, _, _ = C.read_wav_window(args.audio, CLIP_SECONDS, "center", sample_rate=SR)     # the test's window
+    v_fea, a_fea = model.features(img, csol_log_mel(torch.from_numpy(wav)[None].to(device), SR))
+    C.save_overlay_png(args.out or "heat.png", C.denormalize(img[0]), model.loc_map(v_fea, a_fea)[0].cpu().numpy())
+    log(f"heat map (l, Eq. 1) written to {args.out or 'heat.png'}")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
-    if not (args.train or args.eval or args.predict or args.benchmark):
-        raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
-    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
+    args = C.parse_args(build_parser(), argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise C.UserError("csol_classaware.py runs in one process (k-means needs every object feature in one place); "
                           "launch it with python, not torchrun")
-    log = C.RunLog()
-    if args.predict:
-        args.preset = args.preset or "paper"
-        C.apply_preset(args, PRESETS)
-        return predict(args, C.resolve_device(args.device), log)
-    C.resolve_data(args, log)
-    C.apply_preset(args, PRESETS)
-    root = Path(args.data)
+    C.setup(args, PRESETS, synthetic_data, protocol="rel0.1", align_corners=False)   # the official tools.py
     for k in ("train", "val", "test"):
-        if getattr(args, f"cocktail_{k}_split") is None:
-            setattr(args, f"cocktail_{k}_split", str(root / "splits" / f"cocktail_{k}.txt"))
-    args.protocol = args.protocol or "rel0.1"      # CSOL's single-source tools.py: map > 0.1 max
-    args.align_corners = bool(args.align_corners)  # official: cv2.resize INTER_LINEAR (half-pixel)
+        if getattr(args, f"cocktail_{k}_split") is None and args.data:
+            setattr(args, f"cocktail_{k}_split", str(Path(args.data) / "splits" / f"cocktail_{k}.txt"))
+    if args.predict:
+        return predict(args)
     if args.benchmark:
         return benchmark(args)
     if args.train:
-        return C.train_seeds(args, train, log) if args.seeds else train(args)
-    if not args.ckpt:
-        raise C.UserError("--eval needs --ckpt")
-    return run_eval(args, C.resolve_device(args.device), log)
+        return C.train_seeds(args, train) if args.seeds else train(args)
+    return run_eval(args, C.resolve_device(args.device), C.RunLog())
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main(argv=None):
     if not (a.pred and a.gt):
         raise C.UserError("give --pred and --gt (or --table RESULTS...)")
 
-    maps, negs, meta_eval = C.load_maps(a.pred, with_negatives=True)
+    maps, negs, meta_eval = C.load_maps(a.pred)
     if a.align_corners is None:
         a.align_corners = bool(meta_eval.get("align_corners", False))
     ann = C.load_annotations(a.gt)

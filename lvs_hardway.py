@@ -2,75 +2,43 @@
 Andrea Vedaldi, Andrew Zisserman, CVPR 2021.
 Paper: https://arxiv.org/abs/2104.02691    Official code (test only): https://github.com/hche11/Localizing-Visual-Sounds-the-Hard-Way
 
-Idea. Contrastive learning where the positive is the part of the frame that responds to the clip's sound and
-the *hard negative* is the rest of the same frame. The sounding region is not labelled: it is bootstrapped from
-the model's own audio-visual similarity map with a differentiable threshold, and a tri-map leaves the uncertain
-band between two thresholds out of both terms.
+Idea: contrastive learning where the positive is the part of the frame that responds to the clip's sound and the
+*hard negative* is the rest of the same frame. The sounding region is not labelled: it is bootstrapped from the
+model's own audio-visual similarity with a differentiable threshold, and a tri-map leaves the uncertain band between
+two thresholds out of both terms.
 
-Equations implemented (the paper numbers only (1)-(2); the rest are cited by section):
-  (1) V_i = f(I_i) in R^{c x h x w}       (2) A_i = g(a_i) in R^c        (both L2-normalised, no projection head)
-  §3.2  [S_{i->j}]_{uv} = <A_i, [V_j]_{:uv}> / (||A_i|| ||[V_j]_{:uv}||)              the cosine map
-  §3.3  oracle: P_i = <m_i, S_{i->i}>/|m_i|,
-               N_i = <1 - m_i, S_{i->i}>/|1 - m_i|  +  (1/hw) sum_{j != i} <1, S_{i->j}>
-               L = -(1/k) sum_i log( exp(P_i) / (exp(P_i) + exp(N_i)) )
-  §3.4  m_ip = sigmoid((S_{i->i} - eps_p)/tau),  m_in = sigmoid((S_{i->i} - eps_n)/tau)   (tri-map: eps_p > eps_n)
-        P_i = <m_ip, S_{i->i}>/|m_ip|,  N_i = <1 - m_in, S_{i->i}>/|1 - m_in| + easy negatives,  L as above
-  with eps_p = 0.65, eps_n = 0.4, tau = 0.03.
-
-The official repository released no training code. The loss used by default (`--loss official`) is the one its
-AVENet.forward implies (reconstruction in ../shared notes, §1.5 "Logits and loss as implemented"):
-  logits_i = [ P_i , E_i1 ... E_iB , H_i ] / 0.07,   target = column 0 (cross-entropy over the row)
-  P_i = positive as above; H_i = <1 - m_in, S_ii>/|1 - m_in| (the hard negative);
-  E_ik = <m_p(S_ik), S_ik>/|m_p(S_ik)| for every audio k of the batch against image i (a Pos-weighted mean, not
-  the paper's plain mean), with the diagonal k = i multiplied by -99 (official mask 1 - 100*eye; --diag-mask inf
-  removes it additively instead).
-`--loss paper` implements §3.4 literally (no 0.07 temperature, one logit pair per sample, easy negatives = plain
-means of S_{i->j} over the other images j, summed).
+Equations (the paper numbers (1)-(2) only; the rest by section):
+  (1) V_i = f(I_i) in R^{c x h x w}    (2) A_i = g(a_i) in R^c      (L2-normalised, no projection head)
+  3.2  [S_{i->j}]_uv = <A_i, [V_j]_:uv> / (||A_i|| ||[V_j]_:uv||)                   the cosine map
+  3.3  P_i = <m_i, S_ii>/|m_i|,  N_i = <1 - m_i, S_ii>/|1 - m_i| + (1/hw) sum_{j != i} <1, S_{i->j}>,
+       L = -(1/k) sum_i log(exp(P_i) / (exp(P_i) + exp(N_i)))                         (oracle mask m_i)
+  3.4  m_ip = sigmoid((S_ii - eps_p)/tau), m_in = sigmoid((S_ii - eps_n)/tau) (tri-map: eps_p 0.65 > eps_n 0.4,
+       tau 0.03); P_i with m_ip, the hard negative with 1 - m_in, L as above
+  official logits (--loss official, the default; --loss paper: 3.4 literally): [P_i, E_i1..E_iB, H_i] / 0.07,
+       target column 0, H_i = <1 - m_in, S_ii>/|1 - m_in|, E_ik = <m_p(S_ik), S_ik>/|m_p(S_ik)|, E_ii x (-99)
 
 Run:
-  python lvs_hardway.py --train                                                   # synthetic benchmark, cpu preset
-  python lvs_hardway.py --train --seeds 0,1,2        # one run per seed, then a mean ± std table of the runs
-  python lvs_hardway.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt      # paper preset
-  torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT                            # batch 256 over 4 GPUs
-  python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT     # the authors' released checkpoint
+  python lvs_hardway.py --train                      # the synthetic benchmark, cpu preset
+  python lvs_hardway.py --train --seeds 0,1,2        # one run per seed, then their mean ± std
+  python lvs_hardway.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt       # paper preset
+  torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT                             # batch 256 on 4 GPUs
+  python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT      # the authors' released checkpoint
   python lvs_hardway.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
-  python lvs_hardway.py --benchmark --data ROOT --preset paper --no-pretrained --workers 8     # samples/s, memory
-  Table 4 ablations: --no-trimap (model a/b), --no-hard-neg, --epsilon-p 0.6 --epsilon-n 0.45 (models c-f).
+  Table 4 ablations: --no-trimap (models a/b), --no-hard-neg, --epsilon-p 0.6 --epsilon-n 0.45 (models c-f).
 
-Deviations (from the paper P, from the official code O), and why:
-  1. (O) The training loop is a reconstruction: the official repository has none (issue #7 there). Inferred
-     choices: target index 0, the multiplicative -99 diagonal mask, Pos-weighted easy negatives, /0.07.
-  2. (O) ImageNet weights are loaded into the visual trunk *after* the official re-initialisation of both
-     encoders (the official resnet18(pretrained=True) ignores the flag; the paper says ImageNet-pretrained).
-  3. (P) Audio: 16 kHz (data_prep.py), so the 3 s training input is 257x200 (the paper's "257x300" is
-     inconsistent with its 17x13 audio map; 257x200 gives 17x13). Testing uses the first 10 s, tiled when shorter
-     (official), 257x671.
-  4. (O) Test images are resized to 224x224 without cropping (the paper; boxes are full-frame); the official
-     test crops the centre (--test-transform center_crop reproduces it).
-  5. (O) Evaluation: the official test.py rule exactly (`median_strict`: p = 1 - normalize_img(-map), pixels
-     strictly above the per-image median plus those equal to 1, in float32; bilinear align_corners=False for
-     cv2.resize); `--protocol median` is EZ-VSL's >= variant.
-  6. (O) Runs on CPU (the official forward builds its mask with .cuda()); AVENet needs no undeclared argument.
-  7. (O) Checkpoint selection on a validation split (the paper does not say how it selected).
-  8. cpu preset (synthetic benchmark only): small CNNs (visual stride 8: 112 px -> 14x14, as the stride-16
-     ResNet at 224), batch 64, lr 5e-4.
-  9. (O) The data path (--decode fast, the default): frames are decoded, resized, cropped, flipped per batch with
-     torch ops on the training device (nvJPEG on CUDA), training crops from the pre-resized frame cache on real
-     data. Against the official per-sample PIL pipeline (--decode pil, kept bit for bit): identical pixels from the
-     cache; otherwise at most 2 grey levels (max |diff| 0.035 after ImageNet normalisation), mean 1e-4 (CPU, torch's
-     uint8 bicubic; photo-like 640x360 and 1280x720 JPEGs and the synthetic frames; 2026-11-28, 2-core CPU). On CUDA
-     the resize runs in float32 (max 0.07, mean 0.003, measured on CPU); nvJPEG's decode is not measured (no GPU
-     here). The crop/flip draws are torchvision's own calls in its order, made in the main process: with --workers 0
-     the same seed gives --decode pil's augmentation (with workers, pil draws in each worker's stream). Audio: the
-     window is read straight from the WAV (identical samples); a clip shorter than a quarter of the window is an
-     error (the official code tiles it silently), tiled clips are counted in the log; the log spectrogram is
-     computed in float32 (max |diff| to float64 6e-7 on 10 s clips).
-  10. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
-      audio; the raw S_ii (cosine, fixed scale [-1, 1]) is thresholded at eps_p = 0.65 after the resize to 224
-      (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
-  11. (O) On CUDA, training runs in mixed precision by default (bfloat16 where supported, else float16 with a
-      gradient scaler; the official code trains in float32, which --no-amp restores); losses, maps and audio
-      front ends stay in float32, image trunks use channels_last. Not yet run on a GPU (none in this environment).
+Deviations from the paper (P) and the official code (O), one line each (details and measurements: README):
+  1. (O) the training loop is a reconstruction (none was released): target 0, the x(-99) diagonal, Pos-weighted E, /0.07.
+  2. (O) ImageNet weights are loaded after the official re-initialisation (official resnet18(pretrained) ignores it).
+  3. (P) audio at 16 kHz: 3 s -> 257x200 and the paper's 17x13 map; the test uses the first 10 s (official), tiled.
+  4. (O) test images are squashed to 224x224, no crop (the paper; --test-transform center_crop: official).
+  5. (O) the official test rule exactly (median_strict, float32, cv2-style bilinear); --protocol median: EZ-VSL's.
+  6. (O) runs on CPU too (the official forward builds its mask with .cuda()).
+  7. (O) checkpoint selection on a validation split (the paper does not say how it selected).
+  8. cpu preset (synthetic data): small CNNs (visual stride 8: 112 px -> 14x14), batch 64, lr 5e-4, 12 epochs.
+  9. (O) --decode fast: batched decode and augmentation on the device, <= 2 grey levels from --decode pil (exact).
+  10. (O) audio shorter than a quarter of the window is an error (official: tiled silently); shorter ones are tiled.
+  11. --negatives (beyond the paper): raw S_ii >= eps_p = 0.65 (--neg-threshold); SLAVC AP / max-F1 and pIA.
+  12. (O) CUDA: mixed precision by default (--no-amp: float32, as official); loss and maps in float32.
 """
 import argparse
 import time
@@ -93,10 +61,11 @@ PRESETS = {
     "cpu": dict(epochs=12, batch_size=64, lr=5e-4, image_size=112, encoder="small"),
 }
 SR, TRAIN_SECONDS, TEST_SECONDS = 16000, 3.0, 10.0
+NEG_THRESHOLD, NEG_SCALE = 0.65, "S_ii cosine in [-1, 1]"     # --negatives: eps_p, the positive-mask threshold
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="LVS (CVPR 2021) - see the module docstring")
+    p = argparse.ArgumentParser(description="LVS (CVPR 2021): see the module docstring")
     C.add_standard_args(p)
     p.add_argument("--loss", choices=["official", "paper"], default="official", help="loss form (see the docstring)")
     p.add_argument("--epsilon-p", type=float, default=0.65, help="positive threshold eps_p (official 0.65)")
@@ -111,6 +80,11 @@ def build_parser():
                    help="test image resize: squash (paper, no crop) or center_crop (official test.py)")
     p.add_argument("--image-size", type=int, help="input image side (official 224)")
     return p
+
+
+def synthetic_data(log):          # no --data: the built-in synthetic benchmark, made once by data_prep.py
+    import data_prep
+    return data_prep.ensure_synthetic(log=log)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,10 +209,10 @@ def make_dataset(args, split_file, train: bool):
 
 
 def batch_to_device(batch, device, args, train: bool):
-    """A loader batch -> what a step consumes: (images (B, 3, S, S), log spectrograms (B, 1, 257, T)) on the
-    device. --decode fast decodes and augments the frames here (crop_flip for training, --test-transform else)."""
+    """A loader batch -> (images (B, 3, S, S), log spectrograms (B, 1, 257, T)) on the device, or None when every
+    sample was skipped. --decode fast decodes and augments the frames here (crop_flip, or --test-transform)."""
     img = C.batch_images(batch, device, args, "crop_flip" if train else args.test_transform, args.image_size)
-    return img, C.log_spectrogram(batch["wav"].to(device, non_blocking=True), SR)
+    return None if img is None else (img, C.log_spectrogram(batch["wav"].to(device, non_blocking=True), SR))
 
 
 def train_step(net, opt, amp, inputs, args):
@@ -253,101 +227,57 @@ def train_step(net, opt, amp, inputs, args):
 
 
 def train(args):
-    run = C.Run(args, METHOD)                         # DDP / device, seed, run folder (or --resume), log
-    device, world, main_proc, ck, run_dir, log = run.device, run.world, run.main, run.ck, run.dir, run.log
-    log(f"LVS | loss {args.loss} | data {args.data} | preset {args.preset} | device {device} x{world} | run {run_dir}")
-    model = build_model(args).to(device)
-    C.gpu_habits(args, device, model.imgnet, [model])    # CUDA: cudnn.benchmark, channels_last; --compile
+    run = C.Run(args, METHOD)                          # preflight, DDP / device, seed, run folder or --resume, log
+    run.log(f"LVS | loss {args.loss} | data {args.data} | preset {args.preset} | device {run.device} x{run.world} | "
+            f"run {run.dir}")
+    model = build_model(args).to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    start, best, history = 0, -1.0, []
-    if ck:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        start, best, history = ck["epoch"], ck["best"], ck["history"]
-        log(f"resumed from {args.resume} at epoch {start}")
-    net = run.wrap(model)
-    amp = C.Amp(device, args.amp)
+    net, amp = run.prepare(model, opt, model.imgnet)   # resumed state, CUDA habits, DDP
     train_ds, val_ds = make_dataset(args, args.train_split, True), make_dataset(args, args.val_split, False)
     ann = C.load_annotations(args.annotations)
-    log(f"train {len(train_ds)} clips, val {len(val_ds)}; batch {run.per_proc} x {world}; audio {SR} Hz: train "
-        f"{TRAIN_SECONDS:.0f} s centred -> {tuple(C.log_spectrogram(torch.zeros(1, int(SR * TRAIN_SECONDS)), SR).shape[2:])}, "
-        f"test first {TEST_SECONDS:.0f} s -> {tuple(C.log_spectrogram(torch.zeros(1, int(SR * TEST_SECONDS)), SR).shape[2:])}")
-    t0 = time.time()
-    for epoch in range(start, args.epochs):
-        loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
+    run.log(f"train {len(train_ds)} clips, val {len(val_ds)}; batch {run.per_proc} x {run.world}; audio {SR} Hz: train "
+            f"{TRAIN_SECONDS:g} s centred -> 257x200, test the first {TEST_SECONDS:g} s -> 257x671")
+    for epoch in run.epochs():
         net.train()
-        tot, n = 0.0, 0
-        for step, batch in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
-            if args.max_steps and step >= args.max_steps:
-                break
-            inputs = batch_to_device(batch, device, args, True)
-            if len(inputs[0]) == 0:                          # every sample skipped (--skip-bad)
-                continue
-            loss = train_step(net, opt, amp, inputs, args)
-            tot, n = tot + loss.item(), n + 1
-        tot, n = run.sums(tot, n)                        # over every DDP rank: the logged loss is their mean
-        if main_proc:
-            res = evaluate(model, val_ds, ann, args, device, baselines=False)
-            score = res["test"]["ciou@0.5"]
-            history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "val": res["test"]})
-            log(f"epoch {epoch + 1}/{args.epochs} loss {tot / max(n, 1):.4f} | val {C.fmt_metrics(res['test'])} "
-                f"({res['protocol']}, N={res['n']}) | {time.time() - t0:.0f}s")
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                     "best": max(best, score), "history": history, "args": vars(args)}
-            C.save_checkpoint(run_dir / "last.pt", state)
-            if score >= best:
-                best = score
-                C.save_checkpoint(run_dir / "best.pt", state)
-        if world > 1:
-            torch.distributed.barrier()
-    if main_proc:
-        log(f"training done in {time.time() - t0:.0f}s; best val cIoU@0.5 {100 * best:.2f}; testing best.pt")
-        args.ckpt, args.out = str(run_dir / "best.pt"), str(run_dir)
-        run_eval(args, device, log, seconds_train=time.time() - t0)
+        losses = []
+        for batch in run.batches(train_ds, epoch):     # reseeded per epoch: exact resume
+            inputs = batch_to_device(batch, run.device, args, True)
+            if inputs is not None:
+                losses.append(train_step(net, opt, amp, inputs, args).item())
+        run.end_epoch(epoch, {"loss": losses}, lambda: evaluate(model, val_ds, ann, args, run.device, baselines=False))
+    if run.finish():
+        run_eval(args, run.device, run.log, run.seconds())
 
 
 def benchmark(args):
-    """--benchmark: samples/s of the loader, of train_step and end to end, peak memory (common.run_benchmark);
-    trains a few steps on the side, writes benchmark.json, never a checkpoint."""
-    C.single_process("--benchmark")
-    run = C.Run(args, METHOD)                         # device, seed, run folder, log
+    """--benchmark (common.run_benchmark): a few training steps, timed; writes benchmark.json, never a checkpoint."""
+    run = C.Run(args, METHOD)
     model = build_model(args).to(run.device)
-    C.gpu_habits(args, run.device, model.imgnet, [model])
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    make_loader = lambda: run.loader(make_dataset(args, args.train_split, True), args, 0)   # noqa: E731
-    return C.run_benchmark(args, METHOD, run.device, run.dir, run.log, make_loader, batch_to_device, train_step,
-                           model, opt, C.Amp(run.device, args.amp))
+    net, amp = run.prepare(model, opt, model.imgnet)
+    return C.run_benchmark(run, lambda: make_dataset(args, args.train_split, True), batch_to_device, train_step,
+                           net, opt, amp)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
-# --negatives: the raw S_ii (cosine, fixed scale [-1, 1]) thresholded at eps_p = 0.65 (the loss's positive-mask
-# threshold) after the resize to 224 (--neg-threshold changes it).
-NEG_THRESHOLD, NEG_SCALE = 0.65, "S_ii cosine in [-1, 1]"
-
-
 @torch.no_grad()
-def compute_maps(model, ds, device, args, batch_size=32, workers=0):
+def compute_maps(model, ds, device, args):
     model.eval()
     maps = {}
-    for batch in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers,
+    for batch in torch.utils.data.DataLoader(ds, min(args.batch_size, 64), num_workers=args.workers,
                                              collate_fn=C.collate_av):
-        img, spec = batch_to_device(batch, device, args, False)
-        if not batch["ids"]:
-            continue
-        V, A = model(img, spec)
-        for vid, m in zip(batch["ids"], localization_map(V, A).cpu().numpy()):
-            maps[vid] = m
+        inputs = batch_to_device(batch, device, args, False)
+        if inputs is not None:
+            maps.update(zip(batch["ids"], localization_map(*model(*inputs)).cpu().numpy()))
     return maps
 
 
 def evaluate(model, ds, ann, args, device, baselines=True):
-    maps = compute_maps(model, ds, device, args, min(args.batch_size or 32, 64), args.workers)
-    res = C.evaluate_maps(maps, ann, ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners,
-                          baselines=baselines)
-    res["maps"] = maps
-    return res
+    maps = compute_maps(model, ds, device, args)
+    return dict(C.evaluate_maps(maps, ann, ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners,
+                                baselines=baselines), maps=maps)
 
 
 def load_model(path, args, device):
@@ -370,63 +300,44 @@ def load_model(path, args, device):
     return model.to(device).eval()
 
 
-def run_eval(args, device, log, seconds_train=None):
+def run_eval(args, device, log, seconds_train=0.0):
     t0 = time.time()
     model = load_model(args.ckpt, args, device)
-    ds = make_dataset(args, args.test_split, False)
-    ann = C.load_annotations(args.annotations)
+    ds, ann = make_dataset(args, args.test_split, False), C.load_annotations(args.annotations)
     res = evaluate(model, ds, ann, args, device)
     swapped = evaluate(model, C.SwapAudio(ds), ann, args, device, baselines=False) if len(ds) > 1 else None
     if args.negatives:
         thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
         res["negatives"], res["negatives_maps"] = C.run_negatives(
-            lambda d: compute_maps(model, d, device, args, min(args.batch_size or 32, 64), args.workers), ds, ann, thr,
-            NEG_SCALE, args.align_corners, log)
-    return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0), "S_ii",
+            lambda d: compute_maps(model, d, device, args), ds, ann, thr, NEG_SCALE, args.align_corners)
+    return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + seconds_train, "S_ii",
                           {"loss": getattr(args, "loss", "official")})
 
 
 @torch.no_grad()
-def predict(args, device, log):
-    if not (args.ckpt and args.image and args.audio):
-        raise C.UserError("--predict needs --ckpt, --image and --audio")
+def predict(args, log=print):
+    device = C.resolve_device(args.device)
     model = load_model(args.ckpt, args, device)
-    frame = C.load_image(args.image)
-    x, sr = C.read_wav(args.audio)
-    if sr != SR:
-        raise C.UserError(f"{args.audio}: {sr} Hz; LVS expects {SR} Hz (convert with data_prep.py)")
-    img = C.image_transform(args.test_transform, args.image_size)(frame)[None].to(device)
-    wav = torch.from_numpy(C.clip_window(x, sr, TEST_SECONDS, "start"))[None].to(device)
-    heat = localization_map(*model(img, C.log_spectrogram(wav, SR)))[0].cpu().numpy()
-    out = args.out or "heat.png"
-    C.save_overlay_png(out, C.denormalize(img[0].cpu()), heat)
-    log(f"heat map written to {out}")
+    img = C.image_transform(args.test_transform, args.image_size)(C.load_image(args.image))[None].to(device)
+    wav, _, _ = C.read_wav_window(args.audio, TEST_SECONDS, "start", sample_rate=SR)     # the test's window
+    heat = localization_map(*model(img, C.log_spectrogram(torch.from_numpy(wav)[None].to(device), SR)))
+    C.save_overlay_png(args.out or "heat.png", C.denormalize(img[0]), heat[0].cpu().numpy())
+    log(f"heat map written to {args.out or 'heat.png'}")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
-    if not (args.train or args.eval or args.predict or args.benchmark):
-        raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
-    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
-    log = C.RunLog()
+    args = C.parse_args(build_parser(), argv)
+    C.setup(args, PRESETS, synthetic_data, protocol="median_strict", align_corners=False)   # the official test.py
     if args.predict:
-        args.preset = args.preset or "paper"
-        C.apply_preset(args, PRESETS)
-        return predict(args, C.resolve_device(args.device), log)
-    C.resolve_data(args, log)
-    C.apply_preset(args, PRESETS)
-    args.protocol = args.protocol or "median_strict"     # the official LVS test script, exactly
-    args.align_corners = bool(args.align_corners)       # official: cv2.resize INTER_LINEAR (half-pixel)
+        return predict(args)
     if args.benchmark:
         return benchmark(args)
     if args.train:
-        return C.train_seeds(args, train, log) if args.seeds else train(args)
-    if not args.ckpt:
-        raise C.UserError("--eval needs --ckpt")
-    return run_eval(args, C.resolve_device(args.device), log)
+        return C.train_seeds(args, train) if args.seeds else train(args)
+    return run_eval(args, C.resolve_device(args.device), C.RunLog())
 
 
 if __name__ == "__main__":

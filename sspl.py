@@ -2,88 +2,51 @@
 Scenes", Zengjie Song, Yuxi Wang, Junsong Fan, Tieniu Tan, Zhaoxiang Zhang, CVPR 2022.
 Paper: https://arxiv.org/abs/2203.13412    Official code: https://github.com/zjsong/SSPL
 
-Idea. No negatives at all. Two augmented views of a frame are pooled with the *same* audio-driven attention map
-and a SimSiam predictor learns to predict one view's audio-visual representation from the other's (with a
-stop-gradient against collapse). The attention map itself, a cosine between the audio and every location, is the
-localization map. The predictive coding module (PCM) refines the visual features by iteratively predicting the
-audio feature from them (feedback) and correcting them with the prediction errors (feedforward).
+Idea: no negatives. Two augmented views of a frame are pooled with the *same* audio-driven attention map, and a
+SimSiam predictor learns to predict one view's audio-visual representation from the other's (a stop-gradient
+prevents collapse). The attention map, a cosine between the audio and every location, is the localization map. The
+predictive coding module (PCM) refines the visual features by predicting the audio feature from them (feedback) and
+correcting them with the prediction errors (feedforward).
 
-Equations implemented (paper numbering; S = supplement):
+Equations (paper numbering; S = supplement):
   (1)-(2) f_v = Enc_v(I) (frozen VGG16 conv5_3, 512x14x14),  f_a = Enc_a(a) (frozen VGGish, 128-d)
-  (3) S^n(i,j) = <f~_a, f_v^n(:,i,j)> / (||f~_a|| ||f_v^n(:,i,j)||),   f~_a = g(f_a), g = FC(512)-ReLU-FC(512)
-  (4) f_av^n(k) = sum_ij S~^n(i,j) f_v^n(k,i,j)          (5) S~^n = (S^n - min S^n) / (max S^n - min S^n)
-  (6) L_NCS(z1, z2) = -<Pred(z1), z2> / (||Pred(z1)|| ||z2||),  z^n = MLP(f_av^n)
-  (8) L_SSPL = 1/2 L_NCS(z1, SG(z2)) + 1/2 L_NCS(z2, SG(z1))           (Eq. 7 with the stop-gradient)
-  PCM, Algorithm S1, layers r1 (3x3), r2 (7x7), r3 (14x14), r0 = f_a:
-  (9)  p_l(t) = W_{l+1,l}^T r_{l+1}(t)               (10) r_l(t) <- phi((1 - b_l) r_l(t-1) + b_l p_l(t))
-  (11) e_{l-1}(t) = r_{l-1}(t) - p_{l-1}(t)          (12) r_l(t) <- phi(r_l(t) + a_l W_{l-1,l}^T e_{l-1}(t))
-  with p_L = f_v, p_0 = phi(W_{1,0}^T r_1) pooled, phi = GELU; the output f~_v = 1x1conv(r_L(T)) replaces f_v in (3)-(4).
+  (3) S^n(i,j) = cos(f~_a, f_v^n(:,i,j)),  f~_a = g(f_a), g = FC(512)-ReLU-FC(512)
+  (4) f_av^n(k) = sum_ij S~^n(i,j) f_v^n(k,i,j)       (5) S~^n = (S^n - min S^n) / (max S^n - min S^n)
+  (6) L_NCS(z1, z2) = -cos(Pred(z1), z2),  z^n = MLP(f_av^n)    (8) L = 1/2 L_NCS(z1, SG(z2)) + 1/2 L_NCS(z2, SG(z1))
+  PCM (Algorithm S1; layers r1 3x3, r2 7x7, r3 14x14, r0 = f_a, phi = GELU; f~_v = 1x1conv(r_L(T)) replaces f_v):
+  (9) p_l(t) = W_{l+1,l}^T r_{l+1}(t)       (10) r_l(t) <- phi((1 - b_l) r_l(t-1) + b_l p_l(t))
+  (11) e_{l-1}(t) = r_{l-1}(t) - p_{l-1}(t) (12) r_l(t) <- phi(r_l(t) + a_l W_{l-1,l}^T e_{l-1}(t))
 
 Run:
-  python sspl.py --train                       # synthetic benchmark, cpu preset, with PCM (--no-pcm without)
-  python sspl.py --train --seeds 0,1,2        # one run per seed, then a mean ± std table of the runs
+  python sspl.py --train                       # the synthetic benchmark, cpu preset, with PCM (--no-pcm without)
+  python sspl.py --train --seeds 0,1,2         # one run per seed, then their mean ± std
   python sspl.py --train --data ROOT --train-split ROOT/splits/flickr_10k.txt --vggish-weights vggish-10086976.pth
   python sspl.py --train --data ROOT --no-pcm --lr-table vggsound ...          # VGG-Sound w/o PCM (Table S1)
-  torchrun --nproc_per_node=2 sspl.py --train --data ROOT ...                   # 2 x 128 = 256 (paper)
-  python sspl.py --eval --ckpt runs/<run>/best.pt --data ROOT --pcm-cycles 8    # Fig. 6: other test-time T
+  torchrun --nproc_per_node=2 sspl.py --train --data ROOT ...                   # 2 x 128 = 256 (the paper)
+  python sspl.py --eval --ckpt runs/<run>/best.pt --pcm-cycles 8                # Fig. 6: another test-time T
   python sspl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
-  python sspl.py --benchmark --data ROOT --preset paper --no-pretrained --workers 8        # samples/s, memory
+  The epoch line's f_av_std: SimSiam's collapse monitor, the mean per-dimension std of the L2-normalised f_av
+  (about 1/sqrt(c) when spread out, 0 when collapsed).
 
-Deviations (from the paper P, from the official code O), and why:
-  1. (O) Checkpoint selection on a validation split (the official code saves the best epoch by *test-set*
-     cIoU, so its reported numbers are best-epoch-on-test).
-  2. (O) Under DDP the gradients are really averaged across GPUs (the official NetWrapper bypasses DDP's
-     forward, so each GPU stepped on its own 128-sample gradient); BatchNorm is per GPU (official: SyncBN).
-  3. (O) The number of PCM cycles at test time may differ from training (--pcm-cycles; the paper's Fig. 6):
-     cycles beyond the trained ones reuse the last cycle's BatchNorm, fewer cycles use the first ones. The
-     official per-cycle BN keys made this impossible without code changes. T counts as the official code does:
-     an initial pass plus --pcm-cycles (4 -> the paper's T = 5).
-  4. (O, kept) As the official code: a_l, b_l are per-channel (1x512x1x1) under ReLU, init 1.0 / 0.5, no weight
-     decay; the top layer's feedback update has no BN; the init pass has BN+GELU on predictions; f~_a is the
-     mean of g over the three VGGish patches; the waveform is min-max normalised per clip before the log-mel;
-     the map is the raw cosine S of view 1 (before min-max), evaluated with `abs0.5`; a clip shorter than 3 s
-     is tiled int(48000 / len) + 1 times and the 3 s window centred in the tiling (start len // 2 - 24000).
-  5. (P) Augmentation: crop + horizontal flip (Table S2's choice, the official train transform).
-  6. cpu preset (synthetic benchmark only): the small CNNs are *trained* (there are no pretrained weights for
-     them), 64 channels instead of 512 (PCM included), 2 PCM cycles after the initial pass instead of 4,
-     projector 256 / predictor 64 instead of 2048 / 512, 112 px images, 8 epochs, and the w/o-PCM Flickr learning
-     rates for both variants. As conv5_3 before its ReLU, the small visual CNN ends on its last convolution's
-     pre-activation. This matters (measured on the synthetic benchmark, abs0.5, test N = 300, seed 0): with a
-     final ReLU the negative-free objective let the attention drift to the background (inverted maps, cIoU@0.5
-     33.3 w/ PCM and 37.0 w/o PCM against 43.7 for the centred prior); with a frozen randomly initialised visual CNN
-     (--freeze-visual) the maps find objects but hardly depend on the sound (58.3, audio-swapped 55.7).
-     This preset does not learn on every draw: on two synthetic sets x three seeds, only 2 of 6 beat both the centred
-     prior and the audio-swapped control by 10 points of cIoU@0.5 and 5 of mean cIoU (README); --batch-size 32,
-     --lr 2e-4 --lr-head 1e-3, --no-pcm, --freeze-visual and other test-time PCM cycles were no better on the
-     failing seeds. The maps do prefer the sounding object (min-max normalised: 0.66-0.74 on it, 0.47-0.50 on
-     silent ones), but silent objects or the background stay near abs0.5's half-range threshold: nothing in the
-     negative-free objective pushes attention down on a region that looks alike in both views.
-  7. (O) The default test transform is `squash`, Resize((224, 224)) bicubic, so full-frame boxes stay aligned;
-     the official test resizes the short side to 224 (bicubic) and centre-crops (--test-transform center_crop).
-     The two are identical on square frames (the official VGG-SS H5 frames are 256x256), not on non-square
-     frames such as the Flickr-SoundNet test JPEGs.
-  8. (O) The data path (--decode fast, the default): frames are decoded, resized, cropped, flipped (two views) per
-     batch with torch ops on the training device (nvJPEG on CUDA), training crops from the pre-resized frame cache
-     on real data. Against the official per-sample PIL pipeline (--decode pil, kept bit for bit): identical pixels
-     from the cache; otherwise at most 2 grey levels (max |diff| 0.035 after ImageNet normalisation), mean 1e-4
-     (CPU, torch's uint8 bicubic; photo-like 640x360 and 1280x720 JPEGs and the synthetic frames; 2026-11-28, 2-core
-     CPU). On CUDA the resize runs in float32 (max 0.07, mean 0.003, measured on CPU); nvJPEG's decode is not
-     measured (no GPU here). The crop/flip draws are torchvision's own calls in its order, made in the main process:
-     with --workers 0 the same seed gives --decode pil's augmentation (with workers, pil draws in each worker's
-     stream). Audio: the window is read straight from the WAV (identical samples); a clip shorter than a quarter of
-     the window is an error (the official code tiles it silently), tiled clips are counted in the log.
-  9. --negatives (beyond the paper): each test clip is also scored with silence, white noise and another clip's
-     audio; the raw S of view 1 (cosine, fixed scale [-1, 1]) is thresholded at 0.5 after the resize to 224
-     (--neg-threshold), confidence = mean of its top quarter (SLAVC's AP / max-F1, pIA; see common.py).
-     The official abs0.5 test (min-max, >= 0.5, float32, cv2-style bilinear) is reproduced exactly by --eval.
-  10. (O) On CUDA, training runs in mixed precision by default (bfloat16 where supported, else float16 with a
-      gradient scaler; the official code trains in float32, which --no-amp restores); losses, maps and audio
-      front ends stay in float32, image trunks use channels_last. Not yet run on a GPU (none in this environment).
+Deviations from the paper (P) and the official code (O), one line each (details and measurements: README):
+  1. (O) checkpoint selection on a validation split (official: the best epoch by *test* cIoU).
+  2. (O) under DDP the gradients are averaged (the official wrapper bypassed DDP's forward); BatchNorm per GPU.
+  3. (O) --pcm-cycles at --eval / --predict sets the test-time cycles (Fig. 6); more than trained reuse the last BN.
+  4. (O, kept) a_l, b_l per channel under ReLU; f~_a = mean of g over the VGGish patches; waveform min-max normalised.
+  5. (P) augmentation: crop + horizontal flip (Table S2's choice, the official transform).
+  6. cpu preset (synthetic data): trained small CNNs, 64 channels, 2 PCM cycles, 112 px, 8 epochs; learns on some draws.
+  7. (O) test frames are squashed to 224x224 (--test-transform center_crop: official; equal on square frames).
+  8. (O) --decode fast: batched decode and augmentation on the device, <= 2 grey levels from --decode pil (exact).
+  9. (O) audio shorter than a quarter of the window is an error (official: tiled silently); shorter ones are tiled.
+  10. --negatives (beyond the paper): raw S >= 0.5 (--neg-threshold); SLAVC AP / max-F1 and pIA.
+  11. (O) CUDA: mixed precision by default (--no-amp: float32, as official); Eq. 3-8 and the front end in float32.
 """
 import argparse
+import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,10 +72,11 @@ TABLE_S1 = {  # (lr1 = projector/predictor MLPs, lr2 = the rest) per training se
 }
 SR, CLIP_SECONDS = 16000, 3.0
 WINDOW = "center_tiled"                # official: a clip under 3 s is tiled, the window centred in the tiling
+NEG_THRESHOLD, NEG_SCALE = 0.5, "S cosine in [-1, 1]"           # --negatives: the raw S of view 1
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="SSPL (CVPR 2022) - see the module docstring")
+    p = argparse.ArgumentParser(description="SSPL (CVPR 2022): see the module docstring")
     C.add_standard_args(p)
     p.add_argument("--pcm", action=argparse.BooleanOptionalAction, default=True, help="use the PCM (w/ PCM)")
     p.add_argument("--pcm-cycles", type=int, help="PCM cycles after the initial pass (official 4 = the paper's T 5); "
@@ -130,9 +94,64 @@ def build_parser():
     return p
 
 
+def synthetic_data(log):          # no --data: the built-in synthetic benchmark, made once by data_prep.py
+    import data_prep
+    return data_prep.ensure_synthetic(log=log)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------
+def vgg16_conv5_3() -> nn.Sequential:
+    """VGG16 `features[:29]`: conv1_1 ... conv5_3 before its ReLU (224 px -> 512 x 14 x 14)."""
+    import torchvision
+    return torchvision.models.vgg16(weights=None).features[:29]
+
+
+class VGGish(nn.Module):
+    """The AudioSet VGGish: (N, 1, 96, 64) log-mel patch -> (N, 128) (after ReLU; no PCA post-processing). The names of
+    the public torchvggish port (features.{0,3,6,8,11,13}, embeddings.{0,2,4}), so its vggish-10086976.pth loads."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c_in = [], 1
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
+            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=True)]
+            c_in = c_in if v == "M" else v
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(nn.Linear(512 * 4 * 6, 4096), nn.ReLU(True), nn.Linear(4096, 4096),
+                                        nn.ReLU(True), nn.Linear(4096, 128), nn.ReLU(True))
+
+    def forward(self, x):
+        x = self.features(x)                                         # (N, 512, 6, 4)
+        return self.embeddings(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1))   # TF's channel-last flattening
+
+
+def vggish_mel_matrix(n_fft: int = 512, sr: int = 16000, n_mels: int = 64, fmin: float = 125.0,
+                      fmax: float = 7500.0) -> np.ndarray:
+    """VGGish's mel filterbank (257, 64): HTK mel, triangles on the spectrogram-bin grid, the DC row zeroed."""
+    htk = lambda f: 1127.0 * np.log1p(np.asarray(f, np.float64) / 700.0)  # noqa: E731
+    bins, edges = htk(np.linspace(0.0, sr / 2.0, n_fft // 2 + 1)), np.linspace(htk(fmin), htk(fmax), n_mels + 2)
+    lo, ce, hi = edges[:-2], edges[1:-1], edges[2:]
+    m = np.maximum(0.0, np.minimum((bins[:, None] - lo) / (ce - lo), (hi - bins[:, None]) / (hi - ce)))
+    m[0, :] = 0.0
+    return m
+
+
+def vggish_examples(wav: torch.Tensor, sr: int = 16000) -> torch.Tensor:
+    """VGGish's input: (B, N) 16 kHz -> (B, P, 1, 96, 64) log-mel patches: 25 ms periodic-Hann windows, 10 ms hop, no
+    padding, |rfft 512| (magnitude), 64 HTK mel bins 125-7500 Hz, log(mel + 0.01), non-overlapping 96-frame patches
+    (the rest dropped; 3 s -> 3 patches). In float64 (as the official numpy), returned in the input's float dtype."""
+    x = wav.double()
+    frames = x.unfold(-1, 400, 160)                                  # (B, T, 400)
+    w = 0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(400, device=x.device, dtype=torch.float64) / 400)
+    mel = torch.fft.rfft(frames * w, n=512, dim=-1).abs() @ torch.from_numpy(vggish_mel_matrix()).to(x.device)
+    logmel = torch.log(mel + 0.01)                                   # (B, T, 64)
+    n_patch = logmel.shape[1] // 96
+    out = logmel[:, :n_patch * 96].reshape(x.shape[0], n_patch, 1, 96, 64)
+    return out.to(wav.dtype if wav.is_floating_point() else torch.float32)
+
+
 def normalize_audio(x):
     """Official per-clip waveform normalisation: 2 (x - min) / (max - min + 1e-3) - 1, (B, N)."""
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
@@ -207,7 +226,7 @@ class SSPL(nn.Module):
     def __init__(self, encoder="vgg", pcm=True, cycles=4, dim_proj=2048, dim_pred=512, freeze_visual=True):
         super().__init__()
         if encoder == "vgg":
-            self.enc_v, self.enc_a, c, d_a = C.vgg16_conv5_3(), C.VGGish(), 512, 128
+            self.enc_v, self.enc_a, c, d_a = vgg16_conv5_3(), VGGish(), 512, 128
             self.enc_v.requires_grad_(False)                          # frozen (official fine_tune=0)
             self.enc_a.requires_grad_(False)
         else:                                                         # cpu preset: trained small CNNs
@@ -226,7 +245,7 @@ class SSPL(nn.Module):
         """(B, N) 16 kHz waveform -> per-clip normalisation -> (B, P, 1, 96, 64) log-mel patches ->
         f~_a = mean_k g(f_a,k) (B, c) and f_a = L2norm(mean_k f_a,k)."""
         with torch.autocast(wav.device.type, enabled=False):       # the log-mel front end in float32 under AMP
-            patches = C.vggish_examples(normalize_audio(wav.to(torch.promote_types(wav.dtype, torch.float32))), SR)
+            patches = vggish_examples(normalize_audio(wav.to(torch.promote_types(wav.dtype, torch.float32))), SR)
         B, P = patches.shape[:2]
         emb = self.enc_a(patches.flatten(0, 1))
         emb = emb.amax((2, 3)) if emb.dim() == 4 else emb             # small CNN: global max pool
@@ -268,20 +287,22 @@ def build_model(args) -> SSPL:
 # Loss (Eq. 3-8)
 # ----------------------------------------------------------------------------------------------------------
 def attention(V, fa_tilde):
-    """Eq. 3-5: S (B, h, w) cosine map, S~ its per-sample min-max, f_av = sum_ij S~ V (un-normalised V).
-    Computed in float32 or wider (half inputs are promoted; float64 stays float64)."""
+    """Eq. 3-5: S (B, h, w) cosine map, S~ its per-sample min-max, f_av = sum_ij S~ V (un-normalised V). In float32 or
+    wider, also under autocast (half inputs are promoted; float64 stays float64; the + 1e-10 must not round away)."""
     dt = torch.promote_types(torch.promote_types(V.dtype, fa_tilde.dtype), torch.float32)
-    V, fa_tilde = V.to(dt), fa_tilde.to(dt)
-    S = torch.einsum("bchw,bc->bhw", F.normalize(V, dim=1), F.normalize(fa_tilde, dim=1))
-    flat = S.flatten(1)
-    S_t = (flat - flat.amin(1, keepdim=True)) / (flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True) + 1e-10)
-    f_av = torch.einsum("bchw,bhw->bc", V, S_t.view_as(S))
-    return f_av, S, S_t.view_as(S)
+    with torch.autocast(V.device.type, enabled=False):
+        V, fa_tilde = V.to(dt), fa_tilde.to(dt)
+        S = torch.einsum("bchw,bc->bhw", F.normalize(V, dim=1), F.normalize(fa_tilde, dim=1))
+        flat = S.flatten(1)      # (the minimum taken twice, as in the official code: the same gradient bits)
+        S_t = ((flat - flat.amin(1, keepdim=True)) / (flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True) + 1e-10))
+        S_t = S_t.view_as(S)
+        return torch.einsum("bchw,bhw->bc", V, S_t), S, S_t
 
 
 def ncs(p, z):
-    """Eq. 6 with the stop-gradient of Eq. 8: -cos(p, SG(z)), averaged over the batch."""
-    return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+    """Eq. 6 with the stop-gradient of Eq. 8: -cos(p, SG(z)), averaged over the batch, in float32."""
+    with torch.autocast(p.device.type, enabled=False):
+        return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
 
 
 def sspl_loss(head: SimSiamHead, f_av1, f_av2):
@@ -317,14 +338,11 @@ def make_dataset(args, split_file, train: bool):
 
 
 def batch_to_device(batch, device, args, train: bool):
-    """A loader batch -> what a step consumes: (view 1, view 2, waveforms (B, N)) for training, (image, waveforms)
-    for testing, on the device (the VGGish front end runs inside SSPL.audio). --decode fast decodes and augments
-    the frames here."""
-    if train:                                            # batch_images first: it may drop unreadable samples
-        im1, im2 = C.batch_images(batch, device, args, "crop_flip", args.image_size, views=2)
-        return im1, im2, batch["wav"].to(device, non_blocking=True)
-    img = C.batch_images(batch, device, args, args.test_transform, args.image_size)
-    return img, batch["wav"].to(device, non_blocking=True)
+    """A loader batch -> (view 1, view 2, waveforms (B, N)) to train, (image, waveforms) to test, on the device (the
+    VGGish front end runs inside SSPL.audio), or None when every sample was skipped."""
+    img = C.batch_images(batch, device, args, "crop_flip" if train else args.test_transform, args.image_size,
+                         views=2 if train else 1)          # first: it may drop unreadable samples
+    return None if img is None else (*(img if train else (img,)), batch["wav"].to(device, non_blocking=True))
 
 
 def train_step(net, opt, amp, inputs, args):
@@ -350,104 +368,60 @@ def param_groups(model: SSPL, args):
 
 
 def train(args):
-    run = C.Run(args, METHOD)                         # DDP / device, seed, run folder (or --resume), log
-    device, world, main_proc, ck, run_dir, log = run.device, run.world, run.main, run.ck, run.dir, run.log
-    log(f"SSPL {'w/' if args.pcm else 'w/o'} PCM | data {args.data} | preset {args.preset} | device {device} x{world} "
-        f"| run {run_dir}")
-    model = build_model(args).to(device)
-    C.gpu_habits(args, device, model.enc_v, [model])     # CUDA: cudnn.benchmark, channels_last; --compile
+    run = C.Run(args, METHOD)                          # preflight, DDP / device, seed, run folder or --resume, log
+    run.log(f"SSPL {'w/' if args.pcm else 'w/o'} PCM | data {args.data} | preset {args.preset} | device {run.device} "
+            f"x{run.world} | run {run.dir}")
+    model = build_model(args).to(run.device)
     opt = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
-    start, best, history = 0, -1.0, []
-    if ck:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        start, best, history = ck["epoch"], ck["best"], ck["history"]
-        log(f"resumed from {args.resume} at epoch {start}")
-    net = run.wrap(model)
-    amp = C.Amp(device, args.amp)
+    net, amp = run.prepare(model, opt, model.enc_v)    # resumed state, CUDA habits, DDP
     train_ds, val_ds = make_dataset(args, args.train_split, True), make_dataset(args, args.val_split, False)
     ann = C.load_annotations(args.annotations)
-    log(f"train {len(train_ds)} clips, val {len(val_ds)}; batch {run.per_proc} x {world}; audio {CLIP_SECONDS:.0f} s at "
-        f"{SR} Hz -> VGGish patches {tuple(C.vggish_examples(torch.zeros(1, int(SR * CLIP_SECONDS))).shape[1:])}")
-    t0 = time.time()
-    for epoch in range(start, args.epochs):
-        loader = run.loader(train_ds, args, epoch)       # reseeded per epoch: exact resume
+    run.log(f"train {len(train_ds)} clips, val {len(val_ds)}; batch {run.per_proc} x {run.world}; audio "
+            f"{CLIP_SECONDS:g} s at {SR} Hz -> 3 VGGish patches of 96x64")
+    for epoch in run.epochs():
         net.train()
-        tot, n, f_std = 0.0, 0, 0.0
-        for step, batch in enumerate(C.progress(loader, f"epoch {epoch + 1}/{args.epochs}", enabled=main_proc)):
-            if args.max_steps and step >= args.max_steps:
-                break
-            inputs = batch_to_device(batch, device, args, True)
-            if len(inputs[0]) == 0:                          # every sample skipped (--skip-bad)
-                continue
-            loss, f_av1 = train_step(net, opt, amp, inputs, args)
-            tot, n = tot + loss.item(), n + 1
-            f_std += collapse_std(f_av1)
-        tot, n, f_std = run.sums(tot, n, f_std)          # over every DDP rank: the logged loss is their mean
-        if main_proc:
-            res = evaluate(model, val_ds, ann, args, device, baselines=False)
-            score = res["test"]["ciou@0.5"]
-            history.append({"epoch": epoch + 1, "loss": tot / max(n, 1), "f_av_std": f_std / max(n, 1),
-                            "val": res["test"]})
-            log(f"epoch {epoch + 1}/{args.epochs} loss {tot / max(n, 1):.4f} f_av-std {f_std / max(n, 1):.4f} "
-                f"(1/sqrt(c) = {model.g[-1].out_features ** -0.5:.4f}) | val {C.fmt_metrics(res['test'])} "
-                f"({res['protocol']}, N={res['n']}) | {time.time() - t0:.0f}s")
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                     "best": max(best, score), "history": history, "args": vars(args)}
-            C.save_checkpoint(run_dir / "last.pt", state)
-            if score >= best:
-                best = score
-                C.save_checkpoint(run_dir / "best.pt", state)
-        if world > 1:
-            torch.distributed.barrier()
-    if main_proc:
-        log(f"training done in {time.time() - t0:.0f}s; best val cIoU@0.5 {100 * best:.2f}; testing best.pt")
-        args.ckpt, args.out = str(run_dir / "best.pt"), str(run_dir)
-        run_eval(args, device, log, seconds_train=time.time() - t0)
+        losses, stds = [], []
+        for batch in run.batches(train_ds, epoch):     # reseeded per epoch: exact resume
+            inputs = batch_to_device(batch, run.device, args, True)
+            if inputs is not None:
+                loss, f_av1 = train_step(net, opt, amp, inputs, args)
+                losses.append(loss.item())
+                stds.append(collapse_std(f_av1))
+        run.end_epoch(epoch, {"loss": losses, "f_av_std": stds},
+                      lambda: evaluate(model, val_ds, ann, args, run.device, baselines=False))
+    if run.finish():
+        run_eval(args, run.device, run.log, run.seconds())
 
 
 def benchmark(args):
-    """--benchmark: samples/s of the loader, of train_step and end to end, peak memory (common.run_benchmark);
-    trains a few steps on the side, writes benchmark.json, never a checkpoint."""
-    C.single_process("--benchmark")
-    run = C.Run(args, METHOD)                         # device, seed, run folder, log
+    """--benchmark (common.run_benchmark): a few training steps, timed; writes benchmark.json, never a checkpoint."""
+    run = C.Run(args, METHOD)
     model = build_model(args).to(run.device)
-    C.gpu_habits(args, run.device, model.enc_v, [model])
     opt = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
-    make_loader = lambda: run.loader(make_dataset(args, args.train_split, True), args, 0)   # noqa: E731
-    return C.run_benchmark(args, METHOD, run.device, run.dir, run.log, make_loader, batch_to_device, train_step,
-                           model, opt, C.Amp(run.device, args.amp))
+    net, amp = run.prepare(model, opt, model.enc_v)
+    return C.run_benchmark(run, lambda: make_dataset(args, args.train_split, True), batch_to_device, train_step,
+                           net, opt, amp)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluate
 # ----------------------------------------------------------------------------------------------------------
-# --negatives: the raw S of view 1 (cosine, fixed scale [-1, 1]) thresholded at 0.5 after the resize to 224
-# (--neg-threshold changes it).
-NEG_THRESHOLD, NEG_SCALE = 0.5, "S cosine in [-1, 1]"
-
-
 @torch.no_grad()
-def compute_maps(model, ds, device, args, batch_size=32, workers=0, cycles=None):
+def compute_maps(model, ds, device, args):
     model.eval()
     maps = {}
-    for batch in torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers,
+    for batch in torch.utils.data.DataLoader(ds, min(args.batch_size, 64), num_workers=args.workers,
                                              collate_fn=C.collate_av):
-        img, wav = batch_to_device(batch, device, args, False)
-        if not batch["ids"]:
-            continue
-        S = localization_map(model, img, wav, cycles)
-        for vid, m in zip(batch["ids"], S.cpu().numpy()):
-            maps[vid] = m
+        inputs = batch_to_device(batch, device, args, False)
+        if inputs is not None:
+            maps.update(zip(batch["ids"], localization_map(model, *inputs, args.eval_cycles).cpu().numpy()))
     return maps
 
 
 def evaluate(model, ds, ann, args, device, baselines=True):
-    maps = compute_maps(model, ds, device, args, min(args.batch_size or 32, 64), args.workers, args.eval_cycles)
-    res = C.evaluate_maps(maps, ann, ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners,
-                          baselines=baselines)
-    res["maps"] = maps
-    return res
+    maps = compute_maps(model, ds, device, args)
+    return dict(C.evaluate_maps(maps, ann, ids=ds.ids, protocol=args.protocol, align_corners=args.align_corners,
+                                baselines=baselines), maps=maps)
 
 
 def load_model(path, args, device):
@@ -465,69 +439,48 @@ def load_model(path, args, device):
     return model.to(device).eval()
 
 
-def run_eval(args, device, log, seconds_train=None):
+def run_eval(args, device, log, seconds_train=0.0):
     t0 = time.time()
     model = load_model(args.ckpt, args, device)
-    ds = make_dataset(args, args.test_split, False)
-    ann = C.load_annotations(args.annotations)
+    ds, ann = make_dataset(args, args.test_split, False), C.load_annotations(args.annotations)
     res = evaluate(model, ds, ann, args, device)
     swapped = evaluate(model, C.SwapAudio(ds), ann, args, device, baselines=False) if len(ds) > 1 else None
     if args.negatives:
         thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
         res["negatives"], res["negatives_maps"] = C.run_negatives(
-            lambda d: compute_maps(model, d, device, args, min(args.batch_size or 32, 64), args.workers,
-                                     args.eval_cycles), ds, ann, thr, NEG_SCALE, args.align_corners, log)
+            lambda d: compute_maps(model, d, device, args), ds, ann, thr, NEG_SCALE, args.align_corners)
     cycles = args.eval_cycles if args.eval_cycles is not None else (model.pcm.cycles if model.pcm else None)
-    return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + (seconds_train or 0), "S (view 1)",
+    return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + seconds_train, "S (view 1)",
                           {"pcm": bool(args.pcm), "pcm_cycles_test": cycles})
 
 
 @torch.no_grad()
-def predict(args, device, log):
-    if not (args.ckpt and args.image and args.audio):
-        raise C.UserError("--predict needs --ckpt, --image and --audio")
+def predict(args, log=print):
+    device = C.resolve_device(args.device)
     model = load_model(args.ckpt, args, device)
-    frame = C.load_image(args.image)
-    x, sr = C.read_wav(args.audio)
-    if sr != SR:
-        raise C.UserError(f"{args.audio}: {sr} Hz; SSPL expects {SR} Hz (convert with data_prep.py)")
-    img = C.image_transform(args.test_transform, args.image_size)(frame)[None].to(device)
-    wav = torch.from_numpy(C.clip_window(x, sr, CLIP_SECONDS, WINDOW))[None].to(device)
-    heat = localization_map(model, img, wav, args.eval_cycles)[0].cpu().numpy()
-    out = args.out or "heat.png"
-    C.save_overlay_png(out, C.denormalize(img[0].cpu()), heat)
-    log(f"heat map written to {out}")
+    img = C.image_transform(args.test_transform, args.image_size)(C.load_image(args.image))[None].to(device)
+    wav, _, _ = C.read_wav_window(args.audio, CLIP_SECONDS, WINDOW, sample_rate=SR)     # the test's window
+    heat = localization_map(model, img, torch.from_numpy(wav)[None].to(device), args.eval_cycles)
+    C.save_overlay_png(args.out or "heat.png", C.denormalize(img[0]), heat[0].cpu().numpy())
+    log(f"heat map written to {args.out or 'heat.png'}")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = C.parse_args(build_parser(), argv)        # + args.given_options (resume rules)
-    if not (args.train or args.eval or args.predict or args.benchmark):
-        raise C.UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
-    C.check_command(args)                             # numbers >= 1, outputs writable: before any work
-    # --pcm-cycles at --eval/--predict is the *test-time* T (Fig. 6); at --train it sets the architecture
-    args.eval_cycles = None if args.train else args.pcm_cycles
-    log = C.RunLog()
+    args = C.parse_args(build_parser(), argv)
+    args.eval_cycles = None if args.train else args.pcm_cycles     # --pcm-cycles at --eval / --predict: the test's T
+    lr1, lr2 = TABLE_S1[args.lr_table][args.pcm]                    # the paper preset: Table S1, official epochs
+    presets = dict(PRESETS, paper=dict(PRESETS["paper"], lr_head=lr1, lr=lr2, epochs=20 if args.pcm else 100))
+    C.setup(args, presets, synthetic_data, protocol="abs0.5", align_corners=False)   # the official test
     if args.predict:
-        args.preset = args.preset or "paper"
-        C.apply_preset(args, PRESETS)
-        return predict(args, C.resolve_device(args.device), log)
-    C.resolve_data(args, log)
-    if args.preset == "paper":                     # Table S1 learning rates; 100 epochs w/o PCM, 20 w/ (official)
-        lr1, lr2 = TABLE_S1[args.lr_table][args.pcm]
-        C.apply_preset(args, {"paper": dict(lr_head=lr1, lr=lr2, epochs=20 if args.pcm else 100)})
-    C.apply_preset(args, PRESETS)
-    args.protocol = args.protocol or "abs0.5"      # the official SSPL test: fixed 0.5 on the min-max map
-    args.align_corners = bool(args.align_corners)  # official: cv2.resize INTER_LINEAR (half-pixel)
+        return predict(args)
     if args.benchmark:
         return benchmark(args)
     if args.train:
-        return C.train_seeds(args, train, log) if args.seeds else train(args)
-    if not args.ckpt:
-        raise C.UserError("--eval needs --ckpt")
-    return run_eval(args, C.resolve_device(args.device), log)
+        return C.train_seeds(args, train) if args.seeds else train(args)
+    return run_eval(args, C.resolve_device(args.device), C.RunLog())
 
 
 if __name__ == "__main__":
