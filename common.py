@@ -1054,13 +1054,17 @@ def safe_load(path, what: str = "checkpoint"):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "Weights only load failed" in str(e):
-            names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)[:3]) or "unknown objects"
-            raise UserError(f"{path}: refused: it holds Python objects ({names}) beyond tensors and plain data, and "
-                            f"loading those could run code from the file") from None
+        unsafe = []
+        if "Weights only load failed" in str(e):        # a pickle that names other Python objects, or no pickle
+            with contextlib.suppress(Exception):
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if unsafe:
+            raise UserError(f"{path}: refused: it holds Python objects ({', '.join(unsafe[:3])}) beyond tensors and "
+                            f"plain data, and loading those could run code from the file") from None
         msg = (str(e).strip().splitlines() or [""])[0][:160]
+        msg = "" if msg.startswith("Weights only") else f": {msg}"
         raise UserError(f"{path}: not a readable PyTorch checkpoint (empty, truncated or another kind of file: "
-                        f"{type(e).__name__}{': ' + msg if msg else ''})") from None
+                        f"{type(e).__name__}{msg})") from None
 
 
 def save_checkpoint(path, obj: dict) -> None:
