@@ -174,8 +174,8 @@ def _wav_open(path, vid=None):
             ch, width, sr, n = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
             offset, declared = f._file.offset + f._data_chunk.offset, f._data_chunk.chunksize
     except (wave.Error, EOFError) as e:
-        raise BadMedia(path, vid, f"not a PCM WAV file the reader understands ({str(e) or 'the header is cut short'}); "
-                                  f"convert it with data_prep.py (mono 16-bit PCM)") from None
+        raise BadMedia(path, vid, f"not a PCM WAV file the reader understands ({str(e) or 'its header is cut short'}); "
+                                  f"make it again with data_prep.py (mono 16-bit PCM)") from None
     if width not in (2, 3, 4):
         raise BadMedia(path, vid, f"{8 * width}-bit WAV is not supported (PCM 16/24/32-bit only); convert it with "
                                   f"data_prep.py")
@@ -492,6 +492,25 @@ def augment_frames(frames: list, kind: str, size: int, params: list | None = Non
     return x.div_(255).sub_(mean).div_(std)
 
 
+NVJPEG_FAILED = []                                      # said once: a batch nvJPEG could not decode
+
+
+def nvjpeg(datas: list, device) -> list | None:
+    """JPEG bytes -> (3, H, W) uint8 frames on the GPU in one nvJPEG call, or None when it fails (the caller decodes on
+    the CPU, which names the culprit; said once). The current stream is synchronised first: nvJPEG decodes on its own
+    stream, which does not wait for work queued before it (torchvision #9606)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    torch.cuda.current_stream(device).synchronize()
+    try:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except Exception as e:
+        if not NVJPEG_FAILED:
+            print(f"nvJPEG could not decode a batch ({(str(e).splitlines() or [type(e).__name__])[0][:120]}); such "
+                  f"batches are decoded on the CPU", file=sys.stderr)
+        NVJPEG_FAILED.append(1)
+        return None
+
+
 def batch_images(batch: dict, device, args, kind: str, size: int, interpolation: str = "bicubic", views: int = 1):
     """The image half of a method's batch_to_device: a collate_av batch -> (B, 3, size, size) normalised float32 on
     `device` (a tuple of `views` views), or None when no sample is left. An unreadable sample stops the run with one
@@ -506,12 +525,8 @@ def batch_images(batch: dict, device, args, kind: str, size: int, interpolation:
     device, root = torch.device(device), Path(args.data) / "frames"
     frames, keep = [], []
     jpegs = [k for k, (fmt, _) in enumerate(batch["frames"]) if fmt == "jpeg"]
-    on_gpu = {}
-    if device.type == "cuda" and jpegs:                  # nvJPEG, one batched call; a failure is retried below
-        from torchvision.io import ImageReadMode, decode_jpeg
-        with contextlib.suppress(Exception):
-            on_gpu = dict(zip(jpegs, decode_jpeg([batch["frames"][k][1] for k in jpegs], mode=ImageReadMode.RGB,
-                                                 device=device)))
+    on_gpu = dict(zip(jpegs, nvjpeg([batch["frames"][k][1] for k in jpegs], device) or [])) \
+        if device.type == "cuda" and jpegs else {}
     for k, (fmt, f) in enumerate(batch["frames"]):
         vid = batch["ids"][k]
         try:
@@ -611,7 +626,7 @@ PROTOCOLS = {
 }
 AUC_THRESHOLDS = [0.05 * i for i in range(21)]  # the official list (0.05*3 = 0.15000000000000002)
 MEDIAN_INDEX = GT_SIZE * GT_SIZE // 2           # 25088: the official np.sort(m.flatten())[int(224 * 224 / 2)]
-EVAL_CHUNK = 64                                 # maps scored at once (64 x 224 x 224 float32 = 12.8 MB a tensor)
+EVAL_CHUNK = 16                                 # maps scored at once (16 x 224 x 224 float32 = 3.2 MB a tensor)
 
 
 def _box(box, where: str) -> list[float]:
@@ -721,8 +736,9 @@ def minmax(m):
 def binarize(t: torch.Tensor, protocol: str, threshold: float | None = None) -> torch.Tensor:
     """(B, 224, 224) float32 maps -> the official binary prediction P (bool), in float32 (see PROTOCOLS); 'fixed'
     (the negative-audio protocol): P = map >= threshold on the method's own scale."""
-    def kth(x):                                           # np.sort(x.flatten())[25088] per map, exactly
-        return x.flatten(1).kthvalue(MEDIAN_INDEX + 1, dim=1).values[:, None, None]
+    def kth(x):          # np.sort(x.flatten())[25088] per map, exactly (np.partition: 15x torch.kthvalue's speed)
+        k = np.partition(x.flatten(1).cpu().numpy(), MEDIAN_INDEX, axis=1)[:, MEDIAN_INDEX]
+        return torch.from_numpy(k).to(x.device)[:, None, None]
     if protocol == "median":                              # EZ-VSL
         q = minmax(t)
         return q >= kth(q)
@@ -740,24 +756,22 @@ def binarize(t: torch.Tensor, protocol: str, threshold: float | None = None) -> 
 
 
 def ciou(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """cIoU = sum(P G) / (sum(G) + sum(P [G == 0])) per map (LVS appendix A), float64; P binary, G in [0, 1]. Both
-    empty: 0/0 = NaN, as the official Evaluator (such a sample fails every threshold). The sums are exact."""
-    P = P.float()
-    inter, g, out = (P * G).sum((-2, -1)), G.sum((-2, -1)), (P * (G == 0)).sum((-2, -1))
-    return inter.double() / (g.double() + out.double())
+    """cIoU = sum(P G) / (sum(G) + sum(P [G == 0])) per map (LVS appendix A), float64; P binary (bool), G in [0, 1].
+    Both empty: 0/0 = NaN, as the official Evaluator (such a sample fails every threshold). The sums are exact (whole
+    and half pixels, below 2^23 in float32)."""
+    return (P * G).sum((-2, -1)).double() / (G.sum((-2, -1)).double() + (P & (G == 0)).sum((-2, -1)))
 
 
 def summarize(scores, nan_mean: str = "zero") -> dict:
-    """cIoU@0.5 = share of samples with cIoU >= 0.5 (the papers' "cIoU"); AUC = sklearn.metrics.auc over the 21
-    official thresholds of the share with cIoU >= t (a NaN sample fails every threshold, as official); mean cIoU
-    (nan_mean 'zero': a NaN counts 0; 'skip': the mean of the others)."""
-    from sklearn.metrics import auc
+    """cIoU@0.5 = share of samples with cIoU >= 0.5 (the papers' "cIoU"); AUC = the trapezoid rule (what the official
+    sklearn.metrics.auc computes) over the 21 official thresholds of the share with cIoU >= t (a NaN sample fails every
+    threshold, as official); mean cIoU (nan_mean 'zero': a NaN counts 0; 'skip': the mean of the others)."""
     s = np.asarray(scores, np.float64)
     if s.size == 0:
         return {"ciou@0.5": float("nan"), "auc": float("nan"), "mean_ciou": float("nan")}
     mean = np.nan_to_num(s).mean() if nan_mean == "zero" else (np.nanmean(s) if np.isfinite(s).any() else np.nan)
     return {"ciou@0.5": float(np.sum(s >= 0.5) / len(s)),
-            "auc": float(auc(AUC_THRESHOLDS, [np.sum(s >= t) / len(s) for t in AUC_THRESHOLDS])),
+            "auc": float(np.trapezoid([np.sum(s >= t) / len(s) for t in AUC_THRESHOLDS], AUC_THRESHOLDS)),
             "mean_ciou": float(mean)}
 
 
@@ -824,6 +838,9 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
     if lacking:
         raise UserError(f"{len(lacking)} ids of the test list have no annotation (first: {', '.join(lacking[:5])})")
     present, missing = [i for i in listed if i in maps], [i for i in listed if i not in maps]
+    if not present:
+        raise UserError(f"none of the {len(listed)} listed ids has a map to score (first listed: "
+                        f"{', '.join(listed[:3])})")
     device, extra = torch.device(device), dict(extra_baselines or {})
     names = ["test", *extra] + (["center", "full_image"] if baselines else [])
     scores = {k: np.zeros(len(present)) for k in names}
@@ -841,14 +858,29 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                     if name == "test" and fuse is not None:
                         t = fuse[1](t, _resized(fuse[0], ids_c, align_corners, device))
                     P = binarize(t, protocol)
-                else:
-                    P = prior.expand_as(G) if name == "center" else torch.ones_like(G, dtype=torch.bool)
+                elif name == "center":
+                    P = prior
+                else:                                     # the full image: P = 1 everywhere
+                    scores[name][s:s + len(ids_c)] = (G.sum((1, 2)).double() / (
+                        G.sum((1, 2)).double() + (G == 0).sum((1, 2)))).cpu().numpy()
+                    continue
                 scores[name][s:s + len(ids_c)] = ciou(P, G).cpu().numpy()
     return {"protocol": protocol, "resize": f"bilinear align_corners={align_corners}", "n": len(present),
             "n_listed": len(listed), "missing": missing, "duplicates": dups, "empty_gt": empty,
+            "empty_gt_causes": {i: empty_cause(ann[i]["bbox"]) for i in empty[:10]},
             "boxes_outside": outside, "test": summarize(scores["test"]),
             "per_sample": dict(zip(present, scores["test"].tolist())),
             "baselines": {k: summarize(scores[k]) for k in names[1:]}}
+
+
+def empty_cause(boxes) -> str:
+    """Why boxes rasterise to nothing at 224 px: named in the report, with the boxes."""
+    bad = [b for b in boxes if b[2] <= b[0] or b[3] <= b[1]]
+    if bad:
+        return f"x2 <= x1 or y2 <= y1 in {bad[0]}"
+    if boxes and all(min(b) > 1 for b in boxes):
+        return f"every coordinate above 1 in {boxes[0]}: pixel units? boxes are normalised to [0, 1]"
+    return f"no box, or boxes thinner than a pixel at 224 px: {boxes}"
 
 
 def fmt_metrics(m: dict) -> str:
@@ -868,8 +900,8 @@ def format_report(res: dict, title: str = "test") -> str:
                      f"clamped as the official code (int(224 * max(v, 0)), cut at 224)")
     if res["empty_gt"]:
         lines.append(f"[{title}] warning: {len(res['empty_gt'])} entries have an empty ground truth and score 0 "
-                     f"(0/0 = NaN, failing every threshold, when nothing is predicted either): "
-                     f"{', '.join(res['empty_gt'][:10])}")
+                     f"(0/0 = NaN, failing every threshold, when nothing is predicted either): " + "; ".join(
+                         f"{i} ({c})" for i, c in res.get("empty_gt_causes", {}).items()))
     width = max([5] + [len(k) for k in res["baselines"]])
     for k, v in [("model", res["test"]), *res["baselines"].items()]:
         lines.append(f"[{title}] {k:<{width}}  {fmt_metrics(v)}   ({res['protocol']}, N={res['n']})")
@@ -1146,6 +1178,7 @@ def save_overlay_png(path, frame: np.ndarray, heat: np.ndarray, boxes=None) -> N
     out = Image.new("RGB", (3 * w, h))
     for k, img in enumerate(panels):
         out.paste(img, (k * w, 0))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
 
 
@@ -1171,42 +1204,6 @@ def save_maps(path, maps: dict, negatives: dict | None = None, meta: dict | None
     with open(tmp, "wb") as f:
         np.savez_compressed(f, **out)
     os.replace(tmp, path)
-
-
-def load_maps(path):
-    """(maps, negatives or None, eval meta) from an .npz of save_maps (or any {id: 2-D map} .npz), each map checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prediction file not found: {path}")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise UserError(f"{path}: a single .npy array, not an .npz archive with one map per id (write it with "
-                        f"numpy.savez(path, **{{id: map}}))")
-    try:
-        with z:
-            data = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise UserError(f"{path}: corrupt .npz archive ({type(e).__name__}: {e})") from None
-    meta = {}
-    for key in ("__eval__", "__negatives__"):
-        try:
-            meta[key] = json.loads(str(data[key])) if key in data else None
-        except json.JSONDecodeError:
-            raise UserError(f"{path}: {key} is not valid json") from None
-    maps = {k: check_map(k, v, f"{path}: map") for k, v in data.items() if "/" not in k and not k.startswith("__")}
-    if not maps:
-        raise UserError(f"{path}: no maps in the archive")
-    negs = None
-    if meta["__negatives__"]:
-        kinds = meta["__negatives__"]["kinds"]
-        negs = {"meta": meta["__negatives__"],
-                "raw": {k[4:]: check_map(k, v) for k, v in data.items() if k.startswith("raw/")},
-                "neg": {kind: {k[len(f"neg/{kind}/"):]: check_map(k, v) for k, v in data.items()
-                               if k.startswith(f"neg/{kind}/")} for kind in kinds}}
-    return maps, negs, meta["__eval__"] or {}
 
 
 class RunLog:
@@ -1317,22 +1314,30 @@ def check_writable(folder, what: str) -> None:
         raise UserError(f"{what} {folder}: not writable ({e.strerror or e})") from None
 
 
+def check_file_writable(path, what: str) -> None:
+    if Path(path).is_dir():
+        raise UserError(f"{what} {path}: is a folder, expected a file name")
+    check_writable(Path(path).absolute().parent, what)
+
+
 def check_outputs(args) -> None:
     """Every output the command writes can be written: checked before any work."""
-    files = [("--save-maps", args.save_maps)] if args.save_maps else []
     if args.predict:
-        files, folder = [("--out", args.out or "heat.png")], None
-    elif args.train or args.benchmark:
-        folder = (args.out or "runs", "--out" if args.out else "the run folder's parent (choose one with --out)")
+        return check_file_writable(args.out or "heat.png", "--out")
+    if args.save_maps:
+        check_file_writable(args.save_maps, "--save-maps")
+    if args.train or args.benchmark:
+        check_writable(args.out or "runs", "--out" if args.out else "the run folder's parent (choose one with --out)")
     else:
-        folder = (args.out or run_folder(args.ckpt or "."), "--out" if args.out else
-                  "the output folder (the checkpoint's; choose one with --out)")
-    for what, f in files:
-        if Path(f).is_dir():
-            raise UserError(f"{what} {f}: is a folder, expected a file name")
-        check_writable(Path(f).absolute().parent, what)
-    if folder:
-        check_writable(*folder)
+        check_writable(eval_folder(args), "--out" if args.out else "the output folder (beside the checkpoint; choose "
+                                                                   "one with --out)")
+
+
+def eval_folder(args) -> Path:
+    """Where --eval writes: --out, else eval_<checkpoint name>/ beside the checkpoint (never over a training run's
+    results.json)."""
+    ckpt = Path(args.ckpt or ".")
+    return Path(args.out) if args.out else run_folder(ckpt) / f"eval_{'best' if ckpt.is_dir() else ckpt.stem}"
 
 
 def run_folder(path) -> Path:
@@ -1351,6 +1356,9 @@ def setup(args, presets: dict, synthetic, protocol: str, align_corners: bool, lo
         raise UserError("--eval needs --ckpt")
     if args.benchmark and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--benchmark runs in one process; launch it with python (or torchrun --nproc_per_node=1)")
+    if args.skip_bad and args.train and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--skip-bad under torchrun would leave the processes with unequal batches; run `data_prep.py "
+                        "check` and remove the bad clips from the split, or train in one process")
     check_numbers(args)
     resolve_device(args.device)
     check_outputs(args)
@@ -1483,12 +1491,37 @@ def preflight(args, method: str, resume=None, splits=("train_split", "val_split"
 
 
 def make_run_dir(args, method: str) -> Path:
-    """A new run folder OUT/<method>__<data>__s<seed>__<date-time>, with args.json."""
+    """A new run folder OUT/<method>__<data>__s<seed>__<date-time>[-k], with args.json (-k: another run started in the
+    same second)."""
     stamp = f"{method}__{Path(args.data).name}__s{args.seed}__{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    d = Path(args.out or "runs") / stamp
-    d.mkdir(parents=True, exist_ok=True)
+    for k in range(1000):
+        d = Path(args.out or "runs") / (stamp + (f"-{k}" if k else ""))
+        try:
+            d.mkdir(parents=True)
+            break
+        except FileExistsError:
+            continue
     write_json(d / "args.json", vars(args))
     return d
+
+
+RUN_DIR = None           # the run folder this process writes: named in the one line a Ctrl-C prints
+
+
+def lock_run_folder(d: Path):
+    """Hold RUN/.lock while this process writes the run folder: a second process (a --resume of a run that is still
+    training) is refused in one line instead of writing the same files."""
+    import fcntl
+    global RUN_DIR
+    f = open(d / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"{d}: another process is writing this run folder (a run still training?); resume it once "
+                        f"that process has ended") from None
+    RUN_DIR = d
+    return f
 
 
 class Run:
@@ -1512,6 +1545,7 @@ class Run:
         self.main = self.rank == 0
         seed_everything(args.seed)
         self.dir = run_folder(args.resume) if args.resume else make_run_dir(args, method) if self.main else None
+        self.lock = lock_run_folder(self.dir) if self.main else None
         self.log = RunLog(self.dir / "log.txt" if self.main else None, self.main)
         self.per_proc, self.start, self.best, self.history, self.t0 = args.batch_size // self.world, 0, -1.0, [], 0.0
 
@@ -1598,6 +1632,7 @@ class Run:
             self.log(f"training done in {time.time() - self.t0:.0f}s; best val cIoU@0.5 {100 * self.best:.2f}; "
                      f"testing best.pt")
             self.args.ckpt, self.args.out = str(self.dir / "best.pt"), str(self.dir)
+            self.lock.close()
         return self.main
 
     def seconds(self) -> float:
@@ -1625,6 +1660,12 @@ def run_cli(main_fn) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         main_fn()
+    except KeyboardInterrupt:
+        saved = RUN_DIR and sorted(p.name for p in RUN_DIR.glob("*.pt"))
+        tqdm.write("interrupted" + (f"; the run's checkpoints ({', '.join(saved)}) are in {RUN_DIR}: continue with "
+                                    f"python {Path(sys.argv[0]).name} --train --resume {RUN_DIR}" if saved else
+                                    f"; no checkpoint was written yet ({RUN_DIR or 'no run folder'})"), file=sys.stderr)
+        os._exit(130)
     except UserError as e:
         if world == 1:
             tqdm.write(f"error: {e}", file=sys.stderr)
@@ -1655,17 +1696,26 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
     temporary name then renamed, results.json last (a failure never leaves a results.json beside missing outputs).
     res: evaluate_maps() of the test, with res["maps"]; swapped: the same for the audio-swapped control (or None)."""
     log(format_report(res, f"test {map_name}"))
+    uses_sound = None
     if swapped:
         log(f"[test] audio-swapped  {fmt_metrics(swapped['test'])}   ({res['protocol']}, N={swapped['n']}; each clip "
             f"gets the next clip's audio)")
-    out = Path(args.out or run_folder(args.ckpt))
+        gaps = {k: (100 * (res["test"][k] - swapped["test"][k]), 100 * (res["test"][k] - res["baselines"]["center"][k]))
+                for k in ("ciou@0.5", "mean_ciou")}
+        uses_sound = min(gaps["ciou@0.5"]) >= 10 and min(gaps["mean_ciou"]) >= 5
+        log(f"[test] {'uses the sound' if uses_sound else 'does NOT clearly use the sound'}: "
+            f"{gaps['ciou@0.5'][0]:+.2f} cIoU@0.5 and {gaps['mean_ciou'][0]:+.2f} mean cIoU over the audio-swapped "
+            f"control, {gaps['ciou@0.5'][1]:+.2f} and {gaps['mean_ciou'][1]:+.2f} over the centred prior (the bar: "
+            f"+10 and +5 over both)")
+    out = Path(eval_folder(args))
     out.mkdir(parents=True, exist_ok=True)
     results = {"method": method, "data": str(args.data), "split": str(args.test_split), "protocol": res["protocol"],
                "seed": getattr(args, "ckpt_seed", None), "resize": res["resize"], "n": res["n"],
                "n_listed": res["n_listed"], "seconds": round(seconds, 1), "test": res["test"],
                "baselines": res["baselines"], "audio_swapped": dict(swapped["test"], n=swapped["n"]) if swapped else None,
                "map": map_name, "missing": res["missing"], "duplicates": res["duplicates"], "empty_gt": res["empty_gt"],
-               "boxes_outside": res["boxes_outside"], "skipped": len(MEDIA.skipped), **(extra or {})}
+               "boxes_outside": res["boxes_outside"], "skipped": len(MEDIA.skipped), "uses_sound": uses_sound,
+               **(extra or {})}
     if res.get("negatives"):
         results["negatives"] = {k: v for k, v in res["negatives"].items() if k != "per_sample"}
         log(format_negatives(res["negatives"], "test negatives"))

@@ -170,10 +170,13 @@ class LocationNet(nn.Module):
         return v_fea, a_fea
 
     def loc_map(self, v_fea, a_fea):
-        """Eq. 1: l = sigmoid(w * cos(g(a), f(v))) with the 1x1 conv w (B, h, w)."""
+        """Eq. 1: l = sigmoid(w * cos(g(a), f(v))) with the 1x1 conv w (B, h, w); the map in float32 or wider."""
         v = F.normalize(self.conv_v(v_fea), dim=1)
         a = F.normalize(self.fc_a(a_fea), dim=1)
-        return torch.sigmoid(self.conv_av(torch.einsum("bchw,bc->bhw", v, a)[:, None]))[:, 0]
+        dt = torch.promote_types(v.dtype, torch.float32)
+        with torch.autocast(v.device.type, enabled=False):
+            cos = torch.einsum("bchw,bc->bhw", v.to(dt), a.to(dt))[:, None]
+            return torch.sigmoid(F.conv2d(cos, self.conv_av.weight.to(dt)))[:, 0]
 
 
 def build_model(args) -> LocationNet:
@@ -225,10 +228,11 @@ def class_maps(model, v_fea, l, affine=True):
     """Eq. 7-8: m^k = d_k . f(v) (raw features, raw keys), optional official affine, s^k = m^k o l -> (B, K, h, w).
     Computed in float32 or wider (half inputs are promoted; float64 stays float64)."""
     dt = torch.promote_types(torch.promote_types(v_fea.dtype, l.dtype), torch.float32)
-    m = torch.einsum("bchw,kc->bkhw", v_fea.to(dt), model.D.to(dt))
-    if affine:                                                            # the 1x1x1 Conv3d: alpha * m + beta
-        m = F.conv3d(m[:, None], model.obj_affine.weight.to(dt), model.obj_affine.bias.to(dt))[:, 0]
-    return m * l.to(dt)[:, None]
+    with torch.autocast(v_fea.device.type, enabled=False):
+        m = torch.einsum("bchw,kc->bkhw", v_fea.to(dt), model.D.to(dt))
+        if affine:                                                        # the 1x1x1 Conv3d: alpha * m + beta
+            m = F.conv3d(m[:, None], model.obj_affine.weight.to(dt), model.obj_affine.bias.to(dt))[:, 0]
+        return m * l.to(dt)[:, None]
 
 
 def kl_consistency(s, a_logits_fixed, direction="paper"):
@@ -477,28 +481,31 @@ def train(args):
         rd = C.run_folder(args.resume)
         resume_ck = rd / "stage2.pt" if (rd / "stage2.pt").is_file() else rd / "stage1.pt"
     elif args.stage == "2":
-        stage1_ck = Path(args.ckpt) / "stage1.pt" if Path(args.ckpt).is_dir() else args.ckpt
-    splits = (("train_split", "val_split") if args.stage != "2" else ()) + \
-        (("cocktail_train_split",) if args.stage != "1" else ()) + ("test_split",) + \
-        (("cocktail_test_split",) if Path(args.cocktail_test_split).is_file() else ())
-    C.preflight(args, METHOD, resume_ck, splits=splits, annotated=("val_split", "test_split", "cocktail_test_split"),
-                ckpt=stage1_ck, train_key=None, free=("stage",), raisable=("epochs2",))   # before the run folder
-    if args.stage != "2":                             # Hungarian matching needs a cluster for every class
-        n_cls = len(stage1_classes(args, C.load_annotations(args.annotations)))
+        stage1_ck = Path(args.ckpt) / "stage1.pt" if Path(args.ckpt).is_dir() else Path(args.ckpt)
+        if stage1_ck.is_file() and C.load_checkpoint(stage1_ck, METHOD).get("assignment", 0) is None:
+            raise C.UserError(f"{stage1_ck}: no object dictionary (stage one builds it from its second epoch); "
+                              f"train stage one with --epochs 2 or more")
+    else:
+        if args.stage == "both" and args.epochs < 2:
+            raise C.UserError(f"--epochs {args.epochs}: stage one builds its object dictionary from its second epoch, "
+                              f"which stage two needs; use --epochs 2 or more (or --stage 1)")
+        n_cls = len(stage1_classes(args, C.load_annotations(args.annotations)))   # Hungarian: a cluster per class
         if n_cls > args.clusters:
             raise C.UserError(f"K = {args.clusters} clusters cannot cover the {n_cls} classes of the train/val "
                               f"annotations ({args.annotations}); use --clusters >= {n_cls}")
-    device = C.resolve_device(args.device)
-    C.seed_everything(args.seed)
-    run_dir = rd if args.resume else C.make_run_dir(args, METHOD)
-    log = C.RunLog(run_dir / "log.txt")
+    splits = (("train_split", "val_split") if args.stage != "2" else ()) + \
+        (("cocktail_train_split",) if args.stage != "1" else ()) + ("test_split",) + \
+        (("cocktail_test_split",) if Path(args.cocktail_test_split).is_file() else ())
+    run = C.Run(args, METHOD, resume=resume_ck, splits=splits, annotated=("val_split", "test_split", "cocktail_test_split"),
+                ckpt=stage1_ck, train_key=None, free=("stage",), raisable=("epochs2",))   # preflight, seed, folder
+    device, log, run_dir = run.device, run.log, run.dir
     log(f"CSOL | stages {args.stage} | data {args.data} | preset {args.preset} | device {device} | run {run_dir}")
     t0 = time.time()
     ck1 = C.load_checkpoint(run_dir / "stage1.pt") if args.resume and (run_dir / "stage1.pt").is_file() else None
     if args.stage in ("1", "both") and (ck1 is None or ck1["epoch"] < args.epochs):
         train_stage1(args, device, log, run_dir, ck1)
         ck1 = C.load_checkpoint(run_dir / "stage1.pt")
-    elif ck1 is None:
+    elif ck1 is None:                                 # stage two alone (also resumed): its stage-one checkpoint
         if not args.ckpt:
             raise C.UserError("--stage 2 needs --ckpt <stage-one run folder or stage1.pt>")
         ck1 = C.load_checkpoint(Path(args.ckpt) / "stage1.pt" if Path(args.ckpt).is_dir() else args.ckpt)
@@ -510,6 +517,7 @@ def train(args):
         ck2 = C.load_checkpoint(run_dir / "stage2.pt") if args.resume and (run_dir / "stage2.pt").is_file() else None
         info = {k: ck1.get(k) for k in ("classes", "assignment", "nmi")}
         train_stage2(args, device, log, run_dir, model, info, ck2)
+    run.lock.close()
     args.ckpt = str(run_dir / ("stage2.pt" if args.stage != "1" else "stage1.pt"))
     args.out = str(run_dir)
     run_eval(args, device, log, seconds_train=time.time() - t0)

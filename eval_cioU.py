@@ -1,35 +1,62 @@
-"""eval_cioU.py - score localization maps with a named protocol, exactly as the official test scripts.
+"""eval_cioU.py - score saved localization maps with a named protocol, exactly as the official test scripts do.
 
     python eval_cioU.py --pred maps.npz --gt ROOT/annotations.json [--split ROOT/splits/test.txt]
                         [--protocol median|median_strict|abs0.5|rel0.1] [--align-corners | --no-align-corners]
                         [--per-sample out.csv] [--baselines] [--json summary.json] [--missing-out missing.txt]
                         [--neg-threshold T] [--device cpu|cuda]
-
     python eval_cioU.py --table runs/*/results.json      # mean ± std of many runs (seeds) as a markdown table
 
---pred: one float map per id (any size; what every method's `--eval --save-maps` writes), an .npz archive.
---gt:   the standard layout's annotations.json, the original vggss.json, or a folder of the original
-        Flickr-SoundNet XML files (consensus ground truth, C = 2).
-Printed: protocol, resize variant, N evaluated / N listed, cIoU@0.5 (the papers' "cIoU"), AUC, mean cIoU, and with
---baselines the centred prior and the full image on the same samples. The --json summary uses the keys of the
-methods' results.json. The maps are scored in float32 with the official rules of the chosen protocol (common.py
-PROTOCOLS); the resize is the one the method stored in the file (EZ-VSL: bilinear align_corners=True; LVS, SSPL,
-CSOL: False = cv2 INTER_LINEAR), else False; --align-corners / --no-align-corners override it.
-
-Input checks (one `error:` line each): a file that is not a readable .npz (an .npy, an empty or garbage file), a
-map that is empty or not 2-D, NaN/inf values. Ids listed twice in --split are reported and scored once;
-annotation boxes with a coordinate outside [0, 1] are counted and reported (clamped as the official code, so the
-real vggss.json still gives the official numbers).
-
-Negative audio: an .npz written by `--eval --negatives --save-maps` also holds raw/<id>, neg/<kind>/<id>,
-__confidence__ and __negatives__ (see common.save_maps); the negative-audio metrics (SLAVC AP / max-F1, pIA per
-kind, the positives at the fixed threshold) are then recomputed from the raw maps and printed (--json: "negatives").
+--pred: an .npz with one float map per id (any size), as every method's `--eval --save-maps` writes it.
+--gt:   the standard layout's annotations.json, the original vggss.json, or a folder of the original Flickr-SoundNet
+        XML files (consensus ground truth, C = 2).
+Printed: protocol, resize, N evaluated / N listed, cIoU@0.5 (the papers' "cIoU"), AUC, mean cIoU, and with
+--baselines the centred prior and the full image. The maps are resized as the method stored in the file (EZ-VSL:
+bilinear align_corners=True; LVS, SSPL, CSOL: False = cv2 INTER_LINEAR), else False. An .npz written with
+`--eval --negatives` also holds the raw maps with negative audio (raw/<id>, neg/<kind>/<id>): the negative-audio
+metrics (SLAVC AP / max-F1, pIA) are recomputed from them. Every bad input is one `error:` line.
 """
 import argparse
 import csv
+import json
 from pathlib import Path
 
+import numpy as np
+
 import common as C
+
+
+def load_maps(path):
+    """(maps, negatives or None, the __eval__ meta) from an .npz of common.save_maps, or any {id: 2-D map} .npz. Every
+    key that is not raw/..., neg/... or __...__ is an id; each map is checked (2-D, non-empty, finite)."""
+    path = Path(path)
+    if not path.is_file():
+        raise C.UserError(f"prediction file not found: {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise C.UserError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise C.UserError(f"{path}: a single .npy array, not an .npz archive with one map per id (write it with "
+                          f"numpy.savez(path, **{{id: map}}))")
+    try:
+        with z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise C.UserError(f"{path}: corrupt .npz archive ({type(e).__name__}: {e})") from None
+    meta = {}
+    for key in ("__eval__", "__negatives__"):
+        try:
+            meta[key] = json.loads(str(data[key])) if key in data else None
+        except json.JSONDecodeError:
+            raise C.UserError(f"{path}: {key} is not valid json") from None
+    maps = {k: C.check_map(k, v, f"{path}: map") for k, v in data.items() if not k.startswith(("raw/", "neg/", "__"))}
+    if not maps:
+        raise C.UserError(f"{path}: no maps in the archive")
+    negs = meta["__negatives__"] and {
+        "meta": meta["__negatives__"], "raw": {k[4:]: C.check_map(k, v) for k, v in data.items() if k[:4] == "raw/"},
+        "neg": {kind: {k[len(f"neg/{kind}/"):]: C.check_map(k, v) for k, v in data.items()
+                       if k.startswith(f"neg/{kind}/")} for kind in meta["__negatives__"]["kinds"]}}
+    return maps, negs, meta["__eval__"] or {}
 
 
 def main(argv=None):
@@ -59,12 +86,18 @@ def main(argv=None):
         return table
     if not (a.pred and a.gt):
         raise C.UserError("give --pred and --gt (or --table RESULTS...)")
-
-    maps, negs, meta_eval = C.load_maps(a.pred)
+    C.check_numbers(a)
+    for flag in ("per_sample", "json", "missing_out"):              # every output writable, before any work
+        if getattr(a, flag):
+            C.check_file_writable(getattr(a, flag), "--" + flag.replace("_", "-"))
+    maps, negs, meta_eval = load_maps(a.pred)
     if a.align_corners is None:
         a.align_corners = bool(meta_eval.get("align_corners", False))
     ann = C.load_annotations(a.gt)
     ids = C.read_split(a.split) if a.split else None
+    if ids is not None and not set(ids) & set(maps):
+        raise C.UserError(f"{a.split}: none of its {len(ids)} ids has a map in {a.pred} (its first ids: "
+                          f"{', '.join(list(maps)[:3])}); another split, or maps of another dataset?")
     res = C.evaluate_maps(maps, ann, ids, a.protocol, a.align_corners, baselines=a.baselines, device=a.device)
     print(C.format_report(res, title=Path(a.pred).name))
     if res["missing"]:

@@ -152,8 +152,9 @@ def build_model(args) -> EZVSL:
 # Loss (Eq. 3-5)
 # ----------------------------------------------------------------------------------------------------------
 def mil_logits(v, a, tau):
-    """max_xy sim(v_n^xy, a_m) / tau for every image n and audio m -> (Bv, Ba)."""
-    return (torch.einsum("nchw,mc->nmhw", v, a) / tau).flatten(2).amax(-1)
+    """max_xy sim(v_n^xy, a_m) / tau for every image n and audio m -> (Bv, Ba), in float32 (also under autocast)."""
+    with torch.autocast(v.device.type, enabled=False):
+        return (torch.einsum("nchw,mc->nmhw", v.float(), a.float()) / tau).flatten(2).amax(-1)
 
 
 def gather_cat(x: torch.Tensor) -> torch.Tensor:
@@ -180,8 +181,9 @@ def ezvsl_loss(v, a, tau: float = 0.03, gather: bool = False):
 # Localization map (Eq. 6-9)
 # ----------------------------------------------------------------------------------------------------------
 def avl_map(v, a):
-    """S^AVL (Eq. 6): the cosine of every location with the clip's own audio -> (B, h, w)."""
-    return torch.einsum("nchw,nc->nhw", v.float(), a.float())
+    """S^AVL (Eq. 6): the cosine of every location with the clip's own audio -> (B, h, w), in float32."""
+    with torch.autocast(v.device.type, enabled=False):
+        return torch.einsum("nchw,nc->nhw", v.float(), a.float())
 
 
 def ogl_blend(s_avl, s_obj, alpha: float = 0.4):
@@ -295,6 +297,7 @@ def load_model(path, args, device):
         a = C.checkpoint_args(ck, path, METHOD, ("encoder", "dim", "image_size", "preset"))
         args.ckpt_seed, args.encoder, args.dim, args.image_size, args.preset = (a.get("seed"), a["encoder"], a["dim"],
                                                                                 a["image_size"], a["preset"])
+        args.imagenet_trained = a["encoder"] == "resnet18" and not a.get("no_pretrained")
     else:                                              # the authors' release: the paper architecture
         args.encoder, args.dim, args.image_size = "resnet18", 512, 224
     model = EZVSL(args.encoder, args.dim)
@@ -304,8 +307,14 @@ def load_model(path, args, device):
 
 
 def make_obj_model(args, log, device):
+    """f_obj for OGL, or None (the AVL map only, said in the log): OGL needs ImageNet weights, which are fetched only
+    for a checkpoint trained from them (the authors' ones too), else with --weights."""
     if args.no_ogl or args.no_pretrained:
         log("OGL skipped (--no-ogl / --no-pretrained): AVL map only")
+        return None
+    if not getattr(args, "imagenet_trained", True) and not args.weights:
+        log("OGL skipped: the checkpoint was trained without ImageNet weights (cpu preset or --no-pretrained); "
+            "--weights PATH to an ImageNet ResNet-18 adds OGL")
         return None
     try:
         return ObjectPrior(args.obj_prior, args.weights or "imagenet").to(device)

@@ -138,8 +138,10 @@ def convert_official_state_dict(sd: dict) -> dict:
 # Loss (§3.3, §3.4 and the official logits)
 # ----------------------------------------------------------------------------------------------------------
 def similarity(V, A):
-    """S[n, k] = cosine map of image n with audio k, (B, B, h, w); S[i, i] = S_{i->i}, S[j, i] = S_{i->j}."""
-    return torch.einsum("nchw,kc->nkhw", V.float(), A.float())
+    """S[n, k] = cosine map of image n with audio k, (B, B, h, w); S[i, i] = S_{i->i}, S[j, i] = S_{i->j}; in float32
+    (also under autocast)."""
+    with torch.autocast(V.device.type, enabled=False):
+        return torch.einsum("nchw,kc->nkhw", V.float(), A.float())
 
 
 def soft_masks(S, eps_p: float, eps_n: float, tau: float):
@@ -195,8 +197,9 @@ def lvs_loss(V, A, args):
 # Localization map
 # ----------------------------------------------------------------------------------------------------------
 def localization_map(V, A):
-    """The official test heat map: the raw cosine S_{i->i} (not the mask), (B, h, w)."""
-    return torch.einsum("nchw,nc->nhw", V.float(), A.float())
+    """The official test heat map: the raw cosine S_{i->i} (not the mask), (B, h, w), in float32."""
+    with torch.autocast(V.device.type, enabled=False):
+        return torch.einsum("nchw,nc->nhw", V.float(), A.float())
 
 
 # ----------------------------------------------------------------------------------------------------------

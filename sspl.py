@@ -76,7 +76,9 @@ NEG_THRESHOLD, NEG_SCALE = 0.5, "S cosine in [-1, 1]"           # --negatives: t
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="SSPL (CVPR 2022): see the module docstring")
+    p = argparse.ArgumentParser(description="SSPL (CVPR 2022): see the module docstring. The epoch line's f_av_std is "
+                                "SimSiam's collapse monitor: the mean per-dimension std of the L2-normalised f_av, "
+                                "about 1/sqrt(c) when spread out, 0 when collapsed")
     C.add_standard_args(p)
     p.add_argument("--pcm", action=argparse.BooleanOptionalAction, default=True, help="use the PCM (w/ PCM)")
     p.add_argument("--pcm-cycles", type=int, help="PCM cycles after the initial pass (official 4 = the paper's T 5); "
@@ -474,6 +476,10 @@ def main(argv=None):
     lr1, lr2 = TABLE_S1[args.lr_table][args.pcm]                    # the paper preset: Table S1, official epochs
     presets = dict(PRESETS, paper=dict(PRESETS["paper"], lr_head=lr1, lr=lr2, epochs=20 if args.pcm else 100))
     C.setup(args, presets, synthetic_data, protocol="abs0.5", align_corners=False)   # the official test
+    stride = 16 if args.encoder == "vgg" else 8
+    if args.pcm and (args.train or args.benchmark) and args.image_size // stride != 14 and not args.resume:
+        raise C.UserError(f"--image-size {args.image_size}: the PCM works on a 14x14 feature map, so the {args.encoder} "
+                          f"encoder needs --image-size {14 * stride} (or --no-pcm)")
     if args.predict:
         return predict(args)
     if args.benchmark:

@@ -5,6 +5,7 @@ filter banks, hand-worked examples); learning is checked by a score going up on 
 Nothing here needs ../shared or the network.
 """
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -1187,7 +1188,7 @@ def test_preflight_refuses_before_any_run_folder(tiny, tmp_path):
                 mod.main(argv)
         assert not out.exists()                                             # no run folder of a failed start
     with pytest.raises(C.UserError, match="annotation"):                    # CSOL: the same preflight
-        csol.main(_prefl(tiny, out, "--annotations", str(tmp_path / "noval.json")))
+        csol.main(_prefl(tiny, out, "--annotations", str(tmp_path / "noval.json"), "--epochs", "2"))
     with pytest.raises(C.UserError, match="not a readable PyTorch checkpoint"):
         csol.main(_prefl(tiny, out, "--stage", "2", "--ckpt", str(tmp_path / "text.pt")))
     assert not out.exists()
@@ -2002,3 +2003,291 @@ def test_issue12_ezvsl_eval_negatives_and_eval_cioU_round_trip(tiny, tmp_path):
         conf = z["__confidence__"]
     assert conf.shape == (8, 4)
     assert conf.mean(0) == pytest.approx([neg["confidence"][k] for k in ["positive", *neg["kinds"]]])
+
+
+# ===== issue 22: a checkpoint never runs code; every bad input is one line =====
+def _pwn(tmp_path):
+    """A pickle that, when loaded with weights_only=False, creates tmp_path/pwned (open(path, 'w'))."""
+    class Payload:
+        def __reduce__(self):
+            return open, (str(tmp_path / "pwned"), "w")
+    return Payload()
+
+
+def test_loading_a_checkpoint_or_weights_file_never_runs_code(tmp_path):
+    torch.save({"model": _pwn(tmp_path), "args": {"method": "sspl"}}, tmp_path / "evil.pt")
+    for load in (lambda: ez_vsl.load_model(tmp_path / "evil.pt", _lvs_args(), "cpu"),
+                 lambda: lvs.load_model(tmp_path / "evil.pt", _lvs_args(), "cpu"),
+                 lambda: sspl.load_model(tmp_path / "evil.pt", _lvs_args(), "cpu"),
+                 lambda: csol.load_model(tmp_path / "evil.pt", _lvs_args(), "cpu"),
+                 lambda: C.load_weights(C.ResNet18Trunk(3), str(tmp_path / "evil.pt")),
+                 lambda: ez_vsl.ObjectPrior("l1", str(tmp_path / "evil.pt"))):
+        with pytest.raises(C.UserError, match=r"evil.pt: refused: it holds Python objects \(.*open"):
+            load()
+    assert not (tmp_path / "pwned").exists()
+    r = run_py("lvs_hardway.py", "--eval", "--ckpt", tmp_path / "evil.pt", "--data", tmp_path, check=False)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert not (tmp_path / "pwned").exists()
+    # the authors' EZ-VSL format stores its scores as numpy scalars: still loads
+    ref = ez_vsl.EZVSL("resnet18", 512)
+    torch.save({"model": {f"module.{k}": v for k, v in ref.state_dict().items()}, "best_cIoU": np.float64(0.4),
+                "best_Auc": np.float32(0.3), "epoch": np.int64(20)}, tmp_path / "best.pth")
+    model = ez_vsl.load_model(tmp_path / "best.pth", _lvs_args(), "cpu")
+    assert torch.equal(model.state_dict()["aud_proj.weight"], ref.state_dict()["aud_proj.weight"])
+
+
+def test_a_16_bit_png_frame_decodes_as_pil_reads_it(tiny, tmp_path):
+    from PIL import Image
+    ids = C.read_split(tiny / "splits" / "test.txt")[:2]
+    frame = tmp_path / "x.jpg"                                # a 16-bit greyscale PNG named .jpg
+    Image.fromarray((np.random.default_rng(0).random((40, 60)) * 65535).astype(np.uint16)).save(frame, format="PNG")
+    data = torch.from_numpy(np.fromfile(frame, np.uint8))
+    ours = C.decode_frame(data, frame)
+    assert ours.dtype == torch.uint8
+    assert torch.equal(ours, torch.from_numpy(np.asarray(C.load_image(frame))).permute(2, 0, 1))
+    items = [(("jpeg", data), torch.zeros(8), ids[0], False),
+             (("jpeg", torch.from_numpy(np.fromfile(tiny / "frames" / f"{ids[1]}.jpg", np.uint8))), torch.zeros(8),
+              ids[1], False)]
+    img = C.batch_images(C.collate_av(items), "cpu", SimpleNamespace(data=str(tmp_path), skip_bad=False), "squash", 32)
+    assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_bad_numbers_device_and_outputs_are_one_line_before_any_run_folder(tiny, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "runs"
+    for mod, extra, msg in ((ez_vsl, ["--lr", "-1"], "--lr -1.0: must be greater than 0"),
+                            (lvs, ["--image-size", "7"], "--image-size 7: must be at least 32"),
+                            (sspl, ["--image-size", "64", "--preset", "paper", "--no-pretrained"],
+                             "--image-size 64: the PCM works on a 14x14 feature map"),
+                            (sspl, ["--lr-head", "0"], "--lr-head 0.0: must be greater than 0"),
+                            (csol, ["--epochs", "1"], "stage one builds its object dictionary from its second epoch"),
+                            (ez_vsl, ["--device", "tpu"], "--device tpu: not a device"),
+                            (lvs, ["--tau", "nan"], "--tau nan: must be a finite number")):
+        with pytest.raises(C.UserError, match=re.escape(msg)):
+            mod.main(_prefl(tiny, out, *extra))
+    assert not out.exists()
+    ck = tmp_path / "ck.pt"
+    C.save_checkpoint(ck, {"model": {}, "args": {"method": "sspl"}})
+    for argv, msg in ((["--eval", "--ckpt", ck, "--pcm-cycles", "-1"], "--pcm-cycles -1: must be at least 0"),
+                      (["--eval", "--ckpt", ck, "--neg-threshold", "nan"], "--neg-threshold nan: must be a finite"),
+                      (["--predict", "--ckpt", ck, "--image", "x", "--audio", "y", "--out", tmp_path / "a_file" / "h.png"],
+                       "is a file, not a folder")):
+        with pytest.raises(C.UserError, match=re.escape(msg)):
+            sspl.main([str(a) for a in argv] + ["--data", str(tiny)])
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    import errno
+    lvs.main(_quick(tiny, tmp_path / "runs", "--epochs", "1"))
+    run = next((tmp_path / "runs").iterdir())
+    before = (run / "last.pt").read_bytes()
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(C.UserError, match=r"last.pt: cannot write the checkpoint \(No space left on device"):
+        lvs.main(["--train", "--resume", str(run), "--epochs", "2", "--max-steps", "2"])
+    assert (run / "last.pt").read_bytes() == before and not list(run.glob("*.part"))
+
+
+def test_predict_creates_its_output_folder_and_refuses_too_short_audio(tiny, tmp_path):
+    vid = C.read_split(tiny / "splits" / "test.txt")[0]
+    data_prep.write_wav(tmp_path / "short.wav", np.zeros(800), 16000)                 # 0.05 s: --eval refuses it too
+    for mod in (lvs, sspl):
+        mod.main(_quick(tiny, tmp_path / mod.METHOD, "--epochs", "1"))
+        args = ["--predict", "--ckpt", str(next((tmp_path / mod.METHOD).iterdir()) / "best.pt"), "--image",
+                str(tiny / "frames" / f"{vid}.jpg")]
+        mod.main(args + ["--audio", str(tiny / "audio" / f"{vid}.wav"), "--out", str(tmp_path / "new" / "h.png")])
+        assert (tmp_path / "new" / "h.png").is_file()
+        (tmp_path / "new" / "h.png").unlink()
+        with pytest.raises(C.UserError, match="short.wav: audio too short: 0.050 s, the method needs"):
+            mod.main(args + ["--audio", str(tmp_path / "short.wav")])
+
+
+def test_a_run_folder_is_written_by_one_process_and_runs_never_share_one(tiny, tmp_path):
+    import fcntl
+    lvs.main(_quick(tiny, tmp_path / "runs", "--epochs", "1"))
+    run = next((tmp_path / "runs").iterdir())
+    with open(run / ".lock", "a") as held:                       # as a run still training holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(C.UserError, match="another process is writing this run folder"):
+            lvs.main(["--train", "--resume", str(run), "--epochs", "2"])
+    lines = (run / "log.txt").read_text().splitlines()
+    assert sum(ln.startswith("epoch 1/1") for ln in lines) == 1 and not any("epoch 2/2" in ln for ln in lines)
+    args = C.parse_args(lvs.build_parser(), ["--train", "--data", str(tiny), "--out", str(tmp_path / "same")])
+    C.setup(args, lvs.PRESETS, lvs.synthetic_data, "median_strict", False)
+    a, b = C.make_run_dir(args, "lvs_hardway"), C.make_run_dir(args, "lvs_hardway")   # the same second
+    assert a != b and (a / "args.json").is_file() and (b / "args.json").is_file()
+
+
+def test_eval_writes_beside_the_training_run_and_names_empty_ground_truths(tiny, tmp_path):
+    sspl.main(_quick(tiny, tmp_path / "runs", "--epochs", "1"))
+    run = next((tmp_path / "runs").iterdir())
+    trained = (run / "results.json").read_bytes()
+    sspl.main(["--eval", "--ckpt", str(run / "best.pt")])                        # no --out, no --data
+    assert (run / "results.json").read_bytes() == trained
+    assert json.loads((run / "eval_best" / "results.json").read_text())["n"] == 8
+    ann = {"a": {"file": "a", "bbox": [[0.6, 0.2, 0.3, 0.9]]}, "b": {"file": "b", "bbox": [[12, 30, 100, 140]]},
+           "c": {"file": "c", "bbox": [[0, 0, 0.5, 0.5]]}}
+    res = C.evaluate_maps({k: np.eye(7) for k in ann}, ann)
+    report = C.format_report(res)
+    assert res["empty_gt"] == ["a", "b"] and "a (x2 <= x1 or y2 <= y1" in report and "b (every coordinate above 1" \
+        in report and "pixel units" in report
+
+
+def test_eval_cioU_refuses_outputs_it_cannot_write_and_a_split_without_maps_before_scoring(tmp_path, capsys):
+    ann = [{"file": f"v{i}", "class": "c", "bbox": [[0, 0, 0.5, 1.0]]} for i in range(3)]
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    C.save_maps(tmp_path / "m.npz", {f"v{i}": np.eye(7) for i in range(3)})
+    (tmp_path / "a_file").write_text("x")
+    base = ["--pred", str(tmp_path / "m.npz"), "--gt", str(tmp_path / "ann.json")]
+    for flag in ("--per-sample", "--json"):
+        with pytest.raises(C.UserError, match=f"{flag} .*a_file"):
+            eval_cioU_main(base + [flag, str(tmp_path / "a_file" / "x")])
+        assert "cIoU@0.5" not in capsys.readouterr().out                       # nothing scored, nothing printed
+    (tmp_path / "other.txt").write_text("w0\nw1\n")
+    with pytest.raises(C.UserError, match="none of its 2 ids has a map"):
+        eval_cioU_main(base + ["--split", str(tmp_path / "other.txt")])
+    np.savez(tmp_path / "keyed.npz", **{"x/v0": np.eye(7), "v1": np.eye(7)})    # a key that is not an id: named
+    with pytest.raises(C.UserError, match="x/v0"):
+        eval_cioU_main(["--pred", str(tmp_path / "keyed.npz"), "--gt", str(tmp_path / "ann.json")])
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(tiny, tmp_path):
+    import os
+    import signal
+    import time
+    cmd = [sys.executable, "lvs_hardway.py", *_quick(tiny, tmp_path / "runs", "--epochs", "200")]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 240
+    while not list((tmp_path / "runs").glob("*/last.pt")) and time.time() < deadline:
+        time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]
+    assert p.returncode == 130 and "Traceback" not in err and len(lines) == 1, err
+    run = next((tmp_path / "runs").iterdir())
+    assert lines[0].startswith("interrupted; the run's checkpoints") and f"--train --resume {run}" in lines[0]
+
+
+def test_the_report_says_whether_the_model_uses_the_sound_and_epochs_show_the_run_eta(tiny, tmp_path, capsys):
+    ez_vsl.main(_quick(tiny, tmp_path / "runs", "--epochs", "2", "--no-pretrained"))
+    out = capsys.readouterr().out
+    run = next((tmp_path / "runs").iterdir())
+    res = json.loads((run / "results.json").read_text())
+    gap = 100 * (res["test"]["ciou@0.5"] - res["audio_swapped"]["ciou@0.5"])
+    line = next(ln for ln in out.splitlines() if "use the sound" in ln or "uses the sound" in ln)
+    assert f"{gap:+.2f} cIoU@0.5" in line and res["uses_sound"] == line.startswith("[test] uses the sound")
+    assert res["audio_swapped"]["n"] == res["n"] == 8
+    assert re.search(r"epoch 1/2 loss [\d.]+ \| val .* run ETA [\d.]+ min", out)
+    assert "f_av_std" in sspl.build_parser().format_help() and "collapse" in sspl.build_parser().format_help()
+
+
+# ===== issue 24: the CUDA paths, checked on the CPU =====
+def _bare_run(rank, world=2, device="cpu", seed=3):
+    run = C.Run.__new__(C.Run)
+    run.args, run.rank, run.world, run.device = SimpleNamespace(seed=seed, workers=0), rank, world, torch.device(device)
+    run.per_proc = 2
+    return run
+
+
+def test_each_ddp_process_draws_its_own_augmentation_and_one_process_keeps_its_stream(tiny):
+    ds = C.AVDataset(tiny, C.read_split(tiny / "splits" / "train.txt")[:8], 3.0)
+
+    def first_draws(rank, world):                 # the loader reseeds; then the batch's crop / flip draws
+        loader = _bare_run(rank, world).loader(ds, epoch=4)
+        return [C.augment_params("crop_flip", 96, (120, 160)) for _ in range(4)], loader.generator.initial_seed()
+    (r0, g0), (r1, g1), (alone, g) = first_draws(0, 2), first_draws(1, 2), first_draws(0, 1)
+    assert r0 != r1 and g0 != g1                                    # each rank its own augmentation (and workers)
+    C.seed_everything(3 * 1000 + 4)                                 # one process: the stream of every earlier release
+    assert alone == r0 == [C.augment_params("crop_flip", 96, (120, 160)) for _ in range(4)] and g == g0 == 3004
+
+
+def test_losses_and_maps_stay_float32_under_autocast():
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        V, fa = torch.randn(2, 8, 3, 3, dtype=torch.bfloat16), torch.randn(2, 8, dtype=torch.bfloat16)
+        f_av, S, S_t = sspl.attention(V, fa)
+        const = sspl.attention(torch.ones(1, 8, 3, 3, dtype=torch.bfloat16), fa[:1])[2]
+        head = sspl.SimSiamHead(8, 16, 4).eval()
+        loss = sspl.sspl_loss(head, f_av, f_av.flip(0))
+        v, a = torch.nn.functional.normalize(V, dim=1), torch.nn.functional.normalize(fa, dim=1)
+        ez = (ez_vsl.ezvsl_loss(v, a), ez_vsl.avl_map(v, a))
+        Slvs = lvs.similarity(v, a)
+        lv = lvs.lvs_loss(v, a, _lvs_args())
+    for t in (f_av, S, S_t, const, loss, *ez, Slvs, lv):
+        assert t.dtype == torch.float32 and torch.isfinite(t).all()
+    assert const.abs().max() == 0                          # a constant map: S~ = 0 / (0 + 1e-10), not NaN
+
+
+def test_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    for cap, dtype in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, cap=cap: cap)
+        assert C.Amp(torch.device("cuda:1"), True).dtype == dtype
+    assert C.Amp(torch.device("cpu"), True).enabled is False
+
+
+def test_nvjpeg_waits_for_the_stream_and_a_failed_batch_is_said_once(monkeypatch, capsys):
+    import torchvision.io
+    calls = []
+
+    class Stream:
+        def synchronize(self):
+            calls.append("sync")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+
+    def decode(datas, mode, device):
+        calls.append("decode")
+        raise RuntimeError("nvjpeg: bad batch")
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode)
+    C.NVJPEG_FAILED.clear()
+    assert C.nvjpeg([torch.zeros(4, dtype=torch.uint8)], torch.device("cuda")) is None
+    assert C.nvjpeg([torch.zeros(4, dtype=torch.uint8)], torch.device("cuda")) is None
+    assert calls == ["sync", "decode", "sync", "decode"]
+    assert capsys.readouterr().err.count("nvJPEG could not decode a batch (nvjpeg: bad batch)") == 1
+
+
+def test_skip_bad_under_ddp_is_refused_and_checkpoints_keep_the_gradient_scaler(tiny, tmp_path, monkeypatch):
+    run = _bare_run(0, world=1, device="cuda")
+    assert run.loader(C.AVDataset(tiny, C.read_split(tiny / "splits" / "train.txt")[:4], 3.0), 0).pin_memory
+    lvs.main(_quick(tiny, tmp_path / "runs", "--epochs", "1"))
+    assert "scaler" in torch.load(next((tmp_path / "runs").iterdir()) / "last.pt", weights_only=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(C.UserError, match="--skip-bad under torchrun"):
+        lvs.main(_quick(tiny, tmp_path / "x", "--skip-bad"))
+
+
+# ===== issue 23 (item 8): the methods on real-world data =====
+def test_skip_bad_survives_a_batch_of_only_bad_clips_and_the_swapped_n_is_its_own(tiny, tmp_path):
+    root = tmp_path / "bad"
+    shutil.copytree(tiny, root)
+    ids = C.read_split(root / "splits" / "test.txt")
+    (root / "frames" / f"{ids[0]}.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    lvs.main(_quick(tiny, tmp_path / "runs", "--epochs", "1"))
+    ck = next((tmp_path / "runs").iterdir()) / "best.pt"
+    lvs.main(["--eval", "--ckpt", str(ck), "--data", str(root), "--skip-bad", "--batch-size", "1", "--out",
+              str(tmp_path / "ev")])
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert res["n"] == 7 and res["skipped"] == 1 and res["audio_swapped"]["n"] == 7
+
+
+def test_a_checkpoint_without_imagenet_weights_never_downloads_them(tiny, tmp_path, monkeypatch, capsys):
+    ez_vsl.main(_quick(tiny, tmp_path / "runs", "--epochs", "1"))
+    ck = next((tmp_path / "runs").iterdir()) / "best.pt"
+    monkeypatch.setattr(C, "imagenet_state_dict", lambda *a: pytest.fail("downloads ImageNet weights"))
+    vid = C.read_split(tiny / "splits" / "test.txt")[0]
+    ez_vsl.main(["--predict", "--ckpt", str(ck), "--image", str(tiny / "frames" / f"{vid}.jpg"), "--audio",
+                 str(tiny / "audio" / f"{vid}.wav"), "--out", str(tmp_path / "h.png")])
+    ez_vsl.main(["--eval", "--ckpt", str(ck), "--out", str(tmp_path / "ev")])
+    assert capsys.readouterr().out.count("OGL skipped: the checkpoint was trained without ImageNet weights") == 2
+
+
+def test_a_cpu_preset_dataset_holds_no_frames(tiny):
+    import pickle
+    args = SimpleNamespace(data=str(tiny), limit=None, preset="cpu", decode="fast", no_cache=False, image_size=112)
+    ds = C.av_dataset(args, tiny / "splits" / "train.txt", "crop_flip", 3.0, "center", 16000)
+    for i in range(len(ds)):
+        ds[i]
+    assert len(pickle.dumps(ds)) < 20_000                  # the ids and paths, not 24 decoded frames and waveforms
