@@ -1025,7 +1025,8 @@ def test_data_prep_audio_only_and_frames_subcommand(tmp_path):
     vids = tmp_path / "vids"
     vids.mkdir()
     _write_audio_file(vids / "audio_only.mkv", codec="pcm_s16le")
-    data_prep.main(["videos", str(vids), "--out", str(tmp_path / "o2")])
+    with pytest.raises(C.UserError, match="no clip could be prepared"):                 # 0 clips: an error
+        data_prep.main(["videos", str(vids), "--out", str(tmp_path / "o2")])
     r = data_prep.read_manifest(tmp_path / "o2")["audio_only"]
     assert r["status"] == "failed" and r["reason"] == "no video stream"
 
