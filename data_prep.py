@@ -86,6 +86,8 @@ def decode_audio(path, sr: int, t0: float | None = None) -> dict:
             raise ClipError("no audio stream")
         st = c.streams.audio[0]
         src_sr = st.codec_context.sample_rate
+        if not src_sr:
+            raise ClipError("the audio stream has no sample rate")
         if t0 is None:
             t0 = c.start_time / 1e6 if c.start_time is not None else 0.0
         mono = av.AudioResampler(format="s16", layout="mono", rate=src_sr)    # s16: FFmpeg's mix keeps the level
@@ -125,9 +127,10 @@ def audio_notes(a: dict, sr: int, duration: float | None = None) -> list[str]:
     notes, n = [], len(a["x"]) / sr
     if duration and n < SHORT_AUDIO * duration and duration - n > 0.5:
         notes.append(f"warning: audio much shorter than the video ({n:.2f} s of {duration:.2f} s)")
-    if a["filled"] or a["overlap"] or a["bad"]:
-        notes.append(f"warning: audio timestamps have gaps ({a['filled']:.3f} s filled with silence, "
-                     f"{a['overlap']:.3f} s overlapped, {a['bad']} undecodable packets)")
+    gaps = [f"{a['filled']:.3f} s filled with silence"] * (a["filled"] > 0) + \
+        [f"{a['overlap']:.3f} s overlapped"] * (a["overlap"] > 0) + [f"{a['bad']} undecodable packets"] * (a["bad"] > 0)
+    if gaps:
+        notes.append(f"warning: audio timestamps have gaps ({', '.join(gaps)})")
     if np.abs(a["x"]).max() < SILENT:
         notes.append("warning: the audio track is silent (peak below -60 dBFS)")
     return notes
@@ -147,8 +150,11 @@ def frame_at(path, target: float, shift: float):
     for seek in (target - shift - 1.0, None):    # None: from the start, when a seek lands past the target
         with open_media(path) as c:
             vs = c.streams.video[0]
-            if seek is not None:
-                c.seek(max(0, int(seek / vs.time_base)), stream=vs, backward=True)
+            try:
+                if seek is not None:
+                    c.seek(max(0, int(seek / vs.time_base)), stream=vs, backward=True)
+            except av.error.FFmpegError:
+                continue                                 # cannot seek: decode from the start
             times, last, past = [], deque(maxlen=REORDER + 2), 0
             try:
                 for f in c.decode(vs):
@@ -186,7 +192,7 @@ def video_clip(row: dict, src, sr: int, when: str):
         start = float(vs.start_time * vs.time_base) if vs.start_time is not None else None
         pts, end = [], 0.0
         for p in c.demux(vs):
-            if p.pts is not None and p.size:
+            if p.pts is not None and p.size and not p.is_discard:       # discarded: before an MP4 edit list
                 pts.append(float(p.pts * p.time_base))
                 end = max(end, pts[-1] + float((p.duration or 0) * p.time_base))
     if not pts:
@@ -755,7 +761,7 @@ def clip_problems(job):
             refused.setdefault(str(e) if isinstance(e, C.UserError) else f"{wav}: {type(e).__name__}: {e}", set()).add(m)
     problems += [msg if len(ms) == max(1, len(methods)) else f"{msg} ({', '.join(sorted(ms))})"
                  for msg, ms in refused.items()]
-    return vid, problems, tiled
+    return vid, problems, tiled - set().union(*refused.values())
 
 
 def cmd_check(a):
@@ -791,8 +797,8 @@ def cmd_check(a):
         print(f"  {v}: {bad[v]}")
     for m, vids in tiled.items():
         if vids:
-            print(f"  {len(vids)} clips are shorter than {m}'s window{'s' if len(METHOD_WINDOWS[m]) > 1 else ''} "
-                  f"and will be tiled (as the official code does), e.g. {', '.join(sorted(vids)[:3])}")
+            print(f"  {m} will tile (as the official code does) the audio of {len(vids)} clips shorter than its "
+                  f"window: {', '.join(sorted(vids)[:3])}{' ...' if len(vids) > 3 else ''}")
     if bad:
         if not a.method:
             print("  (--method NAME applies one method's rules only)")
