@@ -241,17 +241,6 @@ def clip_window(x: np.ndarray, sr: int, seconds: float, where: str = "center") -
     return x[start:start + n]
 
 
-def write_wav(path, x: np.ndarray, sr: int):
-    """Mono PCM16 (clipped to [-1, 1]), written atomically."""
-    path = Path(path)
-    pcm = (np.clip(np.asarray(x, np.float64), -1, 1) * 32767).round().astype("<i2")
-    tmp = path.with_name(path.name + ".part")
-    with wave.open(str(tmp), "wb") as f:
-        f.setnchannels(1), f.setsampwidth(2), f.setframerate(sr)
-        f.writeframes(pcm.tobytes())
-    os.replace(tmp, path)
-
-
 def read_split(path) -> list[str]:
     """One id per line (the first comma-separated column, so csv lists work too); a BOM and blank lines ignored."""
     path = Path(path)

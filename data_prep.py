@@ -7,19 +7,23 @@
     python data_prep.py flickr SRC --out ROOT                the Flickr-SoundNet test download (Data/... + Annotations/*.xml)
     python data_prep.py vggss --json vggss.json --clips ROOT the VGG-SS test split + annotations from the clips present
     python data_prep.py split LIST --name NAME --root ROOT   any id list (*.txt / *.csv) as ROOT/splits/NAME.txt
-    python data_prep.py check ROOT [--split NAME] [--workers N]  decode every frame and WAV (before a long run)
+    python data_prep.py check ROOT [--split NAME] [--method M] [--workers N]  decode every frame and WAV as the
+                                                             methods read them (before a long run)
 
 The synthetic benchmark's generator lives here: a method run without --data imports it (data_prep.py must then
 sit beside common.py); with --data nothing here is needed.
 
-Every ingesting command writes ROOT/manifest.csv (id, status ok/missing/failed, reason, frame time, duration,
-source sample rate, fps measured from the frame timestamps, audio duration, the settings the clip was made with),
-skips ids already done with the same settings when re-run (a clip made with another --sr / --time is made again),
-never replaces a broken clip by another one, writes each output atomically, and ends with a summary table. A clip
-whose audio is much shorter than its video is kept ('ok') with a warning in its reason.
+Every ingesting command writes ROOT/manifest.csv (one row per id: status ok/missing/failed, reason, source file,
+frame time and duration on the clip's clock, source sample rate, fps measured from the frame timestamps, audio
+duration, start and silence filled in gaps, orientation applied, the settings), skips ids already done (same
+settings, same source, frame and WAV still decodable) when re-run, removes the outputs of a clip that fails,
+never replaces a broken clip by another one, writes each output atomically, and ends with a summary table naming
+the ids of each failure or warning. Warnings (audio much shorter than the video, timestamp gaps, a silent track)
+keep the clip 'ok'. A run that leaves no clip ready exits with an error.
 Run `python data_prep.py SUBCOMMAND --help` for details.
 """
 import argparse
+import bisect
 import csv
 import json
 import math
@@ -27,20 +31,26 @@ import os
 import sys
 import shutil
 import time
-from collections import Counter
+import wave
+from collections import deque
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 import common as C
 
-VIDEO_EXT = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp"}
+VIDEO_EXT = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".ts", ".m2ts", ".mts",
+             ".ogv", ".wmv", ".asf"}
 IMAGE_EXT = {".jpg", ".jpeg", ".png"}
 AUDIO_EXT = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus"}
-MANIFEST_FIELDS = ["id", "status", "reason", "frame_time", "duration", "src_sr", "fps", "audio_duration", "settings"]
+MANIFEST_FIELDS = ["id", "status", "reason", "source", "frame_time", "duration", "src_sr", "fps", "audio_duration",
+                   "audio_start", "audio_filled", "orientation", "settings"]
 SHORT_AUDIO = 0.8    # audio shorter than this fraction of the video (and by more than 0.5 s) is reported
+SLACK = 0.005        # an audio frame within 5 ms of where the previous one ended follows it (timestamp rounding)
+REORDER = 16         # frames decoded past the target before the frame search stops (H.264 reorders at most 16)
+SILENT = 1e-3        # an audio track whose peak stays below this (-60 dBFS) is reported as silent
 FLICKR_MISSING = "3908875357"   # in the original 250-image test list, absent from the released data
 
 
@@ -49,78 +59,197 @@ FLICKR_MISSING = "3908875357"   # in the original 250-image test list, absent fr
 # ----------------------------------------------------------------------------------------------------------
 class ClipError(Exception):
     """A broken clip: recorded in the manifest with its reason, then skipped."""
+    status = "failed"
 
 
-def decode_audio(container, sr: int) -> tuple[np.ndarray, int]:
-    """All audio of the first audio stream, down-mixed to mono by FFmpeg's resampler at rate sr (float32)."""
+class Missing(ClipError):
+    status = "missing"
+
+
+
+def write_wav(path, x: np.ndarray, sr: int):
+    """Mono PCM16 (clipped to [-1, 1]), written atomically."""
+    path = Path(path)
+    pcm = (np.clip(np.asarray(x, np.float64), -1, 1) * 32767).round().astype("<i2")
+    tmp = path.with_name(path.name + ".part")
+    with wave.open(str(tmp), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(sr)
+        f.writeframes(pcm.tobytes())
+    os.replace(tmp, path)
+
+def open_media(path):
     import av
-    if not container.streams.audio:
-        raise ClipError("no audio stream")
-    st = container.streams.audio[0]
-    src_sr = st.codec_context.sample_rate or st.rate or 0
-    res = av.AudioResampler(format="s16", layout="mono", rate=sr)
-    chunks = []
     try:
-        for frame in container.decode(st):
-            frame.pts = None
-            chunks += [f.to_ndarray().reshape(-1) for f in res.resample(frame)]
-        chunks += [f.to_ndarray().reshape(-1) for f in res.resample(None)]
-    except av.error.FFmpegError as e:
-        if not chunks:
-            raise ClipError(f"audio decoding failed ({e})") from None
-    x = np.concatenate(chunks).astype(np.float32) / 32768.0 if chunks else np.zeros(0, np.float32)
-    if x.size == 0:
-        raise ClipError("zero-length audio")
-    return x, src_sr
+        return av.open(str(path))
+    except (av.error.FFmpegError, OSError) as e:
+        raise ClipError(f"cannot open ({type(e).__name__}: {e})") from None
 
 
-def frame_at(container, t: float):
-    """The video frame displayed at time t (s, from the stream start): the last frame whose timestamp <= t,
-    found by seeking to the key frame before t and decoding forward. Returns (PIL image, its time, fps)."""
+def decode_audio(path, sr: int, t0: float | None = None) -> dict:
+    """The first audio stream of a file, down-mixed to mono by FFmpeg, each decoded frame placed at its timestamp
+    on the clip's clock (sample 0 = t0, the container start; None: the file's own start): silence before a late
+    start and in timestamp gaps (damaged or missing packets); a frame within SLACK of where the previous one ended
+    follows it. The placed track is then resampled to sr in one piece.
+    -> dict(x: float32 at sr, src_sr, start: s before the first sample, filled: s of silence put in gaps,
+    overlap: s overwritten by frames that start before the previous one ended, bad: undecodable packets)."""
     import av
-    if not container.streams.video:
-        raise ClipError("no video stream")
-    vs = container.streams.video[0]
-    fps = float(vs.average_rate) if vs.average_rate else 0.0
-    start = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
-    target = start + t
-    try:
-        container.seek(max(0, int((target - 1.0) / vs.time_base)), stream=vs, backward=True, any_frame=False)
-    except av.error.FFmpegError:
-        container.seek(0)
-    best = None
-    try:
-        for frame in container.decode(vs):
-            ft = float(frame.pts * vs.time_base) if frame.pts is not None else None
-            if ft is None:
+    with open_media(path) as c:
+        if not c.streams.audio:
+            raise ClipError("no audio stream")
+        st = c.streams.audio[0]
+        src_sr = st.codec_context.sample_rate
+        if not src_sr:
+            raise ClipError("the audio stream has no sample rate")
+        if t0 is None:
+            t0 = c.start_time / 1e6 if c.start_time is not None else 0.0
+        mono = av.AudioResampler(format="s16", layout="mono", rate=src_sr)    # s16: FFmpeg's mix keeps the level
+        pieces, pos, filled, overlap, bad = [], 0, 0, 0, 0
+        for packet in c.demux(st):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                bad += 1
                 continue
-            if ft <= target + 1e-6 or best is None:
-                best = (frame, ft)
-            if ft > target + 1e-6:
-                break
-    except av.error.FFmpegError as e:
-        if best is None:
-            raise ClipError(f"video decoding failed ({e})") from None
-    if best is None:
-        raise ClipError("no decodable video frame")
-    return best[0].to_image().convert("RGB"), best[1] - start, fps
+            for frame in frames:
+                y = np.concatenate([f.to_ndarray().reshape(-1) for f in mono.resample(frame)] + [np.zeros(0, "i2")])
+                y = y.astype(np.float32) / 32768
+                i = pos if frame.pts is None else round((frame.time - t0) * src_sr)
+                if pieces and abs(i - pos) <= SLACK * src_sr:
+                    i = pos
+                elif pieces:
+                    filled, overlap = filled + max(0, i - pos), overlap + max(0, pos - i)
+                pieces.append((max(i, 0), y[max(-i, 0):]))
+                pos = i + len(y)
+    if not any(len(y) for _, y in pieces):
+        raise ClipError(f"no decodable audio ({bad} undecodable packets)" if bad else "zero-length audio")
+    x = np.zeros(max(i + len(y) for i, y in pieces), np.float32)
+    for i, y in pieces:
+        x[i:i + len(y)] = y
+    if src_sr != sr:
+        frame = av.AudioFrame.from_ndarray(x[None], format="flt", layout="mono")
+        frame.sample_rate = src_sr
+        res = av.AudioResampler(format="flt", layout="mono", rate=sr)
+        x = np.concatenate([f.to_ndarray().reshape(-1) for f in res.resample(frame) + res.resample(None)])
+    return dict(x=x, src_sr=src_sr, start=pieces[0][0] / src_sr, filled=filled / src_sr, overlap=overlap / src_sr,
+                bad=bad)
 
 
-def measured_fps(path) -> float | None:
-    """The frame rate measured from the video packets' timestamps: (frames - 1) / (last - first timestamp).
-    A variable-frame-rate file reports its real mean rate, not the nominal rate of its header."""
+def audio_notes(a: dict, sr: int, duration: float | None = None) -> list[str]:
+    """Warnings for the manifest's reason column (the clip stays 'ok')."""
+    notes, n = [], len(a["x"]) / sr
+    if duration and n < SHORT_AUDIO * duration and duration - n > 0.5:
+        notes.append(f"warning: audio much shorter than the video ({n:.2f} s of {duration:.2f} s)")
+    gaps = [f"{a['filled']:.3f} s filled with silence"] * (a["filled"] > 0) + \
+        [f"{a['overlap']:.3f} s overlapped"] * (a["overlap"] > 0) + [f"{a['bad']} undecodable packets"] * (a["bad"] > 0)
+    if gaps:
+        notes.append(f"warning: audio timestamps have gaps ({', '.join(gaps)})")
+    if np.abs(a["x"]).max() < SILENT:
+        notes.append("warning: the audio track is silent (peak below -60 dBFS)")
+    return notes
+
+
+def frame_at(path, target: float, shift: float):
+    """The video frame a player shows at time `target` (s, container clock) -> (upright PIL image, its time,
+    its display rotation).
+
+    Decoders emit frames in display order, but the timestamps FFmpeg attaches to them can be in decode order (an
+    AVI stores none; with B-frames they come as 80, 82, 81, 83), so the frames decoded from the key frame before
+    the target take that run's timestamps sorted, plus `shift` (the stream's start minus its first packet
+    timestamp: non-zero only where FFmpeg guesses timestamps a frame late, as for an AVI with B-frames). The frame
+    is the last one whose time is <= target (the first one when the target comes before it), turned as the
+    stream's display matrix says (PyAV's frame.rotation: degrees counter-clockwise)."""
     import av
-    with av.open(str(path)) as c:
+    for seek in (target - shift - 1.0, None):    # None: from the start, when a seek lands past the target
+        with open_media(path) as c:
+            vs = c.streams.video[0]
+            try:
+                if seek is not None:
+                    c.seek(max(0, int(seek / vs.time_base)), stream=vs, backward=True)
+            except av.error.FFmpegError:
+                continue                                 # cannot seek: decode from the start
+            times, last, past = [], deque(maxlen=REORDER + 2), 0
+            try:
+                for f in c.decode(vs):
+                    if f.pts is not None:
+                        times.append(f.time + shift)
+                        last.append(f)
+                        past += times[-1] > target
+                        if past > REORDER:
+                            break
+            except av.error.FFmpegError as e:
+                if not times:
+                    raise ClipError(f"video decoding failed ({e})") from None
+            if times and (min(times) <= target or seek is None):
+                break
+    if not times:
+        raise ClipError("no decodable video frame")
+    times.sort()
+    k = max(0, bisect.bisect_right(times, target + 1e-6) - 1)
+    frame = last[k - len(times) + len(last)]
+    if frame.rotation % 90:
+        raise ClipError(f"display rotation {frame.rotation} degrees is not a multiple of 90")
+    return frame.to_image().convert("RGB").rotate(frame.rotation, expand=True), times[k], frame.rotation
+
+
+def video_clip(row: dict, src, sr: int, when: str):
+    """One video -> (upright frame, audio at sr); fills the row's columns."""
+    with open_media(src) as c:
+        if not c.streams.video:
+            raise ClipError("no video stream")
+        if not c.streams.audio:
+            raise ClipError("no audio stream")
         vs = c.streams.video[0]
-        pts = sorted(float(p.pts * vs.time_base) for p in c.demux(vs) if p.pts is not None and p.size)
-    return (len(pts) - 1) / (pts[-1] - pts[0]) if len(pts) > 1 and pts[-1] > pts[0] else None
+        t0 = c.start_time / 1e6 if c.start_time is not None else 0.0       # the clip's clock starts here
+        header = c.duration / 1e6 if c.duration else 0.0
+        start = float(vs.start_time * vs.time_base) if vs.start_time is not None else None
+        pts, end = [], 0.0
+        for p in c.demux(vs):
+            if p.pts is not None and p.size and not p.is_discard:       # discarded: before an MP4 edit list
+                pts.append(float(p.pts * p.time_base))
+                end = max(end, pts[-1] + float((p.duration or 0) * p.time_base))
+    if not pts:
+        raise ClipError("no video frames")
+    pts.sort()
+    a = decode_audio(src, sr, t0)
+    dur = header or max(end - t0, len(a["x"]) / sr)     # no duration in the header (browser WebM): the streams'
+    row["duration"] = f"{dur:.3f}"
+    if dur <= 0:
+        raise ClipError("zero length")
+    t = dur / 2 if when == "middle" else float(when)
+    if t > dur:
+        raise ClipError(f"shorter ({dur:.2f} s) than the requested frame time {t:.2f} s")
+    img, ft, rot = frame_at(src, t0 + t, start - pts[0] if start is not None else 0.0)
+    fps = (len(pts) - 1) / (pts[-1] - pts[0]) if len(pts) > 1 and pts[-1] > pts[0] else float(vs.average_rate or 0)
+    row.update(frame_time=f"{ft - t0:.3f}", fps=f"{fps:.3f}", orientation=f"display rotation {rot}" if rot else "",
+               **audio_columns(a, sr), reason="; ".join(audio_notes(a, sr, dur)))
+    return img, a["x"], sr
 
 
-def video_duration(container) -> float:
-    if container.duration:
-        return container.duration / 1e6
-    durs = [float(s.duration * s.time_base) for s in container.streams if s.duration]
-    return max(durs) if durs else 0.0
+def audio_columns(a: dict, sr: int) -> dict:
+    return dict(src_sr=str(a["src_sr"]), audio_duration=f"{len(a['x']) / sr:.3f}", audio_start=f"{a['start']:.3f}",
+                audio_filled=f"{a['filled']:.3f}")
+
+
+def load_frame(path, upright: bool):
+    """An image file as RGB -> (image, orientation column). upright: turned as its EXIF orientation says (as
+    viewers show it); otherwise the stored pixels (as the official Flickr-SoundNet loaders read them)."""
+    try:
+        with Image.open(path) as im:
+            o = im.getexif().get(0x0112, 1)
+            img = (ImageOps.exif_transpose(im) if upright else im).convert("RGB")
+    except Exception as e:
+        raise ClipError(f"cannot decode image ({e})") from None
+    return img, "" if o == 1 else f"EXIF orientation {o}" + ("" if upright else " ignored (as the official loaders)")
+
+
+def pair_clip(row: dict, img_path, aud_path, sr: int, upright: bool):
+    """Already-extracted frame + audio file -> (frame, audio at sr); fills the row's columns."""
+    if img_path is None or aud_path is None:
+        raise Missing("no frame" if img_path is None else "no audio")
+    img, row["orientation"] = load_frame(img_path, upright)
+    a = decode_audio(aud_path, sr)
+    row.update(duration=f"{len(a['x']) / sr:.3f}", **audio_columns(a, sr), reason="; ".join(audio_notes(a, sr)))
+    return img, a["x"], sr
 
 
 def save_jpeg(img, path):
@@ -129,72 +258,52 @@ def save_jpeg(img, path):
     os.replace(tmp, path)
 
 
-def process_video(job):
-    """One video -> frames/<id>.jpg + audio/<id>.wav; returns a manifest row (never raises)."""
-    import av
-    vid, src, out, sr, when = job
-    row = dict(id=vid, status="failed", reason="", frame_time="", duration="", src_sr="", fps="", audio_duration="",
-               settings=settings_key(sr, when))
+def bad_id(vid: str) -> bool:
+    """Split files hold one id per line, cut at the first comma and stripped (common.read_split)."""
+    return "," in vid or vid != vid.strip() or not vid.isprintable()
+
+
+def make_clip(row: dict, out, make) -> dict:
+    """Run make(row) -> (frame, audio, sr) and write frames/<id>.jpg + audio/<id>.wav; returns the manifest row
+    (never raises). A clip that fails loses the outputs of an earlier run, so that nothing stale counts as
+    present."""
+    frame, wav = Path(out) / "frames" / f"{row['id']}.jpg", Path(out) / "audio" / f"{row['id']}.wav"
     try:
-        try:
-            container = av.open(str(src))
-        except (av.error.FFmpegError, OSError) as e:
-            raise ClipError(f"cannot open ({type(e).__name__}: {e})") from None
-        with container:
-            dur = video_duration(container)
-            row["duration"] = f"{dur:.3f}"
-            if dur <= 0:
-                raise ClipError("zero length")
-            t = dur / 2 if when == "middle" else float(when)
-            if t > dur:
-                raise ClipError(f"shorter ({dur:.2f} s) than the requested frame time {t:.2f} s")
-            img, ft, fps = frame_at(container, t)
-            row["frame_time"], row["fps"] = f"{ft:.3f}", f"{measured_fps(src) or fps:.3f}"
-        with av.open(str(src)) as container:
-            x, src_sr = decode_audio(container, sr)
-            row["src_sr"], row["audio_duration"] = str(src_sr), f"{len(x) / sr:.3f}"
-        if len(x) / sr < SHORT_AUDIO * dur and dur - len(x) / sr > 0.5:
-            row["reason"] = f"warning: audio much shorter than the video ({len(x) / sr:.2f} s of {dur:.2f} s)"
-        save_jpeg(img, Path(out) / "frames" / f"{vid}.jpg")
-        C.write_wav(Path(out) / "audio" / f"{vid}.wav", x, sr)
+        if bad_id(row["id"]):
+            raise ClipError("the file name cannot be an id (it has a comma, a control character or a space at "
+                            "either end, which split files cannot hold): rename the file")
+        img, x, sr = make(row)
+        save_jpeg(img, frame)
+        write_wav(wav, x, sr)
         row["status"] = "ok"
     except ClipError as e:
-        row["reason"] = str(e)
+        row["status"], row["reason"] = e.status, str(e)
     except Exception as e:  # anything unexpected in a broken file is recorded, the run goes on
-        row["reason"] = f"{type(e).__name__}: {e}"
+        row["status"], row["reason"] = "failed", f"{type(e).__name__}: {e}"
+    if row["status"] != "ok":
+        frame.unlink(missing_ok=True)
+        wav.unlink(missing_ok=True)
     return row
+
+
+def new_row(vid: str, source: str, settings: str) -> dict:
+    return {**dict.fromkeys(MANIFEST_FIELDS, ""), "id": vid, "status": "failed", "source": source,
+            "settings": settings}
+
+
+def process_video(job):
+    vid, src, out, sr, when = job
+    return make_clip(new_row(vid, str(src), settings_key(sr, when)), out, lambda row: video_clip(row, src, sr, when))
 
 
 def process_pair(job):
-    """Already-extracted frame + audio file -> the layout (the frame re-encoded as RGB JPEG, the audio as mono
-    PCM16 at sr)."""
-    import av
-    vid, img_path, aud_path, out, sr = job
-    row = dict(id=vid, status="failed", reason="", frame_time="", duration="", src_sr="", fps="", audio_duration="",
-               settings=settings_key(sr))
-    try:
-        if img_path is None or aud_path is None:
-            row["status"], row["reason"] = "missing", "no frame" if img_path is None else "no audio"
-            return row
-        try:
-            img = C.load_image(img_path)
-        except C.UserError as e:
-            raise ClipError(str(e)) from None
-        try:
-            with av.open(str(aud_path)) as container:
-                x, src_sr = decode_audio(container, sr)
-        except av.error.FFmpegError as e:
-            raise ClipError(f"cannot decode audio ({e})") from None
-        row["duration"], row["src_sr"] = f"{len(x) / sr:.3f}", str(src_sr)
-        row["audio_duration"] = row["duration"]
-        save_jpeg(img, Path(out) / "frames" / f"{vid}.jpg")
-        C.write_wav(Path(out) / "audio" / f"{vid}.wav", x, sr)
-        row["status"] = "ok"
-    except ClipError as e:
-        row["reason"] = str(e)
-    except Exception as e:
-        row["reason"] = f"{type(e).__name__}: {e}"
-    return row
+    vid, img, aud, out, sr, upright = job
+    row = new_row(vid, pair_source(img, aud), settings_key(sr))
+    return make_clip(row, out, lambda row: pair_clip(row, img, aud, sr, upright))
+
+
+def pair_source(img, aud) -> str:
+    return " + ".join(str(p) for p in (img, aud) if p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,39 +332,52 @@ def settings_key(sr: int, when=None) -> str:
     return f"sr={sr}" + (f";time={when}" if when is not None else "")
 
 
-def done(root, vid, manifest, settings: str | None = None) -> bool:
-    r = Path(root)
-    row = manifest.get(vid, {})
-    return row.get("status") == "ok" and (settings is None or row.get("settings") == settings) \
-        and (r / "frames" / f"{vid}.jpg").is_file() and (r / "audio" / f"{vid}.wav").is_file()
+def pmap(fn, jobs: list, workers: int, desc: str, chunksize: int = 1):
+    """fn over the jobs (in `workers` processes when > 1) with a progress bar; yields results as they finish."""
+    if not jobs:
+        return
+    if workers > 1 and len(jobs) > 1:
+        with Pool(workers) as pool:
+            yield from C.progress(pool.imap_unordered(fn, jobs, chunksize), desc, total=len(jobs))
+    else:
+        yield from C.progress(map(fn, jobs), desc, total=len(jobs))
+
+
+def to_make(root, sources: dict, manifest: dict, settings: str, workers: int) -> list:
+    """The ids (of id -> source) to make: all but those 'ok' in the manifest, made with the same settings from
+    the same source, whose frame and WAV still decode (nothing that `check` flags is kept as done)."""
+    same = [v for v, s in sources.items() if manifest.get(v, {}).get("status") == "ok"
+            and manifest[v].get("settings") == settings and manifest[v].get("source") == s]
+    jobs = [(str(root), v, None, ()) for v in same]
+    done = {v for v, problems, _ in pmap(clip_problems, jobs, workers, "verify", 16) if not problems}
+    return [v for v in sources if v not in done]
 
 
 def run_jobs(fn, jobs, root, workers: int, manifest: dict):
     """Run the jobs (in parallel with --workers), appending each row to the manifest as it completes (so an
     interrupted run keeps what it finished), then print the summary table."""
     if jobs:
-        log_path = Path(root) / "manifest.csv"
         write_manifest(root, manifest)                  # (re)written with the current columns before appending
-        with open(log_path, "a", newline="") as f:
+        with open(Path(root) / "manifest.csv", "a", newline="") as f:
             w = csv.DictWriter(f, MANIFEST_FIELDS)
-            pool = Pool(workers) if workers > 1 else None
-            it = pool.imap_unordered(fn, jobs) if pool else map(fn, jobs)
-            for row in C.progress(it, "clips", total=len(jobs)):
+            for row in pmap(fn, jobs, workers, "clips"):
                 manifest[row["id"]] = row
                 w.writerow(row)
                 f.flush()
-            if pool:
-                pool.close()
-                pool.join()
     write_manifest(root, manifest)
     summary(manifest)
 
 
-def summary(manifest: dict):
-    by = Counter((r["status"], (r.get("reason") or "").split(" (")[0]) for r in manifest.values())
+def summary(manifest: dict, show: int = 5):
+    """Counts by status and reason (up to the first ' ('), naming the ids of every group but the plain 'ok'."""
+    groups = {}
+    for k in sorted(manifest):
+        r = manifest[k]
+        groups.setdefault((r["status"], (r.get("reason") or "").split(" (")[0]), []).append(k)
     print(f"{'status':<8} {'count':>7}  reason")
-    for (status, reason), n in sorted(by.items(), key=lambda kv: (kv[0][0] != "ok", -kv[1])):
-        print(f"{status:<8} {n:>7}  {reason}")
+    for (status, reason), ids in sorted(groups.items(), key=lambda kv: (kv[0][0] != "ok", -len(kv[1]))):
+        more = f" and {len(ids) - show} more" if len(ids) > show else ""
+        print(f"{status:<8} {len(ids):>7}  {reason}" + (f": {', '.join(ids[:show])}{more}" if reason else ""))
     print(f"{'total':<8} {len(manifest):>7}")
 
 
@@ -267,11 +389,18 @@ def prepare_root(out):
 
 
 def files_by_stem(src, exts) -> dict:
+    """id (file name without extension) -> file, under src at any depth. Two files with one id are refused in one
+    line that names them (the id must say which file a frame and a WAV come from)."""
     found = {}
     for p in sorted(Path(src).rglob("*")):
         if p.suffix.lower() in exts and p.is_file() and not p.name.startswith("."):
-            found.setdefault(p.stem, p)
-    return found
+            found.setdefault(p.stem, []).append(p.resolve())
+    clash = [f"{k}: {', '.join(map(str, v))}" for k, v in found.items() if len(v) > 1]
+    if clash:
+        raise C.UserError(f"{len(clash)} ids name more than one file under {src} (an id is the file name without "
+                          f"its extension; rename or move the extra files): {'; '.join(clash[:3])}"
+                          f"{' ...' if len(clash) > 3 else ''}")
+    return {k: v[0] for k, v in found.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -455,7 +584,7 @@ def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 12
             tmp = root / "frames" / f"{vid}.jpg.part"
             img.save(tmp, format="JPEG", quality=95)
             os.replace(tmp, root / "frames" / f"{vid}.jpg")
-            C.write_wav(root / "audio" / f"{vid}.wav", audio, sr)
+            write_wav(root / "audio" / f"{vid}.wav", audio, sr)
             ann.append({"file": vid, "class": entry_class, "bbox": [norm(b) for _, b, s in objects if s],
                         "objects": [{"class": names[k], "bbox": norm(b), "sounding": bool(s)} for k, b, s in objects]})
             ids.append(vid)
@@ -487,35 +616,43 @@ def ensure_synthetic(root=None, log=print, **kw) -> Path:
 # Subcommands
 # ----------------------------------------------------------------------------------------------------------
 def cmd_videos(a):
-    out = prepare_root(a.out)
     videos = files_by_stem(a.src, VIDEO_EXT)
     if not videos:
         raise C.UserError(f"no video files ({', '.join(sorted(VIDEO_EXT))}) under {a.src}")
+    out = prepare_root(a.out)
     manifest = read_manifest(out)
-    key = settings_key(a.sr, a.time)
-    todo = [(v, p, str(out), a.sr, a.time) for v, p in videos.items() if not done(out, v, manifest, key)]
+    todo = to_make(out, {v: str(p) for v, p in videos.items()}, manifest, settings_key(a.sr, a.time), a.workers)
     print(f"{len(videos)} videos under {a.src}: {len(videos) - len(todo)} already done, {len(todo)} to process")
-    run_jobs(process_video, todo, out, a.workers, manifest)
+    run_jobs(process_video, [(v, videos[v], str(out), a.sr, a.time) for v in todo], out, a.workers, manifest)
     write_all_split(out, manifest)
 
 
+def prepare_pairs(out, ids, imgs: dict, auds: dict, a, upright: bool) -> dict:
+    """Frames + audio files paired by id -> the layout; returns the manifest."""
+    manifest = read_manifest(out)
+    sources = {v: pair_source(imgs.get(v), auds.get(v)) for v in ids}
+    todo = to_make(out, sources, manifest, settings_key(a.sr), a.workers)
+    print(f"{len(ids)} ids: {len(ids) - len(todo)} already done, {len(todo)} to process")
+    jobs = [(v, imgs.get(v), auds.get(v), str(out), a.sr, upright) for v in todo]
+    run_jobs(process_pair, jobs, out, a.workers, manifest)
+    return manifest
+
+
 def cmd_frames(a):
-    out = prepare_root(a.out)
     imgs, auds = files_by_stem(a.src, IMAGE_EXT), files_by_stem(a.src, AUDIO_EXT)
     ids = sorted(set(imgs) | set(auds))
     if not ids:
         raise C.UserError(f"no frames or audio files under {a.src}")
-    manifest = read_manifest(out)
-    todo = [(v, imgs.get(v), auds.get(v), str(out), a.sr) for v in ids
-            if not done(out, v, manifest, settings_key(a.sr))]
-    print(f"{len(ids)} ids under {a.src}: {len(ids) - len(todo)} already done, {len(todo)} to process")
-    run_jobs(process_pair, todo, out, a.workers, manifest)
-    write_all_split(out, manifest)
+    out = prepare_root(a.out)
+    write_all_split(out, prepare_pairs(out, ids, imgs, auds, a, upright=True))
 
 
 def write_all_split(out, manifest):
     ok = sorted(k for k, r in manifest.items() if r["status"] == "ok")
     (Path(out) / "splits" / "all.txt").write_text("\n".join(ok) + ("\n" if ok else ""))
+    if not ok:
+        raise C.UserError(f"no clip could be prepared in {out} (the reasons are in the table above and in "
+                          f"{Path(out) / 'manifest.csv'})")
     print(f"{len(ok)} clips ready; id list in {Path(out) / 'splits' / 'all.txt'}")
 
 
@@ -540,11 +677,10 @@ def cmd_flickr(a):
         shutil.copy2(xml_dir / f"{vid}.xml", keep / f"{vid}.xml")
     data = src / "Data" if (src / "Data").is_dir() else src
     imgs, auds = files_by_stem(data, IMAGE_EXT), files_by_stem(data, AUDIO_EXT)
-    manifest = read_manifest(out)
-    todo = [(v, imgs.get(v), auds.get(v), str(out), a.sr) for v in sorted(ann)
-            if not done(out, v, manifest, settings_key(a.sr))]
-    run_jobs(process_pair, todo, out, a.workers, manifest)
+    manifest = prepare_pairs(out, sorted(ann), imgs, auds, a, upright=False)   # the official loaders ignore EXIF
     ok = [v for v in sorted(ann) if manifest.get(v, {}).get("status") == "ok"]
+    if not ok:
+        raise C.UserError(f"none of the {len(ann)} annotated ids could be prepared (reasons in {out / 'manifest.csv'})")
     merge_annotations(out, [ann[v] for v in sorted(ann)])
     (out / "splits" / "flickr_test.txt").write_text("\n".join(ok) + "\n")
     print(f"Flickr-SoundNet test: {len(ok)} of {len(ann)} annotated ids prepared -> splits/flickr_test.txt "
@@ -570,6 +706,12 @@ def cmd_vggss(a):
 
 
 def cmd_synth(a):
+    if a.image_size < 32:
+        raise C.UserError(f"--image-size {a.image_size}: the synthetic frames need at least 32 pixels")
+    if not (math.isfinite(a.scale) and a.scale > 0):
+        raise C.UserError(f"--scale {a.scale}: must be a number > 0 (each split keeps at least 4 clips)")
+    if a.seed < 0:
+        raise C.UserError(f"--seed {a.seed}: must be >= 0")
     sizes = dict(SYNTH_DEFAULTS["sizes"])
     if a.scale != 1.0:
         sizes = {k: max(4, int(round(v * a.scale))) for k, v in sizes.items()}
@@ -604,24 +746,39 @@ def frame_time(v: str) -> str:
     return v
 
 
-def check_clip(job):
-    """Decode one clip's frame (PIL, every pixel) and WAV (common.read_wav) -> (id, reason or None)."""
-    root, vid = job
-    reasons = []
-    for what, fn in (("frame", lambda: C.load_image(Path(root) / "frames" / f"{vid}.jpg")),
-                     ("audio", lambda: C.read_wav(Path(root) / "audio" / f"{vid}.wav"))):
+# The audio each method reads (its av_dataset calls): (seconds, where) at 16 kHz. A WAV shorter than a window is
+# tiled; one shorter than a quarter of it is refused (common.read_wav_window applies both rules and the rate).
+METHOD_WINDOWS = {"lvs_hardway": [(3.0, "center"), (10.0, "start")], "ez_vsl": [(3.0, "center")],
+                  "sspl": [(3.0, "center_tiled")], "csol_classaware": [(1.0, "center")]}
+
+
+def clip_problems(job):
+    """Decode one clip's frame (PIL, every pixel) and WAV -> (id, problems, methods that tile a window).
+    With methods, the WAV is read as each of them reads it (rate sr, every window); a problem that not all of
+    them meet names those that do."""
+    root, vid, sr, methods = job
+    problems, tiled, refused = [], set(), {}
+    try:
+        C.load_image(Path(root) / "frames" / f"{vid}.jpg", vid)
+    except Exception as e:  # anything a broken file raises is a reason, never a crash of the check
+        problems.append(str(e) if isinstance(e, C.UserError) else f"frame: {type(e).__name__}: {e}")
+    wav = Path(root) / "audio" / f"{vid}.wav"
+    for m, seconds, where in [(m, s, w) for m in methods for s, w in METHOD_WINDOWS[m]] or [(None, 0, "")]:
         try:
-            fn()
-        except C.UserError as e:
-            reasons.append(str(e))
-        except Exception as e:  # anything a broken file raises is a reason, never a crash of the check
-            reasons.append(f"{what}: {type(e).__name__}: {e}")
-    return vid, "; ".join(reasons) or None
+            if m is None:
+                C.read_wav(wav)
+            elif C.read_wav_window(wav, seconds, where, vid, sample_rate=sr)[2]:
+                tiled.add(m)
+        except Exception as e:
+            refused.setdefault(str(e) if isinstance(e, C.UserError) else f"{wav}: {type(e).__name__}: {e}", set()).add(m)
+    problems += [msg if len(ms) == max(1, len(methods)) else f"{msg} ({', '.join(sorted(ms))})"
+                 for msg, ms in refused.items()]
+    return vid, problems, tiled - set().union(*refused.values())
 
 
 def cmd_check(a):
-    """Decode every frame and WAV of a split (or of every clip under ROOT) in parallel; write the bad ids with
-    their reasons to ROOT/check_<NAME>.txt; exit status 1 if any is bad."""
+    """Decode every frame and WAV of a split (or of every clip under ROOT) in parallel, reading the WAVs as the
+    methods do; write the bad ids with their reasons to ROOT/check_<NAME>.txt; exit status 1 if any is bad."""
     root = Path(a.root)
     if not root.is_dir():
         raise C.UserError(f"{root}: no such dataset root")
@@ -634,22 +791,29 @@ def cmd_check(a):
         name = "all"
         if not ids:
             raise C.UserError(f"{root}: no frames/*.jpg or audio/*.wav to check")
-    jobs = [(str(root), v) for v in ids]
-    pool = Pool(a.workers) if a.workers > 1 else None
-    it = pool.imap_unordered(check_clip, jobs, chunksize=16) if pool else map(check_clip, jobs)
-    bad = dict(r for r in C.progress(it, "check", total=len(jobs)) if r[1])
-    if pool:
-        pool.close()
-        pool.join()
+    methods = [a.method] if a.method else list(METHOD_WINDOWS)
+    bad, tiled = {}, {m: [] for m in methods}
+    for vid, problems, t in pmap(clip_problems, [(str(root), v, a.sr, methods) for v in ids], a.workers, "check", 16):
+        if problems:
+            bad[vid] = "; ".join(problems)
+        for m in t:
+            tiled[m].append(vid)
     out = root / f"check_{name}.txt"
     tmp = Path(str(out) + ".part")
     tmp.write_text("".join(f"{v}\t{bad[v]}\n" for v in sorted(bad)))
     os.replace(tmp, out)
-    print(f"checked {len(ids)} clips ({'split ' + name if a.split else 'every clip under ' + str(root)}): "
-          f"{len(ids) - len(bad)} ok, {len(bad)} bad; bad ids and reasons in {out}")
+    print(f"checked {len(ids)} clips ({'split ' + name if a.split else 'every clip under ' + str(root)}) as "
+          f"{', '.join(methods)} read them ({a.sr} Hz): {len(ids) - len(bad)} ok, {len(bad)} bad; bad ids and "
+          f"reasons in {out}")
     for v in sorted(bad)[:5]:
         print(f"  {v}: {bad[v]}")
+    for m, vids in tiled.items():
+        if vids:
+            print(f"  {m} will tile (as the official code does) the audio of {len(vids)} clips shorter than its "
+                  f"window: {', '.join(sorted(vids)[:3])}{' ...' if len(vids) > 3 else ''}")
     if bad:
+        if not a.method:
+            print("  (--method NAME applies one method's rules only)")
         sys.exit(1)
 
 
@@ -666,23 +830,30 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("videos", help="a folder of videos -> frames + wav",
                        description="Reads every video under SRC (any depth; the file stem is the id, e.g. VGG-Sound's "
-                                   "<ytid>_<start:06d>). Writes ROOT/frames/<id>.jpg (the frame displayed at --time, "
-                                   "found by timestamp, not index), ROOT/audio/<id>.wav (the whole audio track, mono "
-                                   "PCM16 at --sr), ROOT/manifest.csv and ROOT/splits/all.txt.")
+                                   "<ytid>_<start:06d>; two files with one id are refused). Writes "
+                                   "ROOT/frames/<id>.jpg (the frame a player shows at --time on the clip's clock, "
+                                   "turned upright by the display matrix), ROOT/audio/<id>.wav (the whole audio track "
+                                   "placed by its timestamps on the same clock, mono PCM16 at --sr), "
+                                   "ROOT/manifest.csv and ROOT/splits/all.txt. Exits with status 2 if no clip is "
+                                   "ready.")
     ingest_args(s, "folder with the videos")
     s.add_argument("--time", default="middle", type=frame_time,
-                   help="frame time: 'middle' of the clip or SECONDS (>= 0) from its start")
+                   help="frame time: 'middle' of the clip (container start + duration / 2) or SECONDS (>= 0) "
+                        "from its start")
     s.set_defaults(fn=cmd_videos)
     s = sub.add_parser("frames", help="already-extracted frames + audio -> the layout",
                        description="Pairs image files (jpg/png) and audio files (wav/flac/mp3/m4a/...) under SRC by "
-                                   "file stem; writes RGB JPEG frames, mono PCM16 WAV at --sr, the manifest (an id "
-                                   "with only one of the two is 'missing') and ROOT/splits/all.txt.")
+                                   "file stem; writes RGB JPEG frames (turned upright by their EXIF orientation), "
+                                   "mono PCM16 WAV at --sr, the manifest (an id with only one of the two is "
+                                   "'missing') and ROOT/splits/all.txt.")
     ingest_args(s, "folder with frames and audio files (any depth)")
     s.set_defaults(fn=cmd_frames)
     s = sub.add_parser("flickr", help="the Flickr-SoundNet test download",
                        description="Reads SRC/Annotations/<id>.xml and the images + audio under SRC/Data (any depth). "
                                    "Writes frames, audio, the manifest, ROOT/flickr_xml/ (the original XMLs), "
-                                   "consensus entries in ROOT/annotations.json and ROOT/splits/flickr_test.txt.")
+                                   "consensus entries in ROOT/annotations.json and ROOT/splits/flickr_test.txt. "
+                                   "Images keep their stored pixels (EXIF orientation ignored, as the official "
+                                   "loaders do).")
     ingest_args(s, "the unpacked download (with Annotations/ and Data/)")
     s.set_defaults(fn=cmd_flickr)
     s = sub.add_parser("vggss", help="VGG-SS test split + annotations from the clips present",
@@ -700,8 +871,9 @@ def build_parser():
     s.add_argument("--out", required=True, help="dataset root to write")
     s.add_argument("--seed", type=int, default=0, help="generator seed")
     s.add_argument("--classes", type=int, default=6, help="number of object classes (4-8)")
-    s.add_argument("--image-size", type=int, default=128, help="frame side in pixels")
-    s.add_argument("--scale", type=float, default=1.0, help="multiply every split size by this factor")
+    s.add_argument("--image-size", type=int, default=128, help="frame side in pixels (>= 32)")
+    s.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every split size by this factor (> 0; at least 4 clips per split)")
     s.set_defaults(fn=cmd_synth)
     s = sub.add_parser("split", help="register an id list as a split",
                        description="Reads LIST (one id per line, or the first column of a csv) and writes "
@@ -713,12 +885,17 @@ def build_parser():
     s.add_argument("--present-only", action="store_true", help="keep only the ids whose files are present")
     s.set_defaults(fn=cmd_split)
     s = sub.add_parser("check", help="decode every frame and WAV (run before a long training run)",
-                       description="Decodes every frame (PIL, all pixels) and WAV (the reader the methods use) of "
-                                   "a split, or of every clip under ROOT, in parallel. Writes the bad ids with their "
+                       description="Decodes every frame (PIL, all pixels) and WAV of a split, or of every clip under "
+                                   "ROOT, in parallel, reading each WAV as the methods do (rate --sr, every audio "
+                                   "window of each method: too short is refused). Writes the bad ids with their "
                                    "reasons to ROOT/check_<NAME>.txt (NAME: the split, or 'all'), prints a summary "
-                                   "and exits with status 1 if any clip is bad.")
+                                   "(with the clips each method will tile) and exits with status 1 if any clip is "
+                                   "bad.")
     s.add_argument("root", help="dataset root in the standard layout")
     s.add_argument("--split", help="split name (ROOT/splits/NAME.txt) or a .txt id list (default: every clip)")
+    s.add_argument("--method", choices=sorted(METHOD_WINDOWS),
+                   help="apply this method's audio windows only (default: all four)")
+    s.add_argument("--sr", type=int, default=16000, help="the sample rate the WAVs must have (every method: 16000)")
     s.add_argument("--workers", type=int, default=1, help="parallel processes")
     s.set_defaults(fn=cmd_check)
     return p

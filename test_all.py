@@ -222,7 +222,7 @@ def test_reader_on_tiny_dataset_and_bad_input(tiny, tmp_path):
     (bad / "frames" / f"{ids[0]}.jpg").write_bytes(b"\xff\xd8\xff garbage")
     err = C.AVDataset(bad, ids, 3.0, image_tf=lambda im: im)[0]         # returned, not raised: a worker never dies
     assert isinstance(err, C.BadMedia) and f"{ids[0]}.jpg" in str(err)
-    C.write_wav(bad / "audio" / f"{ids[1]}.wav", np.zeros(100), 8000)
+    data_prep.write_wav(bad / "audio" / f"{ids[1]}.wav", np.zeros(100), 8000)
     err = C.AVDataset(bad, ids, 3.0)[1]
     assert isinstance(err, C.UserError) and "--sr 16000" in str(err)
 
@@ -667,7 +667,7 @@ def test_data_prep_flickr_and_vggss_feed_the_evaluator(tmp_path):
     for vid in ("100", "101"):
         from PIL import Image
         Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(src / "Data" / "3" / f"{vid}.jpg")
-        C.write_wav(src / "Data" / "3" / f"{vid}.wav", 0.1 * np.sin(np.arange(22050) / 5), 22050)
+        data_prep.write_wav(src / "Data" / "3" / f"{vid}.wav", 0.1 * np.sin(np.arange(22050) / 5), 22050)
     out = tmp_path / "root"
     data_prep.main(["flickr", str(src), "--out", str(out)])
     rows = data_prep.read_manifest(out)
@@ -1035,7 +1035,8 @@ def test_data_prep_audio_only_and_frames_subcommand(tmp_path):
     vids = tmp_path / "vids"
     vids.mkdir()
     _write_audio_file(vids / "audio_only.mkv", codec="pcm_s16le")
-    data_prep.main(["videos", str(vids), "--out", str(tmp_path / "o2")])
+    with pytest.raises(C.UserError, match="no clip could be prepared"):                 # 0 clips: an error
+        data_prep.main(["videos", str(vids), "--out", str(tmp_path / "o2")])
     r = data_prep.read_manifest(tmp_path / "o2")["audio_only"]
     assert r["status"] == "failed" and r["reason"] == "no video stream"
 
@@ -1441,7 +1442,7 @@ def _one_clip_layout(root, vid, frame, wav, sr=16000):
     for d in ("frames", "audio", "splits"):
         (root / d).mkdir(parents=True, exist_ok=True)
     Image.fromarray(frame).save(root / "frames" / f"{vid}.jpg", quality=95)
-    C.write_wav(root / "audio" / f"{vid}.wav", wav, sr)
+    data_prep.write_wav(root / "audio" / f"{vid}.wav", wav, sr)
     (root / "splits" / "s.txt").write_text(vid + "\n")
     return root / "splits" / "s.txt"
 
@@ -1507,7 +1508,7 @@ def test_ezvsl_pcm_scale_deviation_is_bounded_as_documented(tmp_path):
     rng = np.random.default_rng(6)
     t = np.arange(48000) / 16000
     x = 0.6 * np.sin(2 * np.pi * 300 * t) + rng.normal(0, 0.05, t.size)
-    C.write_wav(tmp_path / "a.wav", x, 16000)
+    data_prep.write_wav(tmp_path / "a.wav", x, 16000)
     ours, _ = C.read_wav(tmp_path / "a.wav")                               # int16 / 32768 (LVS's soundfile)
     with __import__("wave").open(str(tmp_path / "a.wav"), "rb") as f:
         pcm = np.frombuffer(f.readframes(f.getnframes()), "<i2")
@@ -1700,9 +1701,9 @@ def _bad_copy(tiny, root):
     shutil.copytree(tiny, root)
     tr, te = C.read_split(root / "splits" / "train.txt")[3], C.read_split(root / "splits" / "test.txt")[2]
     (root / "frames" / f"{tr}.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    C.write_wav(root / "audio" / f"{te}.wav", np.ones(16) * 0.1, 16000)
+    data_prep.write_wav(root / "audio" / f"{te}.wav", np.ones(16) * 0.1, 16000)
     va = C.read_split(root / "splits" / "val.txt")[0]
-    C.write_wav(root / "audio" / f"{va}.wav", C.read_wav(root / "audio" / f"{va}.wav")[0][:16000], 16000)
+    data_prep.write_wav(root / "audio" / f"{va}.wav", C.read_wav(root / "audio" / f"{va}.wav")[0][:16000], 16000)
     return tr, te
 
 
@@ -2291,3 +2292,274 @@ def test_a_cpu_preset_dataset_holds_no_frames(tiny):
     for i in range(len(ds)):
         ds[i]
     assert len(pickle.dumps(ds)) < 20_000                  # the ids and paths, not 24 decoded frames and waveforms
+
+
+# ===== issue 23: real videos (data_prep.py) =====
+def _clip23(path, video_ts, audio=(), sr=16000, acodec="pcm_s16le", vcodec="mpeg4", frame=_bits_frame, vtb=None,
+            audio_first=False, matrix=None, bframes=0, damage=None, options=None):
+    """Video frame k = frame(k) with timestamp video_ts[k] (in vtb units, default ms); audio: (t in s, mono float
+    samples) chunks, each encoded with timestamp t; packets of [damage[0], damage[1]) s replaced by junk bytes."""
+    import av
+    from fractions import Fraction
+    vtb = vtb or Fraction(1, 1000)
+    with av.open(str(path), "w", options=options or {}) as c:
+        def add_audio():
+            s = c.add_stream(acodec, rate=sr)
+            s.layout = "mono"
+            return s
+        st = add_audio() if audio and audio_first else None
+        vs = c.add_stream(vcodec, rate=10)
+        vs.height, vs.width = frame(0).shape[:2]
+        vs.pix_fmt, vs.codec_context.time_base = "yuv420p", vtb
+        if vcodec == "mpeg4":
+            vs.codec_context.qscale, vs.codec_context.max_b_frames = 2, bframes
+        if matrix:
+            vs.set_display_matrix(matrix)
+        st = st or (add_audio() if audio else None)
+        for k, t in enumerate(video_ts):
+            fr = av.VideoFrame.from_ndarray(frame(k), format="rgb24")
+            fr.pts, fr.time_base = t, vtb
+            for pkt in vs.encode(fr):
+                c.mux(pkt)
+        for pkt in vs.encode():
+            c.mux(pkt)
+        fmt = {"pcm_s16le": "s16", "mp2": "s16", "aac": "fltp", "libopus": "flt"}[acodec]
+        for t, x in list(audio) + [(None, None)]:
+            if x is None:
+                pkts = st.encode() if st else []
+            else:
+                fr = av.AudioFrame.from_ndarray(((x * 32767).astype(np.int16) if fmt == "s16" else
+                                                 x.astype(np.float32))[None], format=fmt, layout="mono")
+                fr.sample_rate, fr.pts, fr.time_base = sr, round(t * sr), Fraction(1, sr)
+                pkts = st.encode(fr)
+            for pkt in pkts:
+                if damage and pkt.pts is not None and damage[0] <= float(pkt.pts * pkt.time_base) < damage[1]:
+                    junk = av.Packet(b"\xff" * 40)
+                    junk.pts, junk.dts, junk.time_base, junk.stream = pkt.pts, pkt.dts, pkt.time_base, st
+                    pkt = junk
+                c.mux(pkt)
+
+
+def _tone23(t0, t1, sr, n, burst_at=None):
+    """(t, samples) chunks of n samples from t0 to t1 s: a 0.3 sine at 440 Hz; the chunk starting at burst_at is a
+    0.9 cosine at 1 kHz (its first sample is the onset)."""
+    out = []
+    for i in range(round((t1 - t0) * sr / n)):
+        t = t0 + i * n / sr
+        k = np.arange(n) / sr
+        loud = burst_at is not None and abs(t - burst_at) < 0.5 / sr
+        out.append((t, 0.9 * np.cos(2 * np.pi * 1000 * k) if loud else 0.3 * np.sin(2 * np.pi * 440 * (t + k))))
+    return out
+
+
+def _onset(x, sr, after=0.0):
+    """Time (s) of the first sample above 0.5 after `after` s."""
+    i = int(after * sr)
+    return (i + int(np.argmax(np.abs(x[i:]) > 0.5))) / sr
+
+
+def test_issue23_display_rotation_and_exif_orientation(tmp_path):
+    from PIL import Image
+    asym = lambda k: np.concatenate([_bits_frame(k), np.full((64, 32, 3), 128, np.uint8)], 1)   # 64 high, 96 wide
+    src = tmp_path / "src"
+    src.mkdir()
+    ts = [100 * k for k in range(45)]                                   # 4.5 s at 10 fps: the middle shows frame 22
+    audio = _tone23(0, 4.5, 16000, 800)
+    # ISO 14496-12 matrices: (p, q) -> (a p + c q, b p + d q); [0, 1, -1, 0] turns a quarter clockwise (a phone's
+    # "rotate=90", FFmpeg's display rotation -90), [-1, 0, 0, -1] half a turn. The MOV has its audio stream first.
+    _clip23(src / "phone.mov", ts, audio, frame=asym, audio_first=True, matrix=[0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30])
+    _clip23(src / "upside.mov", ts, audio, frame=asym, matrix=[-65536, 0, 0, 0, -65536, 0, 0, 0, 1 << 30])
+    out = tmp_path / "out"
+    data_prep.main(["videos", str(src), "--out", str(out)])
+    rows = data_prep.read_manifest(out)
+    for vid, want, rot in (("phone", np.rot90(asym(22), -1), "-90"), ("upside", np.rot90(asym(22), 2), "180")):
+        got = np.asarray(C.load_image(out / "frames" / f"{vid}.jpg"), float)
+        assert got.shape == want.shape and np.abs(got - want).mean() < 8, vid             # as a player shows it
+        assert rows[vid]["orientation"].startswith("display rotation") and rot.lstrip("-") in rows[vid]["orientation"]
+    # EXIF orientation 6: the stored rows are the picture's columns; viewers turn it a quarter clockwise
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(asym(5)).save(pics / "side.jpg", quality=95, exif=exif)
+    _write_audio_file(pics / "side.flac")
+    data_prep.main(["frames", str(pics), "--out", str(tmp_path / "o2")])
+    got = np.asarray(C.load_image(tmp_path / "o2" / "frames" / "side.jpg"), float)
+    assert got.shape == (96, 64, 3) and np.abs(got - np.rot90(asym(5), -1)).mean() < 8
+    assert data_prep.read_manifest(tmp_path / "o2")["side"]["orientation"] == "EXIF orientation 6"
+    img, note = data_prep.load_frame(pics / "side.jpg", upright=False)     # flickr: the stored pixels, as the official
+    assert img.size == (96, 64) and note == "EXIF orientation 6 ignored (as the official loaders)"   # loaders read them
+
+
+def test_issue23_frame_shown_at_the_middle_b_frames_late_video_and_webm_without_duration(tmp_path):
+    import av
+    from fractions import Fraction
+    src = tmp_path / "src"
+    src.mkdir()
+    audio = _tone23(0, 4.5, 16000, 800)
+    # B-frames: frame k is shown at k / 10 s in every container; the middle of 4.5 s (2.25 s) shows frame 22
+    _clip23(src / "avi_b.avi", range(45), audio, vtb=Fraction(1, 10), bframes=2)
+    _clip23(src / "mp4_b.mp4", [100 * k for k in range(45)], _tone23(0, 4.5, 44100, 1024), sr=44100, acodec="aac",
+            bframes=2)
+    # the video starts 0.25 s after the container (the audio starts at 0): frame k is shown at 0.25 + k / 10
+    _clip23(src / "late.mkv", [250 + 100 * k for k in range(45)], audio)
+    # a browser-style WebM: no duration in its header (written as a live stream)
+    _clip23(src / "live.webm", [100 * k for k in range(45)], _tone23(0, 4.5, 48000, 960), sr=48000, acodec="libopus",
+            vcodec="libvpx", options={"live": "1"})
+    with av.open(str(src / "live.webm")) as c:
+        assert c.duration is None
+    with av.open(str(src / "late.mkv")) as c:
+        late_dur = c.duration / 1e6
+    out = tmp_path / "out"
+    data_prep.main(["videos", str(src), "--out", str(out)])
+    rows = data_prep.read_manifest(out)
+    for vid in ("avi_b", "mp4_b", "live"):
+        assert rows[vid]["status"] == "ok", rows[vid]
+        assert _read_bits(C.load_image(out / "frames" / f"{vid}.jpg")) == 22, vid
+        assert float(rows[vid]["frame_time"]) == pytest.approx(2.2, abs=0.002)
+        assert float(rows[vid]["duration"]) == pytest.approx(4.5, abs=0.03)
+    assert float(rows["live"]["audio_duration"]) == pytest.approx(4.5, abs=0.03)
+    k = int((late_dur / 2 - 0.25) // 0.1)                      # shown at container start + duration / 2
+    assert _read_bits(C.load_image(out / "frames" / "late.jpg")) == k
+    assert float(rows["late"]["frame_time"]) == pytest.approx(0.25 + 0.1 * k, abs=0.002)   # on the clip's clock
+    data_prep.main(["videos", str(src), "--out", str(tmp_path / "o2"), "--time", "1.0"])
+    assert _read_bits(C.load_image(tmp_path / "o2" / "frames" / "late.jpg")) == 7    # 0.95 <= 1.0 < 1.05
+
+
+def test_issue23_audio_placed_by_its_timestamps(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    ts = [100 * k for k in range(45)]
+    # PCM in MKV: the audio starts 60 ms after the video, 155 ms are missing after its first chunk, a burst at 2.015 s
+    pcm = _tone23(0.06, 0.11, 16000, 800) + _tone23(0.265, 4.5, 16000, 800, burst_at=2.015)
+    _clip23(src / "pcm.mkv", ts, pcm)
+    # AAC in MP4 (44.1 kHz): 155 ms missing after the first frame, a burst at 2.0 s
+    aac = _tone23(0, 1024 / 44100, 44100, 1024) + _tone23(1024 / 44100 + 0.155, 4.5, 44100, 1024, burst_at=None)
+    t_burst = aac[80][0]
+    aac[80] = (t_burst, 0.9 * np.cos(2 * np.pi * 1000 * np.arange(1024) / 44100))
+    _clip23(src / "aac.mp4", ts, aac, sr=44100, acodec="aac")
+    # Opus in WebM: the packets of 2.0-3.0 s are damaged (undecodable), a burst at 3.5 s
+    _clip23(src / "damaged.webm", ts, _tone23(0, 4.5, 48000, 960, burst_at=3.5), sr=48000, acodec="libopus",
+            vcodec="libvpx", damage=(2.0, 3.0))
+    _clip23(src / "silent.mkv", ts, [(i * 0.05, np.zeros(800)) for i in range(90)])
+    out = tmp_path / "out"
+    data_prep.main(["videos", str(src), "--out", str(out)])
+    rows = data_prep.read_manifest(out)
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    x, sr = C.read_wav(out / "audio" / "pcm.wav")
+    assert not x[:960].any() and not x[1760:4240].any() and np.abs(x[1000:1700]).max() > 0.25   # start kept, gap silent
+    assert _onset(x, sr) == 2.015                                                # to the sample
+    assert (rows["pcm"]["audio_start"], rows["pcm"]["audio_filled"]) == ("0.060", "0.155")
+    x, sr = C.read_wav(out / "audio" / "aac.wav")
+    assert abs(_onset(x, sr) - t_burst) < 0.025 and float(rows["aac"]["audio_filled"]) == pytest.approx(0.155, abs=0.002)
+    x, sr = C.read_wav(out / "audio" / "damaged.wav")
+    assert abs(_onset(x, sr) - 3.5) < 0.01 and float(rows["damaged"]["audio_duration"]) == pytest.approx(4.5, abs=0.03)
+    assert float(rows["damaged"]["audio_filled"]) == pytest.approx(1.0, abs=0.03) and not x[33000:47000].any()
+    for vid in ("pcm", "aac", "damaged"):
+        assert rows[vid]["reason"].startswith("warning: audio timestamps have gaps ("), vid
+    assert rows["silent"]["reason"] == "warning: the audio track is silent (peak below -60 dBFS)"
+    assert "warning: audio timestamps have gaps: aac, damaged, pcm" in capsys.readouterr().out    # ids named
+
+
+def test_issue23_ids_clashes_commas_formats_and_source(tmp_path):
+    from fractions import Fraction
+    audio = _tone23(0, 2.0, 16000, 800)
+    ts = [100 * k for k in range(20)]
+    for a, b in (("one/sample.mkv", "two/sample.mkv"), ("sample.mkv", "sample.mp4")):
+        src = tmp_path / f"clash{len(a)}"
+        for f in (a, b):
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            _clip23(src / f, ts, audio if f.endswith("mkv") else _tone23(0, 2.0, 44100, 1024), acodec="pcm_s16le"
+                    if f.endswith("mkv") else "aac", sr=16000 if f.endswith("mkv") else 44100)
+        with pytest.raises(C.UserError) as e:
+            data_prep.main(["videos", str(src), "--out", str(tmp_path / "never")])
+        assert "1 ids name more than one file" in str(e.value)
+        assert str((src / a).resolve()) in str(e.value) and str((src / b).resolve()) in str(e.value)
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    _write_audio_file(pics / "x.flac")
+    _write_audio_file(pics / "x.wav", codec="pcm_s16le")
+    with pytest.raises(C.UserError, match="x.flac.*x.wav"):
+        data_prep.main(["frames", str(pics), "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+    # a comma cannot be in an id (split files are cut at the first comma); MPEG-TS files are videos
+    src = tmp_path / "ts"
+    src.mkdir()
+    _clip23(src / "a,b.mkv", ts, audio)
+    _clip23(src / "clip.ts", ts, _tone23(0, 2.0, 48000, 1152), sr=48000, acodec="mp2")
+    out = tmp_path / "out"
+    data_prep.main(["videos", str(src), "--out", str(out)])
+    rows = data_prep.read_manifest(out)
+    assert rows["a,b"]["status"] == "failed" and "cannot be an id" in rows["a,b"]["reason"]
+    assert not (out / "frames" / "a,b.jpg").exists() and C.read_split(out / "splits" / "all.txt") == ["clip"]
+    assert rows["clip"]["status"] == "ok" and rows["clip"]["source"] == str((src / "clip.ts").resolve())
+    import av
+    with av.open(str(src / "clip.ts")) as c:                 # the TS muxer starts the video after the audio
+        t0, dur, v0 = c.start_time / 1e6, c.duration / 1e6, float(c.streams.video[0].start_time * Fraction(1, 90000))
+    assert v0 > t0 and _read_bits(C.load_image(out / "frames" / "clip.jpg")) == int((t0 + dur / 2 - v0) // 0.1)
+
+
+def test_issue23_reruns_remake_failed_and_broken_clips(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    ts = [100 * k for k in range(53)]
+    for v in ("a", "b"):
+        _clip23(src / f"{v}.mkv", ts, _tone23(0, 5.3, 16000, 800))
+    out = tmp_path / "out"
+    data_prep.main(["videos", str(src), "--out", str(out), "--time", "1"])
+    (out / "frames" / "a.jpg").write_bytes((out / "frames" / "a.jpg").read_bytes()[:300])    # truncated JPEG
+    (out / "audio" / "b.wav").write_bytes((out / "audio" / "b.wav").read_bytes()[:30])       # a 30-byte WAV
+    capsys.readouterr()
+    data_prep.main(["videos", str(src), "--out", str(out), "--time", "1"])
+    assert "0 already done, 2 to process" in capsys.readouterr().out
+    data_prep.main(["check", str(out), "--method", "ez_vsl"])                                  # both good again
+    assert _read_bits(C.load_image(out / "frames" / "a.jpg")) == 10
+    # a re-run with other settings that fails removes the earlier outputs; no clip ready: one error line, status 2
+    r = run_py("data_prep.py", "videos", src, "--out", out, "--time", "7", check=False)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "no clip could be prepared" in r.stderr
+    assert "Traceback" not in r.stderr and "shorter: a, b" in r.stdout                   # the summary names the ids
+    assert not list((out / "frames").iterdir()) and not list((out / "audio").iterdir())
+    assert all(row["status"] == "failed" for row in data_prep.read_manifest(out).values())
+
+
+def test_issue23_check_applies_the_methods_rules(tmp_path, capsys):
+    from PIL import Image
+    root = tmp_path / "root"
+    for d in ("frames", "audio"):
+        (root / d).mkdir(parents=True)
+    t = lambda s, sr: 0.3 * np.sin(2 * np.pi * 440 * np.arange(int(s * sr)) / sr)
+    for vid, seconds, sr in (("full", 10, 16000), ("rate48k", 10, 48000), ("two_s", 2, 16000), ("half_s", 0.5, 16000)):
+        Image.fromarray(_bits_frame(1)).save(root / "frames" / f"{vid}.jpg")
+        data_prep.write_wav(root / "audio" / f"{vid}.wav", t(seconds, sr), sr)
+    with pytest.raises(SystemExit) as e:
+        data_prep.main(["check", str(root)])
+    assert e.value.code == 1
+    bad = dict(ln.split("\t", 1) for ln in (root / "check_all.txt").read_text().splitlines())
+    assert set(bad) == {"rate48k", "two_s", "half_s"}
+    assert "sample rate 48000 Hz" in bad["rate48k"] and "(lvs_hardway" not in bad["rate48k"]     # every method's rule
+    assert "audio too short" in bad["two_s"] and bad["two_s"].endswith("(lvs_hardway)")          # 10 s test window
+    assert "(ez_vsl, lvs_hardway, sspl)" in bad["half_s"]                                         # CSOL's 1 s: tiled
+    out = capsys.readouterr().out
+    assert "ez_vsl will tile (as the official code does) the audio of 1 clips shorter than its window: two_s" in out
+    assert "csol_classaware will tile (as the official code does) the audio of 1 clips shorter than its window: half_s" in out
+    assert "lvs_hardway will tile" not in out
+    with pytest.raises(SystemExit):
+        data_prep.main(["check", str(root), "--method", "ez_vsl"])
+    bad = dict(ln.split("\t", 1) for ln in (root / "check_all.txt").read_text().splitlines())
+    assert set(bad) == {"rate48k", "half_s"}
+    (root / "audio" / "rate48k.wav").unlink()
+    (root / "frames" / "rate48k.jpg").unlink()
+    (root / "audio" / "half_s.wav").unlink()
+    (root / "frames" / "half_s.jpg").unlink()
+    data_prep.main(["check", str(root), "--method", "ez_vsl"])                   # returns: status 0
+    assert "0 bad" in capsys.readouterr().out
+
+
+def test_issue23_synth_arguments_checked_before_writing(tmp_path):
+    for args, msg in ((["--image-size", "8"], "at least 32"), (["--scale", "0"], "> 0"), (["--seed", "-1"], ">= 0"),
+                      (["--classes", "3"], "between 4")):
+        with pytest.raises(C.UserError, match=msg):
+            data_prep.main(["synth", "--out", str(tmp_path / "s"), *args])
+        assert not (tmp_path / "s").exists()
+    r = run_py("data_prep.py", "synth", "--out", tmp_path / "s", "--image-size", "8", check=False)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
