@@ -66,7 +66,6 @@ class Missing(ClipError):
     status = "missing"
 
 
-
 def write_wav(path, x: np.ndarray, sr: int):
     """Mono PCM16 (clipped to [-1, 1]), written atomically."""
     path = Path(path)
@@ -76,6 +75,7 @@ def write_wav(path, x: np.ndarray, sr: int):
         f.setnchannels(1), f.setsampwidth(2), f.setframerate(sr)
         f.writeframes(pcm.tobytes())
     os.replace(tmp, path)
+
 
 def open_media(path):
     import av

@@ -2563,3 +2563,14 @@ def test_issue23_synth_arguments_checked_before_writing(tmp_path):
         assert not (tmp_path / "s").exists()
     r = run_py("data_prep.py", "synth", "--out", tmp_path / "s", "--image-size", "8", check=False)
     assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr
+
+
+def test_the_gpu_proof_script_runs_its_steps_on_the_cpu(tmp_path):
+    """.ci/gpu --device cpu --tiny: every step of the GPU run, small, on this CPU (so it works before a GPU sees it)."""
+    r = run_py(HERE / ".ci" / "gpu", "--device", "cpu", "--tiny", "--out", tmp_path / "out", "--work", tmp_path / "w",
+               timeout=900, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    steps = {s["step"]: s["status"] for s in summary["steps"]}
+    assert len(steps) >= 20 and set(steps.values()) <= {"ok", "skipped"}, steps
+    assert all(steps[k] == "ok" for k in steps if k.endswith((".train", ".resume", ".eval", ".predict"))), steps
