@@ -410,7 +410,7 @@ def decode_frame(data: torch.Tensor, path, vid=None) -> torch.Tensor:
     except Exception as e:
         raise BadMedia(path, vid, f"cannot decode image ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     if x.dtype != torch.uint8:                           # a 16-bit PNG: PIL's 8-bit conversion, as --decode pil
-        x = torch.from_numpy(np.asarray(load_image(path, vid))).permute(2, 0, 1)
+        x = torch.from_numpy(np.array(load_image(path, vid))).permute(2, 0, 1)
     return x
 
 
@@ -1238,7 +1238,7 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--batch-size", type=int, help="global batch size (split over the DDP processes)")
     a("--lr", type=float, help="learning rate")
     a("--seed", type=int, default=0, help="random seed (reseeded per epoch: exact resume)")
-    a("--seeds", help="--train: comma-separated seeds (e.g. 0,1,2), one run each, then their mean ± std table")
+    a("--seeds", help="--train: comma-separated seeds (e.g. 0,1,2), one run each (eval_cioU.py --table tables them)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA (bf16 where the GPU "
       "has it, else fp16 with a gradient scaler); --no-amp: float32")
@@ -1810,7 +1810,7 @@ def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt,
 
 def train_seeds(args, train_fn, log=print) -> list[Path]:
     """--seeds 0,1,2: one run per seed (sibling run folders under --out, every other setting the same), then the
-    table of their results (results_table). Returns the results.json paths."""
+    command that tables them (eval_cioU.py --table: mean ± std). Returns the results.json paths."""
     try:
         seeds = [int(t) for t in str(args.seeds).split(",") if t.strip()]
     except ValueError:
@@ -1830,68 +1830,5 @@ def train_seeds(args, train_fn, log=print) -> list[Path]:
                                 f"{seed}, found {len(new)}")
             paths.append(new[0] / "results.json")
     if int(os.environ.get("RANK", "0")) == 0:
-        log(results_table(paths))
+        log(f"{len(paths)} runs; their mean ± std: python eval_cioU.py --table " + " ".join(str(p) for p in paths))
     return paths
-
-
-def results_table(paths) -> str:
-    """A markdown table of results.json files: one row per (method, data), mean ± sample std (ddof 1) over the runs of
-    cIoU@0.5, AUC and mean cIoU (in %) of the model, the centred prior and the audio-swapped control, plus the
-    negative-audio metrics when every run has them. Runs of one (method, data) that differ in split, protocol or N
-    are not averaged: an error names the files and values."""
-    groups: dict = {}
-    for p in paths:
-        p = Path(p) / "results.json" if Path(p).is_dir() else Path(p)
-        try:
-            r = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{p}: no such results file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{p}: not a results.json ({e})") from None
-        if not isinstance(r, dict) or not all(k in r for k in ("method", "data", "split", "protocol", "n", "test")):
-            raise UserError(f"{p}: not a method's results.json (needs method, data, split, protocol, n, test)")
-        groups.setdefault((r["method"], r["data"]), []).append((p, r))
-    if not groups:
-        raise UserError("no results.json given")
-
-    def mean_std(values):
-        v = np.asarray(values, np.float64) * 100
-        return f"{v[0]:.2f}" if v.size == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
-
-    def flat(d, prefix=""):                               # the numeric leaves of a nested dict: {"a/b": 0.5}
-        out = {}
-        for k, v in (d or {}).items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}/"))
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{prefix}{k}"] = v
-        return out
-    parts = [("model", lambda r: r["test"]), ("centred prior", lambda r: (r.get("baselines") or {}).get("center")),
-             ("audio-swapped", lambda r: r.get("audio_swapped"))]
-    rows, neg_cols = [], []
-    for (method, data), runs in groups.items():
-        for field in ("split", "protocol", "n"):
-            if len({str(r[field]) for _, r in runs}) > 1:
-                raise UserError(f"cannot average {method} on {data}: the runs differ in {field} ("
-                                + "; ".join(f"{r[field]} in {p}" for p, r in runs) + "); table them separately")
-        first = runs[0][1]
-        row = {"method": method, "data": Path(data).name, "split": Path(first["split"]).name,
-               "protocol": first["protocol"], "N": str(first["n"]),
-               "runs (seeds)": f"{len(runs)} ({','.join(str(r.get('seed', '?')) for _, r in runs)})"}
-        for name, get in parts:
-            got = [get(r) for _, r in runs]
-            for k in ("ciou@0.5", "auc", "mean_ciou"):
-                row[f"{name} {k}"] = mean_std([g[k] for g in got]) if all(got) else "-"
-        secs = [r.get("seconds") for _, r in runs]
-        row["seconds"] = f"{np.mean(secs):.0f}" if all(isinstance(v, (int, float)) for v in secs) else "-"
-        negs = [flat(r.get("negatives")) for _, r in runs]
-        for k in sorted(set.intersection(*(set(n) for n in negs))) if all(negs) else []:
-            row[f"neg {k}"] = mean_std([n[k] for n in negs])
-            neg_cols += [] if f"neg {k}" in neg_cols else [f"neg {k}"]
-        rows.append(row)
-    head = list(rows[0])[:6] + [f"{n} {k}" for n, _ in parts for k in ("ciou@0.5", "auc", "mean_ciou")] + neg_cols + \
-        ["seconds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row.get(h, "-") for h in head) + " |" for row in rows]
-    return "\n".join(lines) + (f"\n(mean ± sample std over the runs, in %; seconds: mean wall time of train + test; "
-                               f"{len(paths)} results files)")

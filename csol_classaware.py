@@ -21,7 +21,7 @@ Run:
   python csol_classaware.py --train                 # synthetic benchmark: stage one on the single-source splits,
                                                     # stage two on the cocktail splits (cpu preset)
   python csol_classaware.py --train --stage 1 ...   # or --stage 2 --ckpt <stage-one run>/stage1.pt
-  python csol_classaware.py --train --seeds 0,1,2   # one run per seed, then their mean ± std
+  python csol_classaware.py --train --seeds 0,1,2   # one run per seed (tabled by eval_cioU.py --table)
   python csol_classaware.py --train --data ROOT --clusters 11 --cocktail-train-split ROOT/splits/synthetic_train.txt
   python csol_classaware.py --eval --ckpt runs/<run>/stage2.pt [--data ROOT]
   python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --image frame.jpg --audio clip.wav --out heat.png

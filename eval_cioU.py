@@ -59,6 +59,69 @@ def load_maps(path):
     return maps, negs, meta["__eval__"] or {}
 
 
+def results_table(paths) -> str:
+    """A markdown table of results.json files: one row per (method, data), mean ± sample std (ddof 1) over the runs of
+    cIoU@0.5, AUC and mean cIoU (in %) of the model, the centred prior and the audio-swapped control, plus the
+    negative-audio metrics when every run has them. Runs of one (method, data) that differ in split, protocol or N
+    are not averaged: an error names the files and values."""
+    groups: dict = {}
+    for p in paths:
+        p = Path(p) / "results.json" if Path(p).is_dir() else Path(p)
+        try:
+            r = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise C.UserError(f"{p}: no such results file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise C.UserError(f"{p}: not a results.json ({e})") from None
+        if not isinstance(r, dict) or not all(k in r for k in ("method", "data", "split", "protocol", "n", "test")):
+            raise C.UserError(f"{p}: not a method's results.json (needs method, data, split, protocol, n, test)")
+        groups.setdefault((r["method"], r["data"]), []).append((p, r))
+    if not groups:
+        raise C.UserError("no results.json given")
+
+    def mean_std(values):
+        v = np.asarray(values, np.float64) * 100
+        return f"{v[0]:.2f}" if v.size == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+    def flat(d, prefix=""):                               # the numeric leaves of a nested dict: {"a/b": 0.5}
+        out = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}/"))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{prefix}{k}"] = v
+        return out
+    parts = [("model", lambda r: r["test"]), ("centred prior", lambda r: (r.get("baselines") or {}).get("center")),
+             ("audio-swapped", lambda r: r.get("audio_swapped"))]
+    rows, neg_cols = [], []
+    for (method, data), runs in groups.items():
+        for field in ("split", "protocol", "n"):
+            if len({str(r[field]) for _, r in runs}) > 1:
+                raise C.UserError(f"cannot average {method} on {data}: the runs differ in {field} ("
+                                + "; ".join(f"{r[field]} in {p}" for p, r in runs) + "); table them separately")
+        first = runs[0][1]
+        row = {"method": method, "data": Path(data).name, "split": Path(first["split"]).name,
+               "protocol": first["protocol"], "N": str(first["n"]),
+               "runs (seeds)": f"{len(runs)} ({','.join(str(r.get('seed', '?')) for _, r in runs)})"}
+        for name, get in parts:
+            got = [get(r) for _, r in runs]
+            for k in ("ciou@0.5", "auc", "mean_ciou"):
+                row[f"{name} {k}"] = mean_std([g[k] for g in got]) if all(got) else "-"
+        secs = [r.get("seconds") for _, r in runs]
+        row["seconds"] = f"{np.mean(secs):.0f}" if all(isinstance(v, (int, float)) for v in secs) else "-"
+        negs = [flat(r.get("negatives")) for _, r in runs]
+        for k in sorted(set.intersection(*(set(n) for n in negs))) if all(negs) else []:
+            row[f"neg {k}"] = mean_std([n[k] for n in negs])
+            neg_cols += [] if f"neg {k}" in neg_cols else [f"neg {k}"]
+        rows.append(row)
+    head = list(rows[0])[:6] + [f"{n} {k}" for n, _ in parts for k in ("ciou@0.5", "auc", "mean_ciou")] + neg_cols + \
+        ["seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row.get(h, "-") for h in head) + " |" for row in rows]
+    return "\n".join(lines) + (f"\n(mean ± sample std over the runs, in %; seconds: mean wall time of train + test; "
+                               f"{len(paths)} results files)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", help=".npz with one 2-D map per id")
@@ -81,7 +144,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="where the evaluator runs: cpu (default) or cuda")
     a = p.parse_args(argv)
     if a.table:
-        table = C.results_table(a.table)
+        table = results_table(a.table)
         print(table)
         return table
     if not (a.pred and a.gt):

@@ -16,7 +16,7 @@ Equations (paper numbering):
 
 Run:
   python ez_vsl.py --train                      # the synthetic benchmark, cpu preset (a few minutes on 2 cores)
-  python ez_vsl.py --train --seeds 0,1,2        # one run per seed, then their mean ± std
+  python ez_vsl.py --train --seeds 0,1,2        # one run per seed (tabled by eval_cioU.py --table)
   python ez_vsl.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt       # paper preset
   torchrun --nproc_per_node=2 ez_vsl.py --train --data ROOT        # 2 GPUs x 64, local negatives (the paper)
   python ez_vsl.py --eval --ckpt runs/<run>/best.pt [--data ROOT] [--negatives] [--save-maps m.npz] [--viz 20]

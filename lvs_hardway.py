@@ -19,7 +19,7 @@ Equations (the paper numbers (1)-(2) only; the rest by section):
 
 Run:
   python lvs_hardway.py --train                      # the synthetic benchmark, cpu preset
-  python lvs_hardway.py --train --seeds 0,1,2        # one run per seed, then their mean ± std
+  python lvs_hardway.py --train --seeds 0,1,2        # one run per seed (tabled by eval_cioU.py --table)
   python lvs_hardway.py --train --data ROOT --train-split ROOT/splits/vggsound_144k.txt       # paper preset
   torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT                             # batch 256 on 4 GPUs
   python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT      # the authors' released checkpoint

@@ -19,7 +19,7 @@ Equations (paper numbering; S = supplement):
 
 Run:
   python sspl.py --train                       # the synthetic benchmark, cpu preset, with PCM (--no-pcm without)
-  python sspl.py --train --seeds 0,1,2         # one run per seed, then their mean ± std
+  python sspl.py --train --seeds 0,1,2         # one run per seed (tabled by eval_cioU.py --table)
   python sspl.py --train --data ROOT --train-split ROOT/splits/flickr_10k.txt --vggish-weights vggish-10086976.pth
   python sspl.py --train --data ROOT --no-pcm --lr-table vggsound ...          # VGG-Sound w/o PCM (Table S1)
   torchrun --nproc_per_node=2 sspl.py --train --data ROOT ...                   # 2 x 128 = 256 (the paper)

@@ -21,6 +21,7 @@ import torch
 import common as C
 import csol_classaware as csol
 import data_prep
+import eval_cioU
 import ez_vsl
 import lvs_hardway as lvs
 import sspl
@@ -1761,7 +1762,7 @@ def test_results_table_mean_and_sample_std(tmp_path):
     tests = [(0.61, 0.52, 0.55), (0.70, 0.50, 0.58), (0.52, 0.49, 0.50)]
     files = [_results_file(tmp_path / f"r{s}", seed=s, test=t, swapped=(0.1 * s, 0.2, 0.3)) for s, t in enumerate(tests)]
     files.append(_results_file(tmp_path / "lvs", method="lvs_hardway", protocol="median_strict", test=(1.0, 0.5, 0.6)))
-    table = C.results_table(files)
+    table = eval_cioU.results_table(files)
     row = _table_cells(table, "| ez_vsl")
     col = [t[0] * 100 for t in tests]
     assert row["model ciou@0.5"] == f"{statistics.mean(col):.2f} ± {statistics.stdev(col):.2f}"
@@ -1779,11 +1780,11 @@ def test_results_table_refuses_mixed_runs(tmp_path):
                       ("split", {"split": "/d/synth/splits/val.txt"})):
         files = [_results_file(tmp_path / "a"), _results_file(tmp_path / field, seed=1, **kw)]
         with pytest.raises(C.UserError, match=f"differ in {field}"):
-            C.results_table(files)
+            eval_cioU.results_table(files)
     r = run_py("eval_cioU.py", "--table", *files, check=False)                  # one error line from the CLI
     assert r.returncode == 2 and "error: cannot average ez_vsl" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(C.UserError, match="no such results file"):
-        C.results_table([tmp_path / "nothing.json"])
+        eval_cioU.results_table([tmp_path / "nothing.json"])
 
 
 def test_seeds_trains_sibling_runs_and_tables_them(tiny, tmp_path, capsys):
@@ -1793,7 +1794,9 @@ def test_seeds_trains_sibling_runs_and_tables_them(tiny, tmp_path, capsys):
     seeds = [json.loads((r / "results.json").read_text())["seed"] for r in runs]
     assert seeds == [0, 1]
     out = capsys.readouterr().out
-    assert "| lvs_hardway |" in out and "| 2 (0,1) |" in out
+    command = out[out.index("python eval_cioU.py --table "):].splitlines()[0].split()
+    table = eval_cioU_main(command[2:])
+    assert "| lvs_hardway |" in table and "| 2 (0,1) |" in table
 
 
 # ===== issue 12: exact evaluator =====
@@ -2039,18 +2042,19 @@ def test_loading_a_checkpoint_or_weights_file_never_runs_code(tmp_path):
 
 def test_a_16_bit_png_frame_decodes_as_pil_reads_it(tiny, tmp_path):
     from PIL import Image
-    ids = C.read_split(tiny / "splits" / "test.txt")[:2]
-    frame = tmp_path / "x.jpg"                                # a 16-bit greyscale PNG named .jpg
+    vid = C.read_split(tiny / "splits" / "test.txt")[0]
+    root = tmp_path / "root"
+    shutil.copytree(tiny, root)
+    frame = root / "frames" / f"{vid}.jpg"                    # a 16-bit greyscale PNG named .jpg
     Image.fromarray((np.random.default_rng(0).random((40, 60)) * 65535).astype(np.uint16)).save(frame, format="PNG")
-    data = torch.from_numpy(np.fromfile(frame, np.uint8))
-    ours = C.decode_frame(data, frame)
+    ours = C.decode_frame(torch.from_numpy(np.fromfile(frame, np.uint8)), frame, vid)
     assert ours.dtype == torch.uint8
-    assert torch.equal(ours, torch.from_numpy(np.asarray(C.load_image(frame))).permute(2, 0, 1))
-    items = [(("jpeg", data), torch.zeros(8), ids[0], False),
-             (("jpeg", torch.from_numpy(np.fromfile(tiny / "frames" / f"{ids[1]}.jpg", np.uint8))), torch.zeros(8),
-              ids[1], False)]
-    img = C.batch_images(C.collate_av(items), "cpu", SimpleNamespace(data=str(tmp_path), skip_bad=False), "squash", 32)
-    assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
+    assert torch.equal(ours, torch.from_numpy(np.array(C.load_image(frame))).permute(2, 0, 1))
+    ds = C.AVDataset(root, [vid], 3.0)
+    args = SimpleNamespace(data=str(root), skip_bad=False)
+    img = C.batch_images(C.collate_av([ds[0]]), "cpu", args, "squash", 32)
+    pil = C.image_transform("squash", 32)(C.load_image(frame))
+    assert img.shape == (1, 3, 32, 32) and (img[0] - pil).abs().max() < 0.06
 
 
 def test_bad_numbers_device_and_outputs_are_one_line_before_any_run_folder(tiny, tmp_path):
@@ -2275,14 +2279,14 @@ def test_skip_bad_survives_a_batch_of_only_bad_clips_and_the_swapped_n_is_its_ow
 
 
 def test_a_checkpoint_without_imagenet_weights_never_downloads_them(tiny, tmp_path, monkeypatch, capsys):
-    ez_vsl.main(_quick(tiny, tmp_path / "runs", "--epochs", "1"))
-    ck = next((tmp_path / "runs").iterdir()) / "best.pt"
     monkeypatch.setattr(C, "imagenet_state_dict", lambda *a: pytest.fail("downloads ImageNet weights"))
+    ez_vsl.main(_quick(tiny, tmp_path / "runs", "--epochs", "1"))                 # its test: OGL skipped too
+    ck = next((tmp_path / "runs").iterdir()) / "best.pt"
     vid = C.read_split(tiny / "splits" / "test.txt")[0]
     ez_vsl.main(["--predict", "--ckpt", str(ck), "--image", str(tiny / "frames" / f"{vid}.jpg"), "--audio",
                  str(tiny / "audio" / f"{vid}.wav"), "--out", str(tmp_path / "h.png")])
     ez_vsl.main(["--eval", "--ckpt", str(ck), "--out", str(tmp_path / "ev")])
-    assert capsys.readouterr().out.count("OGL skipped: the checkpoint was trained without ImageNet weights") == 2
+    assert capsys.readouterr().out.count("OGL skipped: the checkpoint was trained without ImageNet weights") == 3
 
 
 def test_a_cpu_preset_dataset_holds_no_frames(tiny):
