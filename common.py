@@ -615,7 +615,8 @@ PROTOCOLS = {
 }
 AUC_THRESHOLDS = [0.05 * i for i in range(21)]  # the official list (0.05*3 = 0.15000000000000002)
 MEDIAN_INDEX = GT_SIZE * GT_SIZE // 2           # 25088: the official np.sort(m.flatten())[int(224 * 224 / 2)]
-EVAL_CHUNK = 16                                 # maps scored at once (16 x 224 x 224 float32 = 3.2 MB a tensor)
+EVAL_CHUNK = 4                                  # maps scored at once: 4 x 224 x 224 float32 = 0.8 MB a tensor, which
+                                                # a CPU core's cache holds (16 maps at once took 1.5x as long)
 
 
 def _box(box, where: str) -> list[float]:
@@ -719,7 +720,8 @@ def minmax(m):
     if not isinstance(m, torch.Tensor):
         return minmax(torch.as_tensor(np.asarray(m))).numpy()
     lo, hi = m.amin((-2, -1), keepdim=True), m.amax((-2, -1), keepdim=True)
-    return torch.where(hi == lo, m, (m - lo) / torch.where(hi == lo, torch.ones_like(hi), hi - lo))
+    q = (m - lo).div_(torch.where(hi == lo, 1.0, hi - lo))    # in place: a second full-size temporary costs a page
+    return torch.where(hi == lo, m, q) if (hi == lo).any() else q     # fault per use on the CPU (glibc's heap trim)
 
 
 def binarize(t: torch.Tensor, protocol: str, threshold: float | None = None) -> torch.Tensor:
@@ -732,11 +734,11 @@ def binarize(t: torch.Tensor, protocol: str, threshold: float | None = None) -> 
         q = minmax(t)
         return q >= kth(q)
     if protocol == "median_strict":                       # LVS: p[p > thr] = 1; p[p < 1] = 0
-        p = 1 - minmax(-t)
+        p = minmax(-t).neg_().add_(1)                     # 1 - normalize_img(-map): the same roundings
         return (p > kth(p)) | (p >= 1)
     if protocol == "abs0.5":                              # SSPL (a constant map: 0/0 = NaN, never >= 0.5)
         lo, hi = t.amin((1, 2), keepdim=True), t.amax((1, 2), keepdim=True)
-        return (t - lo) / (hi - lo) >= 0.5
+        return (t - lo).div_(hi - lo) >= 0.5
     if protocol == "rel0.1":                              # CSOL: float64 threshold, float32 comparison
         return t > (0.1 * t.amax((1, 2), keepdim=True).double()).float()
     if protocol == "fixed":
@@ -744,11 +746,21 @@ def binarize(t: torch.Tensor, protocol: str, threshold: float | None = None) -> 
     raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
 
 
-def ciou(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """cIoU = sum(P G) / (sum(G) + sum(P [G == 0])) per map (LVS appendix A), float64; P binary (bool), G in [0, 1].
-    Both empty: 0/0 = NaN, as the official Evaluator (such a sample fails every threshold). The sums are exact (whole
-    and half pixels, below 2^23 in float32)."""
-    return (P * G).sum((-2, -1)).double() / (G.sum((-2, -1)).double() + (P & (G == 0)).sum((-2, -1)))
+def ground_truth(G: torch.Tensor, consensus: bool = True):
+    """What cIoU needs of ground-truth maps G (..., 224, 224), computed once: G, [G > 0] (G itself when no map is a
+    consensus map, whose values include 0.5) and sum(G)."""
+    return G, G.ceil() if consensus else G, G.sum((-2, -1))
+
+
+def ciou(P: torch.Tensor, gt) -> torch.Tensor:
+    """cIoU = sum(P G) / (sum(G) + sum(P [G == 0])) per map (LVS appendix A), float64; P binary, gt =
+    ground_truth(G) with G in [0, 1]. Both empty: 0/0 = NaN, as the official Evaluator (such a sample fails every
+    threshold). The float32 sums are exact (whole and half pixels, below 2^23)."""
+    G, G_pos, g = gt
+    P = P.float()
+    inter = (P * G).sum((-2, -1))
+    outside = P.sum((-2, -1)) - (inter if G_pos is G else (P * G_pos).sum((-2, -1)))
+    return inter.double() / (g.double() + outside.double())
 
 
 def summarize(scores, nan_mean: str = "zero") -> dict:
@@ -789,14 +801,17 @@ def center_prior(size: int = GT_SIZE) -> np.ndarray:
 
 def _resized(maps: dict, ids, align_corners: bool, device, where: str = "prediction") -> torch.Tensor:
     """The maps of `ids` (any sizes) resized to (B, 224, 224) float32 on `device`, one resize per size."""
-    out = torch.empty(len(ids), GT_SIZE, GT_SIZE, device=device)
     by_shape = {}
     for k, vid in enumerate(ids):
         m = check_map(vid, maps[vid], where)
         by_shape.setdefault(m.shape, []).append((k, m))
-    for group in by_shape.values():
-        out[[k for k, _ in group]] = resize_maps(torch.from_numpy(np.stack([m for _, m in group])).to(device),
-                                                 GT_SIZE, align_corners)
+    resized = {shape: resize_maps(torch.from_numpy(np.stack([m for _, m in group])).to(device), GT_SIZE, align_corners)
+               for shape, group in by_shape.items()}
+    if len(resized) == 1:                                 # one size (the usual case)
+        return next(iter(resized.values()))
+    out = torch.empty(len(ids), GT_SIZE, GT_SIZE, device=device)
+    for shape, group in by_shape.items():
+        out[[k for k, _ in group]] = resized[shape]
     return out
 
 
@@ -838,8 +853,9 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
     with torch.no_grad():
         for s in range(0, len(present), chunk):
             ids_c = present[s:s + chunk]
-            G = torch.from_numpy(np.stack([gt_map(ann[i]) for i in ids_c])).to(device)
-            empty += [i for i, n in zip(ids_c, (G > 0).sum((1, 2)).tolist()) if n == 0]
+            gt = ground_truth(torch.from_numpy(np.stack([gt_map(ann[i]) for i in ids_c])).to(device),
+                              any(ann[i].get("gt") == "consensus" for i in ids_c))
+            empty += [i for i, g in zip(ids_c, gt[2].tolist()) if g == 0]
             outside += sum(any(v < 0 or v > 1 for v in b) for i in ids_c for b in ann[i]["bbox"])
             for name in names:
                 if name in ("test", *extra):
@@ -849,11 +865,11 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                     P = binarize(t, protocol)
                 elif name == "center":
                     P = prior
-                else:                                     # the full image: P = 1 everywhere
-                    scores[name][s:s + len(ids_c)] = (G.sum((1, 2)).double() / (
-                        G.sum((1, 2)).double() + (G == 0).sum((1, 2)))).cpu().numpy()
+                else:                                     # P = 1: sum(G) / (sum(G) + #[G == 0])
+                    g = gt[2].double()
+                    scores[name][s:s + len(ids_c)] = (g / (g + GT_SIZE ** 2 - gt[1].sum((1, 2)))).cpu().numpy()
                     continue
-                scores[name][s:s + len(ids_c)] = ciou(P, G).cpu().numpy()
+                scores[name][s:s + len(ids_c)] = ciou(P, gt).cpu().numpy()
     return {"protocol": protocol, "resize": f"bilinear align_corners={align_corners}", "n": len(present),
             "n_listed": len(listed), "missing": missing, "duplicates": dups, "empty_gt": empty,
             "empty_gt_causes": {i: empty_cause(ann[i]["bbox"]) for i in empty[:10]},
@@ -949,14 +965,14 @@ def negative_metrics(pos: dict, neg: dict, ann: dict, ids, threshold: float, ali
     with torch.no_grad():
         for s in range(0, n, chunk):
             ids_c = present[s:s + chunk]
-            G = torch.from_numpy(np.stack([gt_map(ann[i]) for i in ids_c])).to(device)
+            gt = ground_truth(torch.from_numpy(np.stack([gt_map(ann[i]) for i in ids_c])).to(device))
             for kind, maps in [("positive", pos), *neg.items()]:
                 t = _resized(maps, ids_c, align_corners, device)
                 P = binarize(t, "fixed", threshold)
                 conf[kind][s:s + len(ids_c)] = t.flatten(1).topk(t[0].numel() // 4, 1).values.double().mean(1).cpu()
                 area[kind][s:s + len(ids_c)] = P.flatten(1).double().mean(1).cpu()
                 if kind == "positive":
-                    cious[s:s + len(ids_c)] = ciou(P, G).cpu().numpy()
+                    cious[s:s + len(ids_c)] = ciou(P, gt).cpu().numpy()
     correct, wrong = cious >= iou, np.zeros(n, bool)
     ap, f1 = detection_ap(np.concatenate([conf[k] for k in kinds]), np.concatenate([correct] + [wrong] * len(neg)), n)
     per_kind = {}

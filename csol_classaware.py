@@ -99,7 +99,7 @@ def synthetic_data(log):          # no --data: the built-in synthetic benchmark,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Audio front end
+# Model (the audio front end first)
 # ----------------------------------------------------------------------------------------------------------
 def slaney_mel_matrix(n_fft: int, sr: int, n_mels: int) -> np.ndarray:
     """librosa.filters.mel's defaults (Slaney mel scale, Slaney area normalisation, 0 to sr / 2): (n_fft//2+1, n_mels)."""
@@ -128,9 +128,6 @@ def csol_log_mel(wav: torch.Tensor, sr: int = 16000) -> torch.Tensor:
     return db.unsqueeze(1).to(wav.dtype if wav.is_floating_point() else torch.float32)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------------
 class LocationNet(nn.Module):
     """Trunks f (visual, 14x14) and g (audio), projections to 128-d, the map l of Eq. 1, the classification heads
     h_v, h_a (Eq. 6) and, in stage two, the dictionary D (Eq. 7) with the official scalar affine."""
@@ -585,7 +582,7 @@ def class_aware_scores(class_maps: dict, sounding: dict, silent, ciou_frac: floa
     for c, boxes in sounding.items():
         m = C.resize_map(class_maps[c])
         P = torch.from_numpy(m > np.float32(ciou_frac * float(m.max())))
-        ious.append(C.ciou(P, torch.from_numpy(C.boxes_to_map(boxes, "union"))).item())
+        ious.append(C.ciou(P, C.ground_truth(torch.from_numpy(C.boxes_to_map(boxes, "union")))).item())
     nsa = [float(np.mean(C.resize_map(class_maps[c]) <= np.float32(nsa_tau))) for c in silent]
     return (float(np.mean(ious)) if ious else float("nan")), (float(np.mean(nsa)) if nsa else None)
 

@@ -276,7 +276,7 @@ def _bin(m, protocol):
 
 
 def _ciou(P, G):
-    return C.ciou(torch.as_tensor(np.asarray(P)), torch.as_tensor(np.asarray(G, np.float32))).item()
+    return C.ciou(torch.as_tensor(np.asarray(P)), C.ground_truth(torch.as_tensor(np.asarray(G, np.float32)))).item()
 
 
 def _half_map():
