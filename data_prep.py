@@ -791,6 +791,8 @@ def cmd_check(a):
         name = "all"
         if not ids:
             raise C.UserError(f"{root}: no frames/*.jpg or audio/*.wav to check")
+    out = Path(a.report) if a.report else root / f"check_{name}.txt"
+    C.check_file_writable(out, "the report (--report)")              # before the decoding, not after it
     methods = [a.method] if a.method else list(METHOD_WINDOWS)
     bad, tiled = {}, {m: [] for m in methods}
     for vid, problems, t in pmap(clip_problems, [(str(root), v, a.sr, methods) for v in ids], a.workers, "check", 16):
@@ -798,7 +800,6 @@ def cmd_check(a):
             bad[vid] = "; ".join(problems)
         for m in t:
             tiled[m].append(vid)
-    out = root / f"check_{name}.txt"
     tmp = Path(str(out) + ".part")
     tmp.write_text("".join(f"{v}\t{bad[v]}\n" for v in sorted(bad)))
     os.replace(tmp, out)
@@ -897,6 +898,7 @@ def build_parser():
                    help="apply this method's audio windows only (default: all four)")
     s.add_argument("--sr", type=int, default=16000, help="the sample rate the WAVs must have (every method: 16000)")
     s.add_argument("--workers", type=int, default=1, help="parallel processes")
+    s.add_argument("--report", help="where to write the bad ids (default ROOT/check_<NAME>.txt)")
     s.set_defaults(fn=cmd_check)
     return p
 

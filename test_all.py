@@ -1047,7 +1047,7 @@ ALL_METHODS = {**METHODS, "csol_classaware.py": csol}
 
 
 @pytest.mark.parametrize("script", list(ALL_METHODS))
-def test_benchmark_writes_every_key_and_runs_each_phase(script, tiny, tmp_path, monkeypatch):
+def test_benchmark_writes_every_key_and_runs_each_phase(script, tiny, tmp_path, monkeypatch, capsys):
     mod, seen, calls = ALL_METHODS[script], [], {"to_device": 0, "step": 0}
     make_dataset, to_device, step = mod.make_dataset, mod.batch_to_device, mod.train_step
 
@@ -1081,6 +1081,9 @@ def test_benchmark_writes_every_key_and_runs_each_phase(script, tiny, tmp_path, 
     assert seen == ["fast", "pil", "fast"]
     assert calls == {"to_device": 3 * 5, "step": 2 * 5}
     assert not list(run.glob("*.pt"))                                      # never a checkpoint
+    phases = [ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("benchmark: ")]
+    assert phases[:4] == ["loader_samples_per_s", "reference_loader_samples_per_s", "model_samples_per_s",
+                          "train_samples_per_s"]                          # each phase said as it starts
 
 
 def test_benchmark_refuses_several_processes(tiny, monkeypatch):
@@ -2578,3 +2581,10 @@ def test_the_gpu_proof_script_runs_its_steps_on_the_cpu(tmp_path):
     steps = {s["step"]: s["status"] for s in summary["steps"]}
     assert len(steps) >= 20 and set(steps.values()) <= {"ok", "skipped"}, steps
     assert all(steps[k] == "ok" for k in steps if k.endswith((".train", ".resume", ".eval", ".predict"))), steps
+
+
+def test_data_prep_check_refuses_an_unwritable_report_before_reading_a_clip(tiny, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(data_prep, "clip_problems", lambda job: pytest.fail("read a clip before checking the report"))
+    with pytest.raises(C.UserError, match="the report .--report. .*a_file"):
+        data_prep.main(["check", str(tiny), "--split", "test", "--report", str(tmp_path / "a_file" / "r.txt")])
