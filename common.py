@@ -1666,10 +1666,11 @@ def run_cli(main_fn) -> None:
     try:
         main_fn()
     except KeyboardInterrupt:
-        saved = RUN_DIR and sorted(p.name for p in RUN_DIR.glob("*.pt"))
+        saved = sorted(p.name for p in RUN_DIR.glob("*.pt")) if RUN_DIR else []
         tqdm.write("interrupted" + (f"; the run's checkpoints ({', '.join(saved)}) are in {RUN_DIR}: continue with "
                                     f"python {Path(sys.argv[0]).name} --train --resume {RUN_DIR}" if saved else
-                                    f"; no checkpoint was written yet ({RUN_DIR or 'no run folder'})"), file=sys.stderr)
+                                    f"; no checkpoint was written yet in {RUN_DIR}" if RUN_DIR else ""),
+                   file=sys.stderr)
         os._exit(130)
     except UserError as e:
         if world == 1:
