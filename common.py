@@ -1713,7 +1713,7 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
             f"{gaps['ciou@0.5'][0]:+.2f} cIoU@0.5 and {gaps['mean_ciou'][0]:+.2f} mean cIoU over the audio-swapped "
             f"control, {gaps['ciou@0.5'][1]:+.2f} and {gaps['mean_ciou'][1]:+.2f} over the centred prior (the bar: "
             f"+10 and +5 over both)")
-    out = Path(eval_folder(args))
+    out = eval_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     results = {"method": method, "data": str(args.data), "split": str(args.test_split), "protocol": res["protocol"],
                "seed": getattr(args, "ckpt_seed", None), "resize": res["resize"], "n": res["n"],

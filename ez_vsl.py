@@ -291,7 +291,7 @@ def evaluate(model, ds, ann, args, device, ogl=True, baselines=True, obj_model=N
 
 def load_model(path, args, device):
     """Our checkpoints carry their settings; the official release is {'model': state_dict} (module.-prefixed)."""
-    path = C.run_folder(path) / "best.pt" if Path(path).is_dir() else path
+    path = Path(path) / "best.pt" if Path(path).is_dir() else path
     ck = C.load_checkpoint(path, method=METHOD)
     if "args" in ck:
         a = C.checkpoint_args(ck, path, METHOD, ("encoder", "dim", "image_size", "preset"))
