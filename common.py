@@ -12,6 +12,7 @@ The standard data layout (written by data_prep.py, read by the methods and the e
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import datetime
@@ -23,7 +24,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import wave
 import xml.etree.ElementTree as ET
@@ -136,24 +136,15 @@ def strip_prefix(sd: dict, prefix: str = "module.") -> dict:
 # =====================================================================================================================
 # 2. The LVS / EZ-VSL log spectrogram (SSPL's and CSOL's front ends live in their files)
 # =====================================================================================================================
-def _tukey_periodic(n: int, alpha: float = 0.25) -> torch.Tensor:
-    """scipy.signal.get_window(('tukey', alpha), n): the periodic Tukey window (n + 1 symmetric, last dropped)."""
-    m = n + 1
-    x = np.arange(m, dtype=np.float64)
-    w, width = np.ones(m), int(np.floor(alpha * (m - 1) / 2.0))
-    w[:width + 1] = 0.5 * (1 + np.cos(np.pi * (-1 + 2.0 * x[:width + 1] / alpha / (m - 1))))
-    w[m - width - 1:] = 0.5 * (1 + np.cos(np.pi * (-2.0 / alpha + 1 + 2.0 * x[m - width - 1:] / alpha / (m - 1))))
-    return torch.from_numpy(w[:n])
-
-
 def log_spectrogram(wav: torch.Tensor, sr: int, nperseg: int = 512, noverlap: int = 274) -> torch.Tensor:
     """(B, N) waveform -> (B, 1, 257, T): log(scipy.signal.spectrogram(x, sr, nperseg=512, noverlap=274) + 1e-7) / 12
     (frames of 512, hop 238, no padding, mean removed per frame, periodic Tukey(0.25), density scaling, one-sided), in
     float32 (within 1e-6 of float64). 16 kHz: 3 s -> 257x200, 10 s -> 257x671."""
+    from scipy.signal import get_window
     x = wav.float()
     frames = x.unfold(-1, nperseg, nperseg - noverlap)                  # (B, T, 512)
     frames = frames - frames.mean(-1, keepdim=True)                      # detrend='constant'
-    w64 = _tukey_periodic(nperseg)
+    w64 = torch.from_numpy(get_window(("tukey", 0.25), nperseg))        # periodic, float64
     w, scale = w64.to(x.device, torch.float32), float(sr * (w64 ** 2).sum())
     spec = torch.view_as_real(torch.fft.rfft(frames * w, dim=-1)).square().sum(-1) / scale   # |X|^2
     spec[..., 1:-1] *= 2.0                                               # one-sided: all but DC and Nyquist doubled
@@ -308,34 +299,30 @@ def denormalize(img: torch.Tensor) -> np.ndarray:
 class AVDataset(torch.utils.data.Dataset):
     """The standard layout, item i -> (image, waveform window (float32 tensor), id, tiled), or the BadMedia / UserError
     of an unreadable sample *returned*, not raised (a DataLoader worker never prints a traceback). image_tf: a PIL
-    pipeline (--decode pil; may return a tuple of views); None: the fast path, where the image is ("jpeg", the file's
-    bytes) or ("pixels", (3, h, w) uint8 from the frame cache {id: .npy path}), decoded per batch by batch_images()."""
+    pipeline (--decode pil; may return a tuple of views); None: the fast path, where the image is the file's bytes,
+    decoded per batch by batch_images()."""
 
-    def __init__(self, root, ids, seconds: float, where: str = "center", sample_rate: int = 16000, image_tf=None,
-                 frame_cache: dict | None = None):
+    def __init__(self, root, ids, seconds: float, where: str = "center", sample_rate: int = 16000, image_tf=None):
         if not ids:
             raise UserError(f"empty id list for {root} (an empty split file, or --limit)")
-        self.root, self.ids, self.image_tf, self.frame_cache = Path(root), list(ids), image_tf, frame_cache or {}
+        self.root, self.ids, self.image_tf = Path(root), list(ids), image_tf
         self.seconds, self.where, self.sr = seconds, where, sample_rate
         check_layout(self.root, self.ids)
 
     def __len__(self):
         return len(self.ids)
 
-    def frame(self, vid: str, path: Path):
-        if vid in self.frame_cache:
-            with contextlib.suppress(OSError, ValueError):     # a vanished or damaged entry: read the frame itself
-                return "pixels", torch.from_numpy(np.load(self.frame_cache[vid])).permute(2, 0, 1)
-        try:
-            return "jpeg", torch.from_numpy(np.fromfile(path, np.uint8))
-        except OSError as e:
-            raise BadMedia(path, vid, f"cannot read frame ({e})") from None
-
     def __getitem__(self, i):
         vid = self.ids[i]
         path = self.root / "frames" / f"{vid}.jpg"
         try:
-            img = self.frame(vid, path) if self.image_tf is None else self.image_tf(load_image(path, vid))
+            if self.image_tf is None:
+                try:
+                    img = torch.from_numpy(np.fromfile(path, np.uint8))
+                except OSError as e:
+                    raise BadMedia(path, vid, f"cannot read frame ({e})") from None
+            else:
+                img = self.image_tf(load_image(path, vid))
             wav, _, tiled = read_wav_window(self.root / "audio" / f"{vid}.wav", self.seconds, self.where, vid, self.sr)
         except UserError as e:
             return e
@@ -371,29 +358,20 @@ class Views:
 
 def collate_av(items: list) -> dict:
     """{"ids", "wav" (B, N), "tiled" (ids whose audio was tiled), "bad" (the errors of unreadable samples), and
-    "frames" [(format, uint8 tensor)] (fast path) or "images" (PIL path)}."""
+    "frames" [the files' bytes as uint8 tensors] (fast path) or "images" (PIL path)}."""
     good = [it for it in items if not isinstance(it, Exception)]
     batch = {"ids": [it[2] for it in good], "tiled": [it[2] for it in good if it[3]],
              "bad": [it for it in items if isinstance(it, Exception)],
              "wav": torch.stack([it[1] for it in good]) if good else torch.zeros(0, 0)}
-    if good and not isinstance(good[0][0][0], str):
+    if good and not (torch.is_tensor(good[0][0]) and good[0][0].dim() == 1):
         batch["images"] = torch.utils.data.default_collate([it[0] for it in good])
     else:
         batch["frames"] = [it[0] for it in good]
     return batch
 
 
-class MediaLog:
-    """What this process skipped (--skip-bad) and tiled (audio shorter than the window); reported by save_results."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.skipped, self.tiled = {}, set()
-
-
-MEDIA = MediaLog()
+MEDIA = argparse.Namespace(skipped={}, tiled=set())    # what this process skipped (--skip-bad) and tiled (audio
+                                                       # shorter than the window): reported by save_results
 
 
 def skip_or_raise(err: UserError, args) -> None:
@@ -437,8 +415,7 @@ def augment_frames(frames: list, kind: str, size: int, params: list | None = Non
                    interpolation: str = "bicubic") -> torch.Tensor:
     """Decoded (3, H, W) uint8 frames (any sizes, one device) -> (B, 3, size, size) normalised float32:
     image_transform(kind, size, interpolation) for a whole batch. The resize is antialiased (PIL's filter): on the CPU
-    torch's uint8 kernel, on CUDA in float32 rounded to uint8; a frame already at its target (a frame-cache entry) is
-    not resized. params: augment_params() per frame (drawn here when None)."""
+    torch's uint8 kernel, on CUDA in float32 rounded to uint8; a frame already at its target size is not resized. params: augment_params() per frame (drawn here when None)."""
     dev = frames[0].device
     resized, groups = list(frames), {}
     for k, f in enumerate(frames):
@@ -513,13 +490,10 @@ def batch_images(batch: dict, device, args, kind: str, size: int, interpolation:
                 ims.to(device, non_blocking=True)) if batch["ids"] else None
     device, root = torch.device(device), Path(args.data) / "frames"
     frames, keep = [], []
-    jpegs = [k for k, (fmt, _) in enumerate(batch["frames"]) if fmt == "jpeg"]
-    on_gpu = dict(zip(jpegs, nvjpeg([batch["frames"][k][1] for k in jpegs], device) or [])) \
-        if device.type == "cuda" and jpegs else {}
-    for k, (fmt, f) in enumerate(batch["frames"]):
-        vid = batch["ids"][k]
+    on_gpu = nvjpeg(batch["frames"], device) if device.type == "cuda" and batch["frames"] else None
+    for k, (vid, data) in enumerate(zip(batch["ids"], batch["frames"])):
         try:
-            f = on_gpu.get(k) if k in on_gpu else decode_frame(f, root / f"{vid}.jpg", vid) if fmt == "jpeg" else f
+            f = on_gpu[k] if on_gpu else decode_frame(data, root / f"{vid}.jpg", vid)
         except BadMedia as e:
             skip_or_raise(e, args)
             continue
@@ -535,69 +509,15 @@ def batch_images(batch: dict, device, args, kind: str, size: int, interpolation:
     return out if views > 1 else out[0]
 
 
-def frame_cache(root, ids, kind: str, size: int, interpolation: str = "bicubic", log=print) -> dict:
-    """The pre-resized frames of a random-crop training pipeline: ROOT/cache/<kind><size>[_<interpolation>]/<id>.
-    <frame mtime_ns>.npy holds the frame after image_transform(kind, size)'s PIL resize (uint8), so the fast path's
-    crops start from the official pixels. Built on first use by a thread pool, each entry written atomically; a frame
-    whose file changed gets a new entry (the old one is removed). Returns {id: path}."""
-    import concurrent.futures as cf
-    import glob
-    import torchvision.transforms as T
-    root = Path(root)
-    d = root / "cache" / (f"{kind}{size}" + ("" if interpolation == "bicubic" else f"_{interpolation}"))
-    entries = {}
-    for vid in ids:
-        with contextlib.suppress(OSError):
-            entries[vid] = d / f"{vid}.{(root / 'frames' / f'{vid}.jpg').stat().st_mtime_ns}.npy"
-    todo = [vid for vid, p in entries.items() if not p.is_file()]
-    resize = T.Resize(resize_target(kind, size, 1, 1) if kind == "csol_train" else int(size * 1.1),
-                      T.InterpolationMode(interpolation))
-
-    def build(vid):
-        path = entries[vid]
-        try:
-            arr = np.asarray(resize(load_image(root / "frames" / f"{vid}.jpg", vid)))
-        except BadMedia:                                 # left for the reader to report
-            return entries.pop(vid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        name = Path(vid).name
-        for old in path.parent.glob(glob.escape(name) + ".*.npy"):        # the entries of older versions
-            if old.name[len(name) + 1:-4].isdigit():
-                old.unlink(missing_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-
-    if todo:
-        t0 = time.time()
-        try:
-            with cf.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
-                list(ex.map(build, todo))
-        except OSError as e:
-            log(f"frame cache: cannot write under {d} ({e}); decoding the frames instead")
-            return {}
-        log(f"frame cache: {len(todo)} frames pre-resized for {kind} {size} px under {d} in {time.time() - t0:.1f} s "
-            f"(once; --no-cache skips it)")
-    return entries
-
-
 def av_dataset(args, split_file, kind: str, seconds: float, where: str, sample_rate: int, views: int = 1,
                interpolation: str = "bicubic") -> AVDataset:
     """A method's dataset of one split (its first --limit ids), image pipeline `kind` and audio window. --decode pil:
-    the PIL pipeline in the workers; fast: bytes, decoded by batch_images(), and a random-crop training pipeline on
-    real data reads the frame cache (built on first use; --no-cache skips it; the cpu preset reads the frames)."""
+    the PIL pipeline in the workers; fast: the files' bytes, decoded and augmented per batch by batch_images()."""
     ids = read_split(split_file)[: args.limit]
-    if args.decode == "pil":
-        tf = image_transform(kind, args.image_size, interpolation)
-        return AVDataset(args.data, ids, seconds, where, sample_rate, Views(tf, views) if views > 1 else tf)
-    ds = AVDataset(args.data, ids, seconds, where, sample_rate)                     # checks the layout first
-    if kind in ("crop_flip", "csol_train") and args.preset != "cpu" and not args.no_cache:
-        log = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
-        t0 = time.time()
-        ds.frame_cache = frame_cache(args.data, ids, kind, args.image_size, interpolation, log)
-        ds.cache_build_s = round(time.time() - t0, 2)
-    return ds
+    if args.decode == "fast":
+        return AVDataset(args.data, ids, seconds, where, sample_rate)
+    tf = image_transform(kind, args.image_size, interpolation)
+    return AVDataset(args.data, ids, seconds, where, sample_rate, Views(tf, views) if views > 1 else tf)
 
 
 # =====================================================================================================================
@@ -815,13 +735,6 @@ def _resized(maps: dict, ids, align_corners: bool, device, where: str = "predict
     return out
 
 
-def _unique(ids) -> tuple[list, list]:
-    seen, dups = set(), set()
-    for i in ids:
-        (dups if i in seen else seen).add(i)
-    return list(dict.fromkeys(ids)), sorted(dups)
-
-
 def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", align_corners: bool = False,
                   baselines: bool = True, extra_baselines: dict | None = None, device="cpu", chunk: int = EVAL_CHUNK,
                   fuse=None) -> dict:
@@ -837,7 +750,8 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
     unknown = [i for i in maps if i not in ann]
     if unknown:
         raise UserError(f"{len(unknown)} predicted ids have no annotation (first: {', '.join(unknown[:5])})")
-    listed, dups = _unique(list(maps) if ids is None else list(ids))
+    ids = list(maps if ids is None else ids)
+    listed, dups = list(dict.fromkeys(ids)), sorted(k for k, c in collections.Counter(ids).items() if c > 1)
     lacking = [i for i in listed if i not in ann]
     if lacking:
         raise UserError(f"{len(lacking)} ids of the test list have no annotation (first: {', '.join(lacking[:5])})")
@@ -957,7 +871,7 @@ def negative_metrics(pos: dict, neg: dict, ann: dict, ids, threshold: float, ali
     P = map >= threshold. pos: {id: map with the clip's audio}; neg: {kind: {id: map}}. Confidence = the mean of the
     top quarter of the map; a positive pair is correct when its cIoU >= iou. Returns the positives' summary, pIA per
     kind (mean share of the image predicted), AP / max-F1 over all kinds and per kind, mean confidences."""
-    present = [i for i in _unique(list(ids))[0] if i in pos and all(i in m for m in neg.values())]
+    present = [i for i in dict.fromkeys(ids) if i in pos and all(i in m for m in neg.values())]
     if not present:
         raise UserError("negative-audio protocol: no id has a positive map and every negative map")
     device, n, kinds = torch.device(device), len(present), ["positive", *neg]
@@ -1262,7 +1176,7 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--workers", type=int, default=0, help="data-loading worker processes")
     a("--decode", choices=["fast", "pil"], default="fast", help="fast: batched decode and augmentation on the training "
       "device; pil: the official per-sample PIL pipeline, bit for bit")
-    a("--no-cache", action="store_true", help="do not build or use the pre-resized frame cache")
+    a("--no-cache", action="store_true", help=argparse.SUPPRESS)      # kept for old scripts: frames are not cached
     a("--skip-bad", action="store_true", help="skip unreadable frames / WAVs (counted, listed in the run folder)")
     a("--steps", type=int, help="--benchmark: timed steps (default: a few hundred samples)")
     a("--negatives", action="store_true", help="--eval: also score silence, white noise and off-screen audio (SLAVC "
@@ -1394,7 +1308,7 @@ def resolve_data(args, synthetic, log=print):
             if not args.resume:                           # a resumed run's checkpoint is checked by the preflight
                 raise UserError(f"{saved}: unreadable ({type(e).__name__}), so the checkpoint's data is unknown; pass "
                                 f"--data ROOT") from None
-    MEDIA.reset()
+    MEDIA.skipped, MEDIA.tiled = {}, set()
     if args.data is None:
         try:
             args.data = str(synthetic(log))
@@ -1762,11 +1676,11 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
 
 def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt, amp, warmup: int = 2) -> dict:
     """--benchmark: samples per second of (1) the loader, files on disk -> a batch on the device (the training
-    DataLoader and batch_to_device), with args.decode and again with --decode pil; (2) the model, train_step on one
-    prepared batch reused; (3) end to end. Warm-up steps excluded, CUDA synchronised around every timed span; peak
-    memory. Writes benchmark.json in the run folder, never a checkpoint."""
+    DataLoader and batch_to_device, with args.decode); (2) the model, train_step on one prepared batch reused; (3) end
+    to end. Warm-up steps excluded, CUDA synchronised around every timed span; peak memory. Writes benchmark.json in
+    the run folder, never a checkpoint."""
     args, device, log = run.args, run.device, run.log
-    steps, decode, res = args.steps or max(3, math.ceil(256 / args.batch_size)), args.decode, {}
+    steps, res = args.steps or max(3, math.ceil(256 / args.batch_size)), {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -1780,10 +1694,8 @@ def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt,
             torch.cuda.synchronize(device)
         return round(n / (time.perf_counter() - t0), 2)
 
-    def endless(mode):                                   # the training loader with --decode mode, epoch after epoch
-        args.decode = mode
+    def endless():                                       # the training loader, epoch after epoch
         ds = make_dataset()
-        res.setdefault("cache_build_s", getattr(ds, "cache_build_s", None))
         while True:
             yield from run.loader(ds, 0)
 
@@ -1791,20 +1703,16 @@ def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt,
         return len(x) if torch.is_tensor(x) else size(x[0])
 
     net.train()
-    last = {}
-    for key, mode in (("loader_samples_per_s", decode), ("reference_loader_samples_per_s", "pil")):
-        log(f"benchmark: {key} (--decode {mode}), {warmup} + {steps} steps of {args.batch_size}")
-        batches = endless(mode)
+    last, batches = {}, endless()
+    log(f"benchmark: loader_samples_per_s (--decode {args.decode}), {warmup} + {steps} steps of {args.batch_size}")
 
-        def load():
-            last["x"] = batch_to_device(next(batches), device, args, True)
-            return size(last["x"])
-        res[key] = rate(load)
-    args.decode = decode
+    def load():
+        last["x"] = batch_to_device(next(batches), device, args, True)
+        return size(last["x"])
+    res["loader_samples_per_s"] = rate(load)
     log(f"benchmark: model_samples_per_s (train_step on one prepared batch), {warmup} + {steps} steps")
     res["model_samples_per_s"] = rate(lambda: (train_step(net, opt, amp, last["x"], args), size(last["x"]))[1])
     log(f"benchmark: train_samples_per_s (end to end), {warmup} + {steps} steps")
-    batches = endless(decode)
 
     def train_one():
         x = batch_to_device(next(batches), device, args, True)
@@ -1815,7 +1723,7 @@ def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt,
                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10, 2)
     out = {"method": args.method, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "batch_size": args.batch_size, "workers": args.workers, "amp": amp.describe(), "compile": args.compile,
-           "image_size": args.image_size, "preset": args.preset, "decode": decode, "steps": steps,
+           "image_size": args.image_size, "preset": args.preset, "decode": args.decode, "steps": steps,
            "warmup_steps": warmup, "data": str(args.data), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "date": datetime.datetime.now().isoformat(timespec="seconds"), **res}
