@@ -257,7 +257,8 @@ def load_image(path, vid=None) -> Image.Image:
 def check_layout(root, ids) -> None:
     """One error listing the ids of a split without frames/<id>.jpg or audio/<id>.wav (never a silent skip)."""
     root = Path(root)
-    bad = [i for i in ids if not (root / "frames" / f"{i}.jpg").is_file() or not (root / "audio" / f"{i}.wav").is_file()]
+    bad = [i for i in ids
+           if not (root / "frames" / f"{i}.jpg").is_file() or not (root / "audio" / f"{i}.wav").is_file()]
     if bad:
         raise UserError(f"{len(bad)} of {len(ids)} ids have no frames/<id>.jpg or audio/<id>.wav under {root} "
                         f"(first: {', '.join(bad[:5])}); run data_prep.py, or remove them from the split")
@@ -415,7 +416,8 @@ def augment_frames(frames: list, kind: str, size: int, params: list | None = Non
                    interpolation: str = "bicubic") -> torch.Tensor:
     """Decoded (3, H, W) uint8 frames (any sizes, one device) -> (B, 3, size, size) normalised float32:
     image_transform(kind, size, interpolation) for a whole batch. The resize is antialiased (PIL's filter): on the CPU
-    torch's uint8 kernel, on CUDA in float32 rounded to uint8; a frame already at its target size is not resized. params: augment_params() per frame (drawn here when None)."""
+    torch's uint8 kernel, on CUDA in float32 rounded to uint8; a frame already at its target size is not resized.
+    params: augment_params() per frame (drawn here when None)."""
     dev = frames[0].device
     resized, groups = list(frames), {}
     for k, f in enumerate(frames):
@@ -897,12 +899,14 @@ def negative_metrics(pos: dict, neg: dict, ann: dict, ids, threshold: float, ali
             "positives": summarize(cious), "pia_positive": float(area["positive"].mean()),
             "pia": {k: float(area[k].mean()) for k in neg}, "ap": ap, "max_f1": f1, "per_kind": per_kind,
             "confidence": {k: float(v.mean()) for k, v in conf.items()}, "kinds": list(neg),
-            "per_sample": {"ids": present, "ciou": cious.tolist(), "confidence": {k: v.tolist() for k, v in conf.items()}}}
+            "per_sample": {"ids": present, "ciou": cious.tolist(),
+                           "confidence": {k: v.tolist() for k, v in conf.items()}}}
 
 
 def format_negatives(r: dict, title: str = "negatives") -> str:
     lines = [f"[{title}] negative audio ({', '.join(r['kinds'])}; noise std {NOISE_STD}), N={r['n']} clips; fixed "
-             f"threshold P = map >= {r['threshold']:g} on the raw map ({r.get('scale', 'method scale')}), {r['resize']}",
+             f"threshold P = map >= {r['threshold']:g} on the raw map ({r.get('scale', 'method scale')}), "
+             f"{r['resize']}",
              f"[{title}] positives at the fixed threshold  {fmt_metrics(r['positives'])}  (predicted area "
              f"{100 * r['pia_positive']:.2f}%)",
              f"[{title}] SLAVC extended (confidence = mean of the top quarter of the map; correct = cIoU >= 0.5): "
@@ -1115,7 +1119,8 @@ def save_maps(path, maps: dict, negatives: dict | None = None, meta: dict | None
             out.update({f"neg/{kind}/{k}": np.asarray(v, np.float32) for k, v in m.items()})
         ps = negatives["per_sample"]
         info = dict(negatives["meta"], kinds=list(negatives["neg"]), ids=ps["ids"])
-        out["__confidence__"] = np.stack([np.asarray(ps["confidence"][k], np.float64) for k in ["positive", *info["kinds"]]], 1)
+        out["__confidence__"] = np.stack([np.asarray(ps["confidence"][k], np.float64)
+                                          for k in ["positive", *info["kinds"]]], 1)
         out["__negatives__"] = np.array(json.dumps(info))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1391,7 +1396,8 @@ def preflight(args, method: str, resume=None, splits=("train_split", "val_split"
     if train_key in counts:
         n, b, path = counts[train_key], args.batch_size, getattr(args, train_key)
         if b % world:
-            raise UserError(f"--batch-size {b} cannot be split evenly over {world} processes; use a multiple of {world}")
+            raise UserError(f"--batch-size {b} cannot be split evenly over {world} processes; use a multiple of "
+                            f"{world}")
         per, share = b // world, n // world
         if share < per and world == 1:
             raise UserError(f"{n} training clips ({path}) are fewer than one batch of {b} (--batch-size): no whole "
@@ -1632,7 +1638,8 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
     results = {"method": method, "data": str(args.data), "split": str(args.test_split), "protocol": res["protocol"],
                "seed": getattr(args, "ckpt_seed", None), "resize": res["resize"], "n": res["n"],
                "n_listed": res["n_listed"], "seconds": round(seconds, 1), "test": res["test"],
-               "baselines": res["baselines"], "audio_swapped": dict(swapped["test"], n=swapped["n"]) if swapped else None,
+               "baselines": res["baselines"],
+               "audio_swapped": dict(swapped["test"], n=swapped["n"]) if swapped else None,
                "map": map_name, "missing": res["missing"], "duplicates": res["duplicates"], "empty_gt": res["empty_gt"],
                "boxes_outside": res["boxes_outside"], "skipped": len(MEDIA.skipped), "uses_sound": uses_sound,
                **(extra or {})}

@@ -85,7 +85,8 @@ def build_parser():
     p.add_argument("--no-obj-affine", action="store_true", help="drop the official scalar affine on class maps")
     p.add_argument("--kl", choices=["paper", "official"], default="paper", help="Eq. 11 direction / reduction")
     p.add_argument("--lam", type=float, default=0.5, help="lambda of Eq. 12 (official 0.5)")
-    p.add_argument("--map-temp", type=float, default=3.0, help="factor before the softmax of Eq. 13 at test (official 3)")
+    p.add_argument("--map-temp", type=float, default=3.0,
+                   help="factor before the softmax of Eq. 13 at test (official 3)")
     p.add_argument("--cocktail-train-split", help="stage-two training ids (default ROOT/splits/cocktail_train.txt)")
     p.add_argument("--cocktail-val-split", help="stage-two validation ids (default ROOT/splits/cocktail_val.txt)")
     p.add_argument("--cocktail-test-split", help="class-aware test ids (default ROOT/splits/cocktail_test.txt)")
@@ -102,7 +103,7 @@ def synthetic_data(log):          # no --data: the built-in synthetic benchmark,
 # Model (the audio front end first)
 # ----------------------------------------------------------------------------------------------------------
 def slaney_mel_matrix(n_fft: int, sr: int, n_mels: int) -> np.ndarray:
-    """librosa.filters.mel's defaults (Slaney mel scale, Slaney area normalisation, 0 to sr / 2): (n_fft//2+1, n_mels)."""
+    """librosa.filters.mel's defaults (Slaney mel scale and area normalisation, 0 to sr / 2): (n_fft//2+1, n_mels)."""
     f_sp, logstep = 200.0 / 3, np.log(6.4) / 27.0          # linear below 1 kHz (15 mel), logarithmic above
     hz2mel = lambda f: np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / logstep, f / f_sp)  # noqa
     mel2hz = lambda m: np.where(m >= 15.0, 1000.0 * np.exp(logstep * (m - 15.0)), f_sp * m)                    # noqa
@@ -399,8 +400,8 @@ def train_stage1(args, device, log, run_dir, ck=None):
         log(f"stage 1 epoch {epoch + 1}/{args.epochs} L_loc {tot / max(n, 1):.4f} | val {C.fmt_metrics(res['test'])} "
             f"({res['protocol']}, N={res['n']})" + (f" | NMI {nmi:.3f}" if epoch >= 1 else "") +
             f" | {time.time() - t0:.0f}s")
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "best": max(best, score),
-                 "history": history, "args": vars(args), "classes": names, "stage": 1,
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                 "best": max(best, score), "history": history, "args": vars(args), "classes": names, "stage": 1,
                  "assignment": None if assign is None else assign.tolist(), "nmi": nmi}
         if score >= best:
             best = score
@@ -493,8 +494,9 @@ def train(args):
     splits = (("train_split", "val_split") if args.stage != "2" else ()) + \
         (("cocktail_train_split",) if args.stage != "1" else ()) + ("test_split",) + \
         (("cocktail_test_split",) if Path(args.cocktail_test_split).is_file() else ())
-    run = C.Run(args, METHOD, resume=resume_ck, splits=splits, annotated=("val_split", "test_split", "cocktail_test_split"),
-                ckpt=stage1_ck, train_key=None, free=("stage",), raisable=("epochs2",))   # preflight, seed, folder
+    run = C.Run(args, METHOD, resume=resume_ck, splits=splits, ckpt=stage1_ck,
+                annotated=("val_split", "test_split", "cocktail_test_split"), train_key=None, free=("stage",),
+                raisable=("epochs2",))                                       # preflight, seed, folder
     device, log, run_dir = run.device, run.log, run.dir
     log(f"CSOL | stages {args.stage} | data {args.data} | preset {args.preset} | device {device} | run {run_dir}")
     t0 = time.time()
@@ -591,7 +593,8 @@ def summarize_class_aware(cious, nsas) -> dict:
     """CIoU@0.3 = share of images whose mean class IoU >= 0.05*6 (eval.py literally: 0.30000000000000004), AUC and
     CIoU@0.5 over the same scores (an image without a sounding box is NaN and fails every threshold, as official),
     the mean class IoU over the images with a sounding box, NSA = the mean silent-area score."""
-    s, arr, valid = C.summarize(cious, nan_mean="skip"), np.asarray(cious, np.float64), [v for v in nsas if v is not None]
+    s, arr = C.summarize(cious, nan_mean="skip"), np.asarray(cious, np.float64)
+    valid = [v for v in nsas if v is not None]
     return {"ciou@0.3": float(np.sum(arr >= 0.05 * 6) / len(arr)) if len(arr) else float("nan"), **s,
             "nsa": float(np.mean(valid)) if valid else float("nan")}
 
@@ -630,6 +633,8 @@ def class_aware_eval(cls_maps, ann, ids, assign, names, frac=0.5, tau=0.2):
 
 
 def load_model(path, args, device):
+    if Path(path).is_dir():                                  # a run folder: its stage2.pt, else its stage1.pt
+        path = Path(path) / ("stage2.pt" if (Path(path) / "stage2.pt").is_file() else "stage1.pt")
     ck = C.load_checkpoint(path, method=METHOD)             # readable, not another method's
     a = C.checkpoint_args(ck, path, METHOD, ("encoder", "clusters", "image_size", "preset"))
     args.ckpt_seed = a.get("seed")                   # the training seed, for results.json

@@ -666,17 +666,18 @@ def merge_annotations(out, entries: list):
 def cmd_flickr(a):
     """Senocak's Flickr-SoundNet test download: Annotations/<id>.xml plus images and audio somewhere under
     Data/ (any depth); the XMLs are kept (ROOT/flickr_xml/) and converted to consensus entries."""
-    src, out = Path(a.src), prepare_root(a.out)
+    src = Path(a.src)
     xml_dir = src / "Annotations"
     if not xml_dir.is_dir():
         raise C.UserError(f"{xml_dir} not found: expected the Flickr-SoundNet test download (Annotations/*.xml)")
     ann = C.load_annotations(xml_dir)
+    data = src / "Data" if (src / "Data").is_dir() else src
+    imgs, auds = files_by_stem(data, IMAGE_EXT), files_by_stem(data, AUDIO_EXT)      # id clashes: before any write
+    out = prepare_root(a.out)
     keep = out / "flickr_xml"
     keep.mkdir(exist_ok=True)
     for vid in ann:
         shutil.copy2(xml_dir / f"{vid}.xml", keep / f"{vid}.xml")
-    data = src / "Data" if (src / "Data").is_dir() else src
-    imgs, auds = files_by_stem(data, IMAGE_EXT), files_by_stem(data, AUDIO_EXT)
     manifest = prepare_pairs(out, sorted(ann), imgs, auds, a, upright=False)   # the official loaders ignore EXIF
     ok = [v for v in sorted(ann) if manifest.get(v, {}).get("status") == "ok"]
     if not ok:

@@ -128,9 +128,11 @@ class ObjectPrior(nn.Module):
     def __init__(self, kind: str = "l1", weights="imagenet"):
         super().__init__()
         self.kind, self.trunk, self.fc = kind, C.ResNet18Trunk(3, stride=32), nn.Linear(512, 1000)
-        sd = C.imagenet_state_dict("resnet18") if weights == "imagenet" else C.strip_prefix(C.safe_load(weights, "--weights"))
+        sd = (C.imagenet_state_dict("resnet18") if weights == "imagenet"
+              else C.strip_prefix(C.safe_load(weights, "--weights")))
         C.load_state(self.trunk, {k: v for k, v in sd.items() if not k.startswith("fc.")}, weights, "ResNet-18 trunk")
-        C.load_state(self.fc, {"weight": sd.get("fc.weight"), "bias": sd.get("fc.bias")}, weights, "ImageNet classifier")
+        C.load_state(self.fc, {"weight": sd.get("fc.weight"), "bias": sd.get("fc.bias")}, weights,
+                     "ImageNet classifier")
         self.eval().requires_grad_(False)
 
     def forward(self, image):

@@ -1,6 +1,7 @@
 """LVS: "Localizing Visual Sounds the Hard Way", Honglie Chen, Weidi Xie, Triantafyllos Afouras, Arsha Nagrani,
 Andrea Vedaldi, Andrew Zisserman, CVPR 2021.
-Paper: https://arxiv.org/abs/2104.02691    Official code (test only): https://github.com/hche11/Localizing-Visual-Sounds-the-Hard-Way
+Paper: https://arxiv.org/abs/2104.02691
+Official code (test only): https://github.com/hche11/Localizing-Visual-Sounds-the-Hard-Way
 
 Idea: contrastive learning where the positive is the part of the frame that responds to the clip's sound and the
 *hard negative* is the rest of the same frame. The sounding region is not labelled: it is bootstrapped from the
@@ -27,7 +28,7 @@ Run:
   Table 4 ablations: --no-trimap (models a/b), --no-hard-neg, --epsilon-p 0.6 --epsilon-n 0.45 (models c-f).
 
 Deviations from the paper (P) and the official code (O), one line each (details and measurements: README):
-  1. (O) the training loop is a reconstruction (none was released): target 0, the x(-99) diagonal, Pos-weighted E, /0.07.
+  1. (O) the training loop is a reconstruction (none released): target 0, the x(-99) diagonal, Pos-weighted E, /0.07.
   2. (O) ImageNet weights are loaded after the official re-initialisation (official resnet18(pretrained) ignores it).
   3. (P) audio at 16 kHz: 3 s -> 257x200 and the paper's 17x13 map; the test uses the first 10 s (official), tiled.
   4. (O) test images are squashed to 224x224, no crop (the paper; --test-transform center_crop: official).

@@ -478,8 +478,8 @@ def main(argv=None):
     C.setup(args, presets, synthetic_data, protocol="abs0.5", align_corners=False)   # the official test
     stride = 16 if args.encoder == "vgg" else 8
     if args.pcm and (args.train or args.benchmark) and args.image_size // stride != 14 and not args.resume:
-        raise C.UserError(f"--image-size {args.image_size}: the PCM works on a 14x14 feature map, so the {args.encoder} "
-                          f"encoder needs --image-size {14 * stride} (or --no-pcm)")
+        raise C.UserError(f"--image-size {args.image_size}: the PCM works on a 14x14 feature map, so the "
+                          f"{args.encoder} encoder needs --image-size {14 * stride} (or --no-pcm)")
     if args.predict:
         return predict(args)
     if args.benchmark:

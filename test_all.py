@@ -670,6 +670,12 @@ def test_data_prep_flickr_and_vggss_feed_the_evaluator(tmp_path):
         Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(src / "Data" / "3" / f"{vid}.jpg")
         data_prep.write_wav(src / "Data" / "3" / f"{vid}.wav", 0.1 * np.sin(np.arange(22050) / 5), 22050)
     out = tmp_path / "root"
+    (src / "Data" / "dup").mkdir()
+    (src / "Data" / "dup" / "100.jpg").write_bytes((src / "Data" / "3" / "100.jpg").read_bytes())
+    with pytest.raises(C.UserError, match="1 ids name more than one file"):    # refused before anything is written
+        data_prep.main(["flickr", str(src), "--out", str(out)])
+    assert not out.exists()
+    shutil.rmtree(src / "Data" / "dup")
     data_prep.main(["flickr", str(src), "--out", str(out)])
     rows = data_prep.read_manifest(out)
     assert rows["3908875357"]["status"] == "missing" and rows["100"]["status"] == "ok"
@@ -965,9 +971,11 @@ def test_csol_cli_stages_eval_predict_and_torchrun_refusal(tiny, tmp_path):
     res = json.loads((run2 / "results.json").read_text())
     assert res["stage"] == 2 and "class_aware" in res and res["protocol"] == "rel0.1"
     ids = C.read_split(tiny / "splits" / "test.txt")
-    run_py("csol_classaware.py", "--predict", "--ckpt", run2 / "stage2.pt", "--image", tiny / "frames" / f"{ids[0]}.jpg",
-           "--audio", tiny / "audio" / f"{ids[0]}.wav", "--out", tmp_path / "heat.png")
-    assert (tmp_path / "heat.png").is_file()
+    for ck in (run2 / "stage2.pt", run2, run1):              # a run folder: its stage2.pt, else its stage1.pt
+        run_py("csol_classaware.py", "--predict", "--ckpt", ck, "--image", tiny / "frames" / f"{ids[0]}.jpg",
+               "--audio", tiny / "audio" / f"{ids[0]}.wav", "--out", tmp_path / "heat.png")
+        assert (tmp_path / "heat.png").is_file()
+        (tmp_path / "heat.png").unlink()
     r = run_py("csol_classaware.py", "--train", "--data", tiny, check=False, env_extra={"WORLD_SIZE": "2"})
     assert r.returncode == 2 and "torchrun" in r.stderr
 
