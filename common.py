@@ -537,6 +537,7 @@ PROTOCOLS = {
 }
 AUC_THRESHOLDS = [0.05 * i for i in range(21)]  # the official list (0.05*3 = 0.15000000000000002)
 MEDIAN_INDEX = GT_SIZE * GT_SIZE // 2           # 25088: the official np.sort(m.flatten())[int(224 * 224 / 2)]
+SIZE_BINS = {"small": 32 ** 2, "medium": 96 ** 2, "large": 144 ** 2, "huge": math.inf}   # SLAVC: area < bound
 EVAL_CHUNK = 4                                  # maps scored at once: 4 x 224 x 224 float32 = 0.8 MB a tensor, which
                                                 # a CPU core's cache holds (16 maps at once took 1.5x as long)
 
@@ -746,7 +747,8 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
     listed id without annotation is an error; a listed id without prediction is reported as missing. fuse = (other
     maps, fn): the scored map is fn(map, other map), both at 224 (EZ-VSL's object-guided blend, as official).
     Returns {"protocol", "resize", "n", "n_listed", "missing", "duplicates", "empty_gt", "boxes_outside",
-    "test": summary, "per_sample": {id: cIoU}, "baselines": {"center", "full_image", **extra_baselines}}."""
+    "test": summary, "per_sample": {id: cIoU}, "baselines": {"center", "full_image", **extra_baselines}, "by_size":
+    {bin: summary and n} (SLAVC's bins of the ground truth's area sum(G) in pixels at 224, SIZE_BINS)}."""
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     unknown = [i for i in maps if i not in ann]
@@ -763,7 +765,7 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                         f"{', '.join(listed[:3])})")
     device, extra = torch.device(device), dict(extra_baselines or {})
     names = ["test", *extra] + (["center", "full_image"] if baselines else [])
-    scores = {k: np.zeros(len(present)) for k in names}
+    scores, area = {k: np.zeros(len(present)) for k in names}, np.zeros(len(present))
     prior = binarize(torch.from_numpy(center_prior())[None].to(device), protocol)
     empty, outside = [], 0
     with torch.no_grad():
@@ -772,6 +774,7 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
             gt = ground_truth(torch.from_numpy(np.stack([gt_map(ann[i]) for i in ids_c])).to(device),
                               any(ann[i].get("gt") == "consensus" for i in ids_c))
             empty += [i for i, g in zip(ids_c, gt[2].tolist()) if g == 0]
+            area[s:s + len(ids_c)] = gt[2].cpu().numpy()
             outside += sum(any(v < 0 or v > 1 for v in b) for i in ids_c for b in ann[i]["bbox"])
             for name in names:
                 if name in ("test", *extra):
@@ -786,12 +789,16 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                     scores[name][s:s + len(ids_c)] = (g / (g + GT_SIZE ** 2 - gt[1].sum((1, 2)))).cpu().numpy()
                     continue
                 scores[name][s:s + len(ids_c)] = ciou(P, gt).cpu().numpy()
+    by_size, lower = {}, 0.0
+    for name, upper in SIZE_BINS.items():                 # lower <= area < upper; an empty ground truth in no bin
+        sel = (area > 0) & (area >= lower) & (area < upper)
+        by_size[name], lower = dict(summarize(scores["test"][sel]), n=int(sel.sum())), upper
     return {"protocol": protocol, "resize": f"bilinear align_corners={align_corners}", "n": len(present),
             "n_listed": len(listed), "missing": missing, "duplicates": dups, "empty_gt": empty,
             "empty_gt_causes": {i: empty_cause(ann[i]["bbox"]) for i in empty[:10]},
             "boxes_outside": outside, "test": summarize(scores["test"]),
             "per_sample": dict(zip(present, scores["test"].tolist())),
-            "baselines": {k: summarize(scores[k]) for k in names[1:]}}
+            "baselines": {k: summarize(scores[k]) for k in names[1:]}, "by_size": by_size}
 
 
 def empty_cause(boxes) -> str:
@@ -826,6 +833,8 @@ def format_report(res: dict, title: str = "test") -> str:
     width = max([5] + [len(k) for k in res["baselines"]])
     for k, v in [("model", res["test"]), *res["baselines"].items()]:
         lines.append(f"[{title}] {k:<{width}}  {fmt_metrics(v)}   ({res['protocol']}, N={res['n']})")
+    lines.append(f"[{title}] by box area (SLAVC's bins, pixels at 224: < 32^2, 96^2, 144^2, larger), cIoU@0.5: "
+                 + ", ".join(f"{k} {100 * v['ciou@0.5']:.2f} (N={v['n']})" for k, v in res["by_size"].items()))
     return "\n".join(lines)
 
 
@@ -1638,7 +1647,7 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
     results = {"method": method, "data": str(args.data), "split": str(args.test_split), "protocol": res["protocol"],
                "seed": getattr(args, "ckpt_seed", None), "resize": res["resize"], "n": res["n"],
                "n_listed": res["n_listed"], "seconds": round(seconds, 1), "test": res["test"],
-               "baselines": res["baselines"],
+               "baselines": res["baselines"], "by_size": res.get("by_size"),
                "audio_swapped": dict(swapped["test"], n=swapped["n"]) if swapped else None,
                "map": map_name, "missing": res["missing"], "duplicates": res["duplicates"], "empty_gt": res["empty_gt"],
                "boxes_outside": res["boxes_outside"], "skipped": len(MEDIA.skipped), "uses_sound": uses_sound,

@@ -183,7 +183,7 @@ def main(argv=None):
     if a.json:
         C.write_json(a.json, {"data": str(a.gt), "split": a.split or "(ids of --pred)", "protocol": a.protocol,
                               "resize": res["resize"], "n": res["n"], "n_listed": res["n_listed"],
-                              "test": res["test"], "baselines": res["baselines"],
+                              "test": res["test"], "baselines": res["baselines"], "by_size": res["by_size"],
                               "missing": res["missing"], "duplicates": res["duplicates"], "empty_gt": res["empty_gt"],
                               "boxes_outside": res["boxes_outside"],
                               "negatives": {k: v for k, v in neg.items() if k != "per_sample"} if neg else None})

@@ -2117,6 +2117,31 @@ def test_eval_writes_beside_the_training_run_and_names_empty_ground_truths(tiny,
         in report and "pixel units" in report
 
 
+def test_scores_by_box_area_in_slavc_bins(tmp_path):
+    """SLAVC's bins of the ground truth's area at 224 px (< 32^2, 96^2, 144^2, larger): hand-made boxes whose areas
+    are worked out by hand, cIoUs from the definition in NumPy."""
+    boxes = {"a": [0, 0, 0.1, 0.1], "b": [0, 0, 0.3, 0.3], "e": [0, 0, 0.5, 0.25], "c": [0, 0, 0.5, 0.5],
+             "d": [0, 0, 1, 1], "f": [0.5, 0.5, 0.5, 0.5]}             # 22^2, 67^2, 112 x 56, 112^2, 224^2, 0 px
+    ann = {k: {"file": k, "bbox": [b]} for k, b in boxes.items()}
+    rng, maps, truth = np.random.default_rng(0), {}, {}
+    for k, b in boxes.items():
+        G = np.zeros((224, 224))
+        x1, y1, x2, y2 = (int(224 * v) for v in b)
+        G[y1:y2, x1:x2] = 1
+        m = G + 0.01 * rng.random((224, 224)) if k in ("a", "e", "c") else np.roll(G, 112, axis=(0, 1)) if k == "b" \
+            else (rng.random((224, 224)) > 0.9) * 1.0 + 0.01               # a right; b elsewhere; d a sparse map
+        P = m > 0.1 * m.max()
+        maps[k], truth[k] = m.astype(np.float32), (P * G).sum() / (G.sum() + (P * (G == 0)).sum())
+    res = C.evaluate_maps(maps, ann, protocol="rel0.1")
+    bins = {"small": ["a"], "medium": ["b", "e"], "large": ["c"], "huge": ["d"]}     # f (empty) in none
+    for name, ids in bins.items():
+        got, want = res["by_size"][name], np.array([truth[i] for i in ids])
+        assert got["n"] == len(ids) and got["ciou@0.5"] == np.mean(want >= 0.5), (name, got)
+        assert abs(got["mean_ciou"] - want.mean()) < 1e-12
+    assert [res["by_size"][k]["ciou@0.5"] for k in bins] == [1.0, 0.5, 1.0, 0.0]
+    assert "medium 50.00 (N=2)" in C.format_report(res)
+
+
 def test_eval_cioU_refuses_outputs_it_cannot_write_and_a_split_without_maps_before_scoring(tmp_path, capsys):
     ann = [{"file": f"v{i}", "class": "c", "bbox": [[0, 0, 0.5, 1.0]]} for i in range(3)]
     (tmp_path / "ann.json").write_text(json.dumps(ann))
