@@ -150,14 +150,14 @@ def audio_notes(a: dict, sr: int, duration: float | None = None) -> list[str]:
 
 def frame_at(path, target: float, shift: float):
     """The video frame a player shows at time `target` (s, container clock) -> (upright PIL image, its time,
-    its display rotation).
+    the orientation column).
 
     Decoders emit frames in display order, but the timestamps FFmpeg attaches to them can be in decode order (an
     AVI stores none; with B-frames they come as 80, 82, 81, 83), so the frames decoded from the key frame before
     the target take that run's timestamps sorted, plus `shift` (the stream's start minus its first packet
     timestamp: non-zero only where FFmpeg guesses timestamps a frame late, as for an AVI with B-frames). The frame
-    is the last one whose time is <= target (the first one when the target comes before it), turned as the
-    stream's display matrix says (PyAV's frame.rotation: degrees counter-clockwise)."""
+    is the last one whose time is <= target (the first one when the target comes before it), shown as the
+    stream's display matrix says (upright())."""
     import av
     for seek in (target - shift - 1.0, None):    # None: from the start, when a seek lands past the target
         with open_media(path) as c:
@@ -186,9 +186,27 @@ def frame_at(path, target: float, shift: float):
     times.sort()
     k = max(0, bisect.bisect_right(times, target + 1e-6) - 1)
     frame = last[k - len(times) + len(last)]
-    if frame.rotation % 90:
+    return *upright(frame), times[k]
+
+
+def upright(frame):
+    """A decoded frame as a player shows it -> (PIL image, orientation column). The display matrix [a b u c d v x y
+    w] maps a pixel (p, q) (column, row) to (a p + c q, b p + d q): quarter turns and mirrors, by the signs of a, b,
+    c, d (FFmpeg's frame.rotation reads a mirror as a turn: a horizontal one as 180 degrees, a vertical one as 0)."""
+    import av
+    img = frame.to_ndarray(format="rgb24")
+    dm = [sd for sd in frame.side_data if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX]
+    a, b, _, c, d = np.sign(np.frombuffer(bytes(dm[0]), np.int32)[:5]).tolist() if dm else (1, 0, 0, 0, 1)
+    if (a, b, c, d) == (1, 0, 0, 1):
+        return Image.fromarray(img), ""
+    if abs(a * d - b * c) != 1:                          # not axis-aligned (or degenerate)
         raise ClipError(f"display rotation {frame.rotation} degrees is not a multiple of 90")
-    return frame.to_image().convert("RGB").rotate(frame.rotation, expand=True), times[k], frame.rotation
+    q, p = np.indices(img.shape[:2])
+    p2, q2 = a * p + c * q, b * p + d * q
+    out = np.empty((q2.max() - q2.min() + 1, p2.max() - p2.min() + 1, 3), np.uint8)
+    out[q2 - q2.min(), p2 - p2.min()] = img[q, p]
+    return Image.fromarray(out), (f"display rotation {frame.rotation:g}" if a * d - b * c > 0 else
+                                  f"display matrix [{a} {b} {c} {d}] (mirrored)")
 
 
 def video_clip(row: dict, src, sr: int, when: str):
@@ -218,9 +236,9 @@ def video_clip(row: dict, src, sr: int, when: str):
     t = dur / 2 if when == "middle" else float(when)
     if t > dur:
         raise ClipError(f"shorter ({dur:.2f} s) than the requested frame time {t:.2f} s")
-    img, ft, rot = frame_at(src, t0 + t, start - pts[0] if start is not None else 0.0)
+    img, orientation, ft = frame_at(src, t0 + t, start - pts[0] if start is not None else 0.0)
     fps = (len(pts) - 1) / (pts[-1] - pts[0]) if len(pts) > 1 and pts[-1] > pts[0] else float(vs.average_rate or 0)
-    row.update(frame_time=f"{ft - t0:.3f}", fps=f"{fps:.3f}", orientation=f"display rotation {rot}" if rot else "",
+    row.update(frame_time=f"{ft - t0:.3f}", fps=f"{fps:.3f}", orientation=orientation,
                **audio_columns(a, sr), reason="; ".join(audio_notes(a, sr, dur)))
     return img, a["x"], sr
 

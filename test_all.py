@@ -2374,13 +2374,22 @@ def test_issue23_display_rotation_and_exif_orientation(tmp_path):
     # "rotate=90", FFmpeg's display rotation -90), [-1, 0, 0, -1] half a turn. The MOV has its audio stream first.
     _clip23(src / "phone.mov", ts, audio, frame=asym, audio_first=True, matrix=[0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30])
     _clip23(src / "upside.mov", ts, audio, frame=asym, matrix=[-65536, 0, 0, 0, -65536, 0, 0, 0, 1 << 30])
+    # mirrors, which FFmpeg's frame.rotation reads as turns (180 and 0 degrees); a mirror across the diagonal
+    _clip23(src / "hmirror.mov", ts, audio, frame=asym, matrix=[-65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30])
+    _clip23(src / "vmirror.mov", ts, audio, frame=asym, matrix=[65536, 0, 0, 0, -65536, 0, 0, 0, 1 << 30])
+    _clip23(src / "diagonal.mov", ts, audio, frame=asym, matrix=[0, 65536, 0, 65536, 0, 0, 0, 0, 1 << 30])
     out = tmp_path / "out"
     data_prep.main(["videos", str(src), "--out", str(out)])
     rows = data_prep.read_manifest(out)
-    for vid, want, rot in (("phone", np.rot90(asym(22), -1), "-90"), ("upside", np.rot90(asym(22), 2), "180")):
+    f = asym(22)
+    for vid, want, note in (("phone", np.rot90(f, -1), "display rotation -90"),
+                            ("upside", np.rot90(f, 2), "display rotation 180"),
+                            ("hmirror", f[:, ::-1], "display matrix [-1 0 0 1] (mirrored)"),
+                            ("vmirror", f[::-1], "display matrix [1 0 0 -1] (mirrored)"),
+                            ("diagonal", f.transpose(1, 0, 2), "display matrix [0 1 1 0] (mirrored)")):
         got = np.asarray(C.load_image(out / "frames" / f"{vid}.jpg"), float)
         assert got.shape == want.shape and np.abs(got - want).mean() < 8, vid             # as a player shows it
-        assert rows[vid]["orientation"].startswith("display rotation") and rot.lstrip("-") in rows[vid]["orientation"]
+        assert rows[vid]["orientation"] in (note, note.replace("180", "-180")), rows[vid]["orientation"]
     # EXIF orientation 6: the stored rows are the picture's columns; viewers turn it a quarter clockwise
     pics = tmp_path / "pics"
     pics.mkdir()
