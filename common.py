@@ -1729,6 +1729,7 @@ def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt,
     log(f"benchmark: model_samples_per_s (train_step on one prepared batch), {warmup} + {steps} steps")
     res["model_samples_per_s"] = rate(lambda: (train_step(net, opt, amp, last["x"], args), size(last["x"]))[1])
     log(f"benchmark: train_samples_per_s (end to end), {warmup} + {steps} steps")
+    batches = endless()                                  # a fresh loader: its start falls in the warm-up steps
 
     def train_one():
         x = batch_to_device(next(batches), device, args, True)

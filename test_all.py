@@ -1083,8 +1083,8 @@ def test_benchmark_writes_every_key_and_runs_each_phase(script, tiny, tmp_path, 
     assert (b["device"], b["batch_size"], b["workers"], b["amp"], b["compile"], b["image_size"], b["preset"],
             b["decode"], b["steps"]) == ("cpu", 4, 0, False, False, 112, "cpu", "fast", 3)
     assert b["torch"] == torch.__version__ and b["date"].startswith("20")
-    # the loader alone, the model alone, then end to end (the same loader going on); 2 warm-up + 3 steps each
-    assert seen == ["fast"]
+    # the loader alone, the model alone, then end to end (a fresh loader); 2 warm-up + 3 steps each
+    assert seen == ["fast", "fast"]
     assert calls == {"to_device": 2 * 5, "step": 2 * 5}
     assert not list(run.glob("*.pt"))                                      # never a checkpoint
     phases = [ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("benchmark: ")]
