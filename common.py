@@ -767,13 +767,12 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
     names = ["test", *extra] + (["center", "full_image"] if baselines else [])
     scores, area = {k: np.zeros(len(present)) for k in names}, np.zeros(len(present))
     prior = binarize(torch.from_numpy(center_prior())[None].to(device), protocol)
-    empty, outside = [], 0
+    outside = 0
     with torch.no_grad():
         for s in range(0, len(present), chunk):
             ids_c = present[s:s + chunk]
             gt = ground_truth(torch.from_numpy(np.stack([gt_map(ann[i]) for i in ids_c])).to(device),
                               any(ann[i].get("gt") == "consensus" for i in ids_c))
-            empty += [i for i, g in zip(ids_c, gt[2].tolist()) if g == 0]
             area[s:s + len(ids_c)] = gt[2].cpu().numpy()
             outside += sum(any(v < 0 or v > 1 for v in b) for i in ids_c for b in ann[i]["bbox"])
             for name in names:
@@ -789,7 +788,7 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                     scores[name][s:s + len(ids_c)] = (g / (g + GT_SIZE ** 2 - gt[1].sum((1, 2)))).cpu().numpy()
                     continue
                 scores[name][s:s + len(ids_c)] = ciou(P, gt).cpu().numpy()
-    by_size, lower = {}, 0.0
+    empty, by_size, lower = [i for i, g in zip(present, area) if g == 0], {}, 0.0
     for name, upper in SIZE_BINS.items():                 # lower <= area < upper; an empty ground truth in no bin
         sel = (area > 0) & (area >= lower) & (area < upper)
         by_size[name], lower = dict(summarize(scores["test"][sel]), n=int(sel.sum())), upper
@@ -1647,7 +1646,7 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
     results = {"method": method, "data": str(args.data), "split": str(args.test_split), "protocol": res["protocol"],
                "seed": getattr(args, "ckpt_seed", None), "resize": res["resize"], "n": res["n"],
                "n_listed": res["n_listed"], "seconds": round(seconds, 1), "test": res["test"],
-               "baselines": res["baselines"], "by_size": res.get("by_size"),
+               "baselines": res["baselines"], "by_size": res["by_size"],
                "audio_swapped": dict(swapped["test"], n=swapped["n"]) if swapped else None,
                "map": map_name, "missing": res["missing"], "duplicates": res["duplicates"], "empty_gt": res["empty_gt"],
                "boxes_outside": res["boxes_outside"], "skipped": len(MEDIA.skipped), "uses_sound": uses_sound,

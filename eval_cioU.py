@@ -9,11 +9,12 @@
 --pred: an .npz with one float map per id (any size), as every method's `--eval --save-maps` writes it.
 --gt:   the standard layout's annotations.json, the original vggss.json, or a folder of the original Flickr-SoundNet
         XML files (consensus ground truth, C = 2).
-Printed: protocol, resize, N evaluated / N listed, cIoU@0.5 (the papers' "cIoU"), AUC, mean cIoU, and with
---baselines the centred prior and the full image. The maps are resized as the method stored in the file (EZ-VSL:
-bilinear align_corners=True; LVS, SSPL, CSOL: False = cv2 INTER_LINEAR), else False. An .npz written with
-`--eval --negatives` also holds the raw maps with negative audio (raw/<id>, neg/<kind>/<id>): the negative-audio
-metrics (SLAVC AP / max-F1, pIA) are recomputed from them. Every bad input is one `error:` line.
+Printed: protocol, resize, N evaluated / N listed, cIoU@0.5 (the papers' "cIoU"), AUC, mean cIoU, with
+--baselines the centred prior and the full image, and cIoU@0.5 by box area (SLAVC's bins). The maps are resized as
+the method stored in the file (EZ-VSL: bilinear align_corners=True; LVS, SSPL, CSOL: False = cv2 INTER_LINEAR), else
+False. An .npz written with `--eval --negatives` also holds the raw maps with negative audio (raw/<id>,
+neg/<kind>/<id>): the negative-audio metrics (SLAVC AP / max-F1, pIA) are recomputed from them. Every bad input is
+one `error:` line.
 """
 import argparse
 import csv
