@@ -2652,7 +2652,7 @@ def test_issue33_each_method_scores_with_its_official_resize_and_threshold(name,
     ids, ann = C.read_split(args.test_split), C.load_annotations(args.annotations)
     rng = np.random.default_rng(33)
     maps = {k: rng.normal(size=(7, 7)).astype(np.float32) for k in ids}
-    ds = type("DS", (), {"ids": ids})()
+    ds = SimpleNamespace(ids=ids)
     if name == "csol_classaware":
         monkeypatch.setattr(mod, "compute_outputs", lambda *a, **k: (maps, {}))
         res = mod.evaluate_single(None, ds, ann, args, "cpu")
@@ -2671,7 +2671,7 @@ class _FixedFeatures(torch.nn.Module):
 
     def __init__(self, V, A):
         super().__init__()
-        self.V, self.A, self.pcm = V, A, None
+        self.V, self.A = V, A
 
     def forward(self, image, spec):
         return (torch.nn.functional.normalize(self.V, dim=0).expand(len(image), -1, -1, -1),
