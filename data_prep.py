@@ -229,7 +229,10 @@ def video_clip(row: dict, src, sr: int, when: str):
         raise ClipError("no video frames")
     pts.sort()
     a = decode_audio(src, sr, t0)
-    dur = header or max(end - t0, len(a["x"]) / sr)     # no duration in the header (browser WebM): the streams'
+    streams = max(end - t0, len(a["x"]) / sr)          # the streams' length on the clip's clock
+    # no duration in the header (browser WebM): the streams'; a header duration nearer their end time than their length
+    # is an end time (FFmpeg's Matroska whose streams start late: start 5 s, 4.5 s long -> duration 9.5)
+    dur = min((header, header - t0), key=lambda d: abs(d - streams)) if header else streams
     row["duration"] = f"{dur:.3f}"
     if dur <= 0:
         raise ClipError("zero length")

@@ -2595,3 +2595,201 @@ def test_data_prep_check_refuses_an_unwritable_report_before_reading_a_clip(tiny
     monkeypatch.setattr(data_prep, "clip_problems", lambda job: pytest.fail("read a clip before checking the report"))
     with pytest.raises(C.UserError, match="the report .--report. .*a_file"):
         data_prep.main(["check", str(tiny), "--split", "test", "--report", str(tmp_path / "a_file" / "r.txt")])
+
+
+# Issue 33: Tests that guard the numbers (each names the deliberate mistake it was seen to catch)
+def test_issue33_csol_stage2_loss_against_the_official_formula():
+    """training_stage_two.py's L_loc, written here in NumPy: l = sigmoid(5 cos) (Eq. 1); positives: GMP of l(a_i, v_i)
+    -> 1; negatives: the max of each of the four quadrants (AdaptiveMaxPool2d((2, 2))) of l(a_i, v_j), j another
+    grid (ours: the previous clip) -> 0; L = 0.5 (mean BCE_pos + mean BCE_neg). Caught: the negative term dropped."""
+    net = _csol_identity_net()
+    rng = np.random.default_rng(33)
+    v, a = rng.normal(size=(3, 3, 4, 4)), rng.normal(size=(3, 3))
+    loss = csol.stage2_loc_loss(net, torch.tensor(v, dtype=torch.float32), torch.tensor(a, dtype=torch.float32))
+    vn, an = v / np.linalg.norm(v, axis=1, keepdims=True), a / np.linalg.norm(a, axis=1, keepdims=True)
+    l = lambda i, j: 1 / (1 + np.exp(-5 * np.einsum("chw,c->hw", vn[j], an[i])))  # noqa: E731   audio i, image j
+    pos = np.array([l(i, i).max() for i in range(3)])
+    neg = np.array([l(i, i - 1)[y:y + 2, x:x + 2].max() for i in range(3) for y in (0, 2) for x in (0, 2)])
+    assert len(set(np.round(neg, 6))) == 12                                  # four distinct quadrant maxima per pair
+    ref = 0.5 * (-np.log(pos).mean() - np.log(1 - neg).mean())
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_issue33_csol_class_maps_at_the_official_temperature():
+    """Eq. 13 as test_stage_two.py: softmax(3 s) over the K classes per pixel (the factor 3 multiplies). Hand-worked:
+    s = (2, 0, -1) -> e^6 / (e^6 + 1 + e^-3) = 0.99741. Caught: softmax(s / 3)."""
+    s = torch.tensor([2.0, 0.0, -1.0]).view(1, 3, 1, 1)
+    e = np.exp([6.0, 0.0, -3.0])
+    np.testing.assert_allclose(csol.final_maps(s)[0, :, 0, 0].numpy(), e / e.sum(), rtol=1e-6)
+    np.testing.assert_allclose(csol.final_maps(s, 3.0)[0, :, 0, 0].numpy(), e / e.sum(), rtol=1e-6)
+    assert csol.final_maps(s)[0, 0, 0, 0].item() == pytest.approx(0.99741, abs=1e-5)
+    assert csol.build_parser().parse_args([]).map_temp == 3.0
+
+
+# each method's official test: (protocol, align_corners of the bilinear resize; False = cv2.resize)
+OFFICIAL_TEST = {"lvs_hardway": ("median_strict", False), "ez_vsl": ("median", True), "sspl": ("abs0.5", False),
+                 "csol_classaware": ("rel0.1", False)}
+ALL_METHODS = {"lvs_hardway": lvs, "ez_vsl": ez_vsl, "sspl": sspl, "csol_classaware": csol}
+
+
+def _eval_args(mod, tiny, tmp_path, monkeypatch):
+    """The args a method's --eval runs with (its main up to run_eval)."""
+    got = []
+    monkeypatch.setattr(mod, "run_eval", lambda args, *a, **k: got.append(args))
+    mod.main(["--eval", "--ckpt", str(tmp_path / "x.pt"), "--data", str(tiny), "--out", str(tmp_path / "ev"),
+              "--limit", "3"])
+    return got[0]
+
+
+@pytest.mark.parametrize("name", list(ALL_METHODS))
+def test_issue33_each_method_scores_with_its_official_resize_and_threshold(name, tiny, tmp_path, monkeypatch):
+    """The method's --eval on given maps: every per-sample cIoU equals the official per-sample rule with the official
+    test's resize (issue 12's re-implementation), and the other resize would change some. Caught: LVS with
+    align_corners=True."""
+    mod = ALL_METHODS[name]
+    args = _eval_args(mod, tiny, tmp_path, monkeypatch)
+    protocol, ac = OFFICIAL_TEST[name]
+    ids, ann = C.read_split(args.test_split), C.load_annotations(args.annotations)
+    rng = np.random.default_rng(33)
+    maps = {k: rng.normal(size=(7, 7)).astype(np.float32) for k in ids}
+    ds = SimpleNamespace(ids=ids)
+    if name == "csol_classaware":
+        monkeypatch.setattr(mod, "compute_outputs", lambda *a, **k: (maps, {}))
+        res = mod.evaluate_single(None, ds, ann, args, "cpu")
+    else:
+        monkeypatch.setattr(mod, "compute_maps", lambda *a, **k: (maps, {}) if name == "ez_vsl" else maps)
+        res = mod.evaluate(None, ds, ann, args, "cpu")
+    ref = [_official_ciou(maps[k], ann[k], protocol, ac) for k in ids]
+    assert [res["per_sample"][k] for k in ids] == ref
+    assert ref != [_official_ciou(maps[k], ann[k], protocol, not ac) for k in ids]     # the resize matters here
+
+
+class _FixedFeatures(torch.nn.Module):
+    """A stand-in for a method's encoders: every clip gets the same visual features V (c, h, w) and audio vector A,
+    in each method's forward's form (LVS / EZ-VSL: forward -> L2-normalised V, A; SSPL: audio, visual; CSOL:
+    features)."""
+
+    def __init__(self, V, A):
+        super().__init__()
+        self.V, self.A = V, A
+
+    def forward(self, image, spec):
+        return (torch.nn.functional.normalize(self.V, dim=0).expand(len(image), -1, -1, -1),
+                torch.nn.functional.normalize(self.A, dim=0).expand(len(image), -1))
+
+    def audio(self, wav):
+        return self.A.expand(len(wav), -1), None
+
+    def visual(self, image, f_a, cycles=None):
+        return self.V.expand(len(image), -1, -1, -1)
+
+    def features(self, image, spec):
+        return self.V.expand(len(image), -1, -1, -1), self.A.expand(len(image), -1)
+
+
+@pytest.mark.parametrize("name", list(ALL_METHODS))
+def test_issue33_each_method_map_is_raw_on_its_negative_audio_scale_and_upright(name, tiny, tmp_path, monkeypatch):
+    """The map a method's --eval scores and --negatives thresholds, through its test data path, from known features:
+    row y, column x of the map is location (y, x) of the feature grid (not transposed), on the raw scale its
+    --negatives threshold is set for (NEG_SCALE): the cosine (LVS S_ii, EZ-VSL S^AVL, SSPL S of Eq. 3) or CSOL's
+    l = sigmoid(5 cos) of Eq. 1; never min-max normalised. CSOL's class maps: softmax(3 D.f l) (Eq. 7-8, 13).
+    Caught: SSPL's map min-maxed (its --negatives pIA 0.2% -> 49%), a transposed LVS map."""
+    mod = ALL_METHODS[name]
+    args = _eval_args(mod, tiny, tmp_path, monkeypatch)
+    rng = np.random.default_rng(7)
+    V, A = rng.normal(size=(3, 3, 3)), rng.normal(size=3)
+    cos = np.einsum("chw,c->hw", V, A) / np.linalg.norm(V, axis=0) / np.linalg.norm(A)    # cos[y, x]
+    assert cos.min() < -0.2 and cos.max() > 0.2 and not np.allclose(cos, cos.T)
+    stub = _FixedFeatures(torch.tensor(V, dtype=torch.float32), torch.tensor(A, dtype=torch.float32))
+    ds = mod.make_dataset(args, args.test_split, False)
+    if name == "csol_classaware":
+        net = _csol_identity_net(K=2)
+        net.D = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+        net.features = stub.features
+        maps, cls = mod.compute_outputs(net, ds, args, "cpu", with_classes=True)
+        ref, lo, hi = 1 / (1 + np.exp(-5 * cos)), 0.0, 1.0
+        s = V[[0, 2]] * ref                                                  # Eq. 7-8 with the identity affine
+        e = np.exp(3 * (s - s.max(0)))
+        for k in ds.ids:
+            np.testing.assert_allclose(cls[k], e / e.sum(0), rtol=1e-5, atol=1e-7)
+    elif name == "ez_vsl":
+        maps, ref, lo, hi = mod.compute_maps(stub, ds, "cpu", args)[0], cos, -1.0, 1.0
+    else:
+        maps, ref, lo, hi = mod.compute_maps(stub, ds, "cpu", args), cos, -1.0, 1.0
+    assert sorted(maps) == sorted(ds.ids)
+    for k in ds.ids:
+        np.testing.assert_allclose(maps[k], ref, rtol=1e-5, atol=1e-6)
+    assert f"in [{lo:g}, {hi:g}]" in mod.NEG_SCALE
+    assert lo < mod.NEG_THRESHOLD < hi
+
+
+def test_issue33_best_pt_is_the_epoch_with_the_best_validation_score(tiny, tmp_path):
+    """Run.end_epoch over four epochs whose validation cIoU@0.5 peaks at epoch 3 (the LVS learning run's case): best.pt
+    holds epoch 3's weights, last.pt epoch 4's, and the test after training reads best.pt. Caught: best.pt = the
+    last epoch."""
+    args = C.parse_args(lvs.build_parser(), ["--train", "--data", str(tiny), "--epochs", "4", "--batch-size", "8",
+                                                 "--out", str(tmp_path)])
+    C.setup(args, lvs.PRESETS, lvs.synthetic_data, "median_strict", False, log=lambda *a: None)
+    run = C.Run(args, lvs.METHOD)
+    model = torch.nn.Linear(1, 1)
+    run.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), model)
+    for epoch, score in zip(run.epochs(), (0.25, 0.5, 0.75, 0.5)):
+        model.bias.data.fill_(epoch + 1.0)                                   # the weights say which epoch they are
+        val = {"test": {"ciou@0.5": score, "auc": score, "mean_ciou": score}, "protocol": "median_strict", "n": 8}
+        run.end_epoch(epoch, {"loss": [1.0]}, lambda: val)
+    assert run.finish()
+    best, last = (torch.load(run.dir / f, weights_only=False) for f in ("best.pt", "last.pt"))
+    assert best["epoch"] == 3 and best["model"]["bias"].item() == 3.0 and best["best"] == 0.75
+    assert last["epoch"] == 4 and last["model"]["bias"].item() == 4.0
+    assert args.ckpt == str(run.dir / "best.pt")
+
+
+def test_issue33_negative_ap_recall_over_every_positive_pair():
+    """SLAVC's AP when only some positive pairs are localised (recall = correct detections / ALL positive pairs).
+    Five clips, two localised: ranked pairs C, C (confidence 1), W, W, W (0.8), then 15 negatives (-1). Hand-worked:
+    P = 1 at R = 1/5, 2/5, then R stays: AP = 2/5 = 0.4, max-F1 = 2 * 1 * 0.4 / 1.4. Caught: recall over the correct
+    pairs (AP 1.0)."""
+    assert C.detection_ap([1.0, 1.0, 0.8, 0.8, 0.8], [True, True, False, False, False], 5) == \
+        pytest.approx((0.4, 0.8 / 1.4))
+    # distinct confidences, a miss between hits: C (P 1, R 1/4), W, C (P 2/3, R 2/4); two positives never correct
+    assert C.detection_ap([0.9, 0.8, 0.7, 0.1], [True, False, True, False], 4)[0] == pytest.approx(0.25 + 0.25 * 2 / 3)
+    ids = [f"c{i}" for i in range(5)]
+    ann = {k: {"file": k, "bbox": [[0.0, 0.0, 0.5, 0.5]]} for k in ids}     # the top-left quarter
+    pos = {}
+    for i, k in enumerate(ids):
+        m = np.full((224, 224), -1.0, np.float32)
+        if i < 2:
+            m[:112, :112] = 1.0                                              # on the box: cIoU 1, confidence 1
+        else:
+            m[112:, 112:] = 0.8                                              # off the box: cIoU 0, confidence 0.8
+        pos[k] = m
+    dark = {k: np.full((224, 224), -1.0, np.float32) for k in ids}
+    r = C.negative_metrics(pos, {kind: dark for kind in C.NEGATIVE_KINDS}, ann, ids, 0.5)
+    assert r["positives"]["ciou@0.5"] == pytest.approx(0.4)
+    assert r["ap"] == pytest.approx(0.4) and r["max_f1"] == pytest.approx(0.8 / 1.4)
+    assert all(v["ap"] == pytest.approx(0.4) for v in r["per_kind"].values())
+
+
+def test_issue33_data_prep_clips_that_start_late(tmp_path):
+    """Clips whose container clock starts late: an MPEG-TS and an MP4 starting at 1.5 s (PyAV's container start: the
+    earliest stream, ~1.47 s), and an MKV whose streams all start at 5 s (FFmpeg gives it duration 9.5: the end
+    time). Video frame k is shown at start + k / 10 s, 4.5 s of video and audio: the middle of the clip shows frame 22
+    (start + 2.25 s), the duration is 4.5 s, no warning. Caught: the container start dropped (frame 7)."""
+    import av
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, t0, sr, acodec, n in (("late_ts.ts", 1.5, 16000, "mp2", 1152), ("late_mp4.mp4", 1.5, 44100, "aac", 1024),
+                                    ("late_mkv.mkv", 5.0, 16000, "pcm_s16le", 800)):
+        _clip23(src / name, [round(1000 * t0) + 100 * k for k in range(45)], _tone23(t0, t0 + 4.5, sr, n), sr=sr,
+                acodec=acodec)
+    with av.open(str(src / "late_mkv.mkv")) as c:
+        assert (c.start_time, c.duration) == (5_000_000, 9_500_000)          # the header's duration is an end time
+    out = tmp_path / "out"
+    data_prep.main(["videos", str(src), "--out", str(out)])
+    rows = data_prep.read_manifest(out)
+    for vid in ("late_ts", "late_mp4", "late_mkv"):
+        assert rows[vid]["status"] == "ok" and rows[vid]["reason"] == "", rows[vid]
+        assert _read_bits(C.load_image(out / "frames" / f"{vid}.jpg")) == 22, vid
+        assert float(rows[vid]["duration"]) == pytest.approx(4.5, abs=0.05), rows[vid]
+        assert float(rows[vid]["audio_duration"]) == pytest.approx(4.5, abs=0.05), rows[vid]
+    assert float(rows["late_mkv"]["frame_time"]) == pytest.approx(2.2, abs=0.002)   # on the clip's clock
