@@ -1163,6 +1163,33 @@ def test_ddp_torchrun_two_cpu_processes(tiny, tmp_path):
     assert f"traceback : {line[len('error: '):]}" in r.stderr           # torchrun's root cause shows the same line
 
 
+
+def test_torchrun_two_nodes_on_localhost(tiny, tmp_path):
+    """torchrun's multi-node launch (README): two single-process "nodes" meet at a c10d rendezvous on localhost
+    (gloo); both train the same weights (the per-rank line's checksum) and only global rank 0 writes a run folder."""
+    import os
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["--train", "--data", tiny, "--preset", "cpu", "--device", "cpu", "--epochs", "1", "--limit", "16",
+            "--batch-size", "8", "--max-steps", "2", "--no-pretrained"]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t",
+                               "--local-addr", "127.0.0.1", "lvs_hardway.py", *map(str, args),
+                               "--out", str(tmp_path / f"node{n}")],
+                              cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    written = [n for n in (0, 1) if (tmp_path / f"node{n}").exists() and any((tmp_path / f"node{n}").iterdir())]
+    assert len(written) == 1, outs                                       # global rank 0 alone wrote a run folder
+    log = outs[written[0]][0]
+    assert re.search(r"rank 0 [\d.]+ \(2\), rank 1 [\d.]+ \(2\); weights identical on every process", log), log
+    run = next((tmp_path / f"node{written[0]}").iterdir())
+    assert {"last.pt", "best.pt", "results.json"} <= {p.name for p in run.iterdir()}
+
 def _prefl(tiny, out, *extra):
     return ["--train", "--data", str(tiny), "--preset", "cpu", "--batch-size", "8", "--max-steps", "1",
             "--epochs", "1", "--limit", "8", "--out", str(out), *extra]
