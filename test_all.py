@@ -1183,6 +1183,7 @@ def test_torchrun_two_nodes_on_localhost(tiny, tmp_path):
              for n in (0, 1)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any("\r" in o + e for o, e in outs)                    # no progress-bar redraws in redirected output
     written = [n for n in (0, 1) if (tmp_path / f"node{n}").exists() and any((tmp_path / f"node{n}").iterdir())]
     assert len(written) == 1, outs                                       # global rank 0 alone wrote a run folder
     log = outs[written[0]][0]
