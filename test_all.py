@@ -1553,7 +1553,8 @@ def test_ezvsl_pcm_scale_deviation_is_bounded_as_documented(tmp_path):
     d = (C.log_spectrogram(torch.from_numpy(official)[None], 16000)
          - C.log_spectrogram(torch.from_numpy(ours.astype(np.float64))[None], 16000)).numpy()
     bound = 2 * np.log(32768 / 32767) / 12                                # 5.09e-6: the EZ-VSL header, deviation 8
-    assert d.min() > -5e-7 and d.max() < bound + 5e-7 and d.max() > 0.9 * bound
+    tol = 2e-6      # each float32 spectrogram is within 1e-6 of float64 (its docstring) on any kernel path
+    assert d.min() > -tol and d.max() < bound + tol and d.max() > 0.9 * bound
 
 
 @pytest.mark.filterwarnings("ignore:reduction")
