@@ -255,6 +255,40 @@ def test_synthetic_is_deterministic(tmp_path):
     assert (tmp_path / "a/audio/test_00001.wav").read_bytes() == (tmp_path / "b/audio/test_00001.wav").read_bytes()
 
 
+
+def test_synthetic_styles_draw_what_they_say(tmp_path):
+    """data_prep.py synth --background/--objects/--sound: each style has the property its help names (object sides,
+    a coloured background, each class's sound in its band), checked on the written files."""
+    from PIL import Image
+    sizes = dict(train=2, test=12)
+    root = data_prep.make_synthetic(tmp_path / "s", sizes=sizes, log=lambda *a: None, background="texture",
+                                    objects="small", sound="noise")
+    ann = C.load_annotations(root / "annotations.json")
+    f0 = {c[0]: c[4] for c in data_prep.SYNTH_CLASSES}
+    for vid in C.read_split(root / "splits" / "test.txt"):
+        sides = [o["bbox"][2] - o["bbox"][0] for o in ann[vid]["objects"]]
+        assert all(0.16 - 1 / 128 <= s <= 0.3 + 1 / 128 for s in sides), sides       # --objects small
+        x, sr = C.read_wav(root / "audio" / f"{vid}.wav")
+        p = np.abs(np.fft.rfft(x)) ** 2
+        f = np.fft.rfftfreq(x.size, 1 / sr)
+        band = (f > 0.8 * 0.98 * f0[ann[vid]["class"]]) & (f < 1.25 * 1.02 * f0[ann[vid]["class"]])
+        assert p[band].mean() > 10 * p[~band].mean()               # --sound noise: the class's band over the noise
+        hsv = np.asarray(Image.open(root / "frames" / f"{vid}.jpg").convert("HSV"), float)
+        assert np.median(hsv[..., 1]) > 40                         # --background texture: coloured, not grey
+    grey = data_prep.make_synthetic(tmp_path / "g", sizes=sizes, log=lambda *a: None, sound="chirp")
+    hsv = np.asarray(Image.open(grey / "frames" / "test_00000.jpg").convert("HSV"), float)
+    assert np.median(hsv[..., 1]) < 25                             # the default background is grey
+    ann = C.load_annotations(grey / "annotations.json")
+    x, sr = C.read_wav(grey / "audio" / "test_00000.wav")
+    fc = f0[ann["test_00000"]["class"]]
+    _, t, S = scipy.signal.spectrogram(x, sr, nperseg=1024)
+    peak = scipy.signal.spectrogram(x, sr, nperseg=1024)[0][S.argmax(0)]
+    loud = S.max(0) > 0.1 * S.max()
+    assert np.all((peak[loud] > 0.95 * fc) & (peak[loud] < 1.65 * fc))          # --sound chirp: sweeps f0 .. 1.6 f0
+    assert np.ptp(peak[loud]) > 0.3 * fc
+    with pytest.raises(C.UserError, match="sound 'beep': choose one of tone, chirp, noise"):
+        data_prep.make_synthetic(tmp_path / "x", sizes=sizes, log=lambda *a: None, sound="beep")
+
 def test_checkpoint_round_trip(tmp_path):
     m = torch.nn.Linear(3, 2)
     C.save_checkpoint(tmp_path / "last.pt", {"model": m.state_dict(), "epoch": 4})
