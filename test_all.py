@@ -802,18 +802,44 @@ def learn_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("script,epochs", [("ez_vsl.py", 5), ("lvs_hardway.py", 4)])
-def test_short_synthetic_run_learns_and_uses_the_sound(script, epochs, learn_root, tmp_path):
-    METHODS[script].main(["--train", "--data", str(learn_root), "--preset", "cpu", "--epochs", str(epochs),
-                          "--batch-size", "32", "--lr", "1e-3", "--out", str(tmp_path)])
-    run = next(tmp_path.iterdir())
-    hist = torch.load(run / "last.pt", weights_only=False)["history"]
-    res = json.loads((run / "results.json").read_text())
-    first, last = hist[0]["val"]["mean_ciou"], max(h["val"]["mean_ciou"] for h in hist)
-    assert last > first + 0.08, hist                                          # the validation score goes up
+# The learning runs. Each learns with margin on every numerical path: every assertion below held with its margin
+# under ATEN_CPU_CAPABILITY=default and avx2, 1 and 2 threads, seeds 0-4 (counts in the commit message). A run that
+# already learns in its first epoch shows no rise from its first validation, so "the validation score goes up" is
+# measured from the untrained model: the same run for one step at lr 1e-12.
+LEARN = {
+    "ez_vsl.py": ["--epochs", "4", "--batch-size", "16", "--lr", "2e-3", "--tau", "0.1"],   # tau: README, cpu preset
+    "lvs_hardway.py": ["--epochs", "4", "--batch-size", "32", "--lr", "1e-3"],
+    "sspl.py": ["--epochs", "5", "--batch-size", "32"],
+}
+
+
+def _learned(script, learn_root, out, *extra):
+    """Train on learn_root (cpu preset + LEARN[script] + extra) -> (run folder, its history, results.json)."""
+    METHODS[script].main(["--train", "--data", str(learn_root), "--preset", "cpu", *LEARN[script], *extra,
+                          "--out", str(out)])
+    run = next(Path(out).iterdir())
+    return run, torch.load(run / "last.pt", weights_only=False)["history"], json.loads((run / "results.json").read_text())
+
+
+def _untrained_val(script, learn_root, out) -> float:
+    extra = ["--lr-head", "1e-12"] if script == "sspl.py" else []
+    return _learned(script, learn_root, out, "--epochs", "1", "--max-steps", "1", "--lr", "1e-12", *extra)[1][0]["val"]
+
+
+@pytest.fixture(scope="session")
+def trained_lvs_run(learn_root, tmp_path_factory):
+    """LVS trained once on learn_root (the learning test; the video test reuses it)."""
+    return _learned("lvs_hardway.py", learn_root, tmp_path_factory.mktemp("lvs_learned"))
+
+
+@pytest.mark.parametrize("script", ["ez_vsl.py", "lvs_hardway.py"])
+def test_short_synthetic_run_learns_and_uses_the_sound(script, learn_root, tmp_path, request):
+    run, hist, res = (request.getfixturevalue("trained_lvs_run") if script == "lvs_hardway.py"
+                      else _learned(script, learn_root, tmp_path / "run"))
+    start = _untrained_val(script, learn_root, tmp_path / "untrained")["mean_ciou"]
+    assert max(h["val"]["mean_ciou"] for h in hist) > start + 0.08, (start, hist)     # the validation score goes up
     assert res["test"]["mean_ciou"] > res["audio_swapped"]["mean_ciou"] + 0.05, res   # it uses the sound
-    if script == "lvs_hardway.py":                                            # and beats the centred prior
-        assert res["test"]["ciou@0.5"] > res["baselines"]["center"]["ciou@0.5"] + 0.15, res
+    assert res["test"]["ciou@0.5"] > res["baselines"]["center"]["ciou@0.5"] + 0.15, res   # and beats the centred prior
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -965,12 +991,9 @@ def test_csol_eq7_to_11_with_a_silent_class():
 
 
 def test_sspl_short_run_learns_uses_the_sound_and_does_not_collapse(learn_root, tmp_path):
-    sspl.main(["--train", "--data", str(learn_root), "--preset", "cpu", "--epochs", "5", "--batch-size", "32",
-               "--out", str(tmp_path)])
-    run = next(tmp_path.iterdir())
-    hist = torch.load(run / "last.pt", weights_only=False)["history"]
-    res = json.loads((run / "results.json").read_text())
-    assert max(h["val"]["mean_ciou"] for h in hist) > hist[0]["val"]["mean_ciou"] + 0.05, hist
+    run, hist, res = _learned("sspl.py", learn_root, tmp_path / "run")
+    start = _untrained_val("sspl.py", learn_root, tmp_path / "untrained")["mean_ciou"]
+    assert max(h["val"]["mean_ciou"] for h in hist) > start + 0.05, (start, hist)
     assert min(h["f_av_std"] for h in hist) > 0.5 / np.sqrt(64), hist      # no collapse of f_av (1/sqrt(c) if spread)
     assert res["test"]["mean_ciou"] > res["audio_swapped"]["mean_ciou"] + 0.05, res
 
