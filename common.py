@@ -1089,7 +1089,9 @@ def write_json(path, obj) -> None:
 
 def progress(iterable, desc: str = "", total=None, enabled: bool = True):
     from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, dynamic_ncols=True, mininterval=1.0)
+    # a live bar on a terminal only: redirected output (a log file, CI) keeps the one epoch line
+    return tqdm(iterable, desc=desc, total=total, disable=None if enabled else True, leave=False, dynamic_ncols=True,
+                mininterval=1.0)
 
 
 def save_overlay_png(path, frame: np.ndarray, heat: np.ndarray, boxes=None) -> None:
@@ -1531,12 +1533,16 @@ class Run:
         too); then on the main process validate() (an evaluate_maps result), the log line with the run's ETA, last.pt
         and, when the validation cIoU@0.5 is the best so far, best.pt."""
         sums = [len(values["loss"])] + [sum(v) for v in values.values()]
-        if self.world > 1:
-            parts = [torch.zeros(len(sums), dtype=torch.float64, device=self.device) for _ in range(self.world)]
-            dist.all_gather(parts, torch.tensor(sums, dtype=torch.float64, device=self.device))
+        if self.world > 1:      # the last entry: a checksum of the weights, equal on every process unless DDP broke
+            mine = sums + [sum(p.detach().double().sum().item() for p in self.model.parameters())]
+            parts = [torch.zeros(len(mine), dtype=torch.float64, device=self.device) for _ in range(self.world)]
+            dist.all_gather(parts, torch.tensor(mine, dtype=torch.float64, device=self.device))
             per = [p.tolist() for p in parts]
+            same = len({p[-1] for p in per}) == 1
             self.log("per-rank loss (steps): " + ", ".join(f"rank {r} {p[1] / max(p[0], 1):.4f} ({p[0]:.0f})"
-                                                             for r, p in enumerate(per)))
+                                                             for r, p in enumerate(per))
+                     + ("; weights identical on every process" if same else
+                        "; WARNING: the weights differ between processes: " + ", ".join(f"{p[-1]:.9g}" for p in per)))
             sums = [sum(p[i] for p in per) for i in range(len(sums))]
         means = {k: s / max(sums[0], 1) for k, s in zip(values, sums[1:])}
         if self.main:

@@ -442,6 +442,10 @@ SYNTH_CLASSES = [  # name, RGB, shape, texture, f0 (Hz), harmonic amplitudes, pu
 ]
 SYNTH_DEFAULTS = dict(seed=0, n_classes=6, image_size=128, seconds=3.0, sr=16000,
                       sizes=dict(train=1200, val=150, test=300, cocktail_train=800, cocktail_val=100, cocktail_test=200))
+# Styles: independent choices of how a world looks and sounds (the first of each is the default world). A method
+# tuned on the default world is checked on the others: it has to localise the sound, not this generator's habits.
+SYNTH_STYLES = dict(background=("grey", "texture"), objects=("large", "small", "mixed"), sound=("tone", "chirp", "noise"))
+OBJECT_SIDES = dict(large=(0.48, 0.62), small=(0.16, 0.3), mixed=(0.2, 0.6))   # side / frame side (single source)
 
 
 def default_synth_root() -> Path:
@@ -459,13 +463,58 @@ def _class_sound(rng, c: int, n: int, sr: int) -> np.ndarray:
     return tone * env / sum(amps)
 
 
-def synth_audio(rng, classes, n: int, sr: int) -> np.ndarray:
+def _class_sound_other(rng, c: int, n: int, sr: int, family: str) -> np.ndarray:
+    """The other sound families, each class in its own band around f0 with its own pulse rate: 'chirp' sweeps
+    f0 -> 1.6 f0 once per pulse; 'noise' is white noise band-passed to [0.8 f0, 1.25 f0] (no pitch, no harmonics)."""
+    _, _, _, _, f0, _, rate = SYNTH_CLASSES[c]
+    t = np.arange(n) / sr
+    f0 = f0 * (1 + rng.uniform(-0.02, 0.02))
+    phase = rng.uniform(0, 1)
+    env = 0.15 + 0.85 / (1 + np.exp(-8 * np.sin(2 * np.pi * (rate * t + phase))))
+    if family == "chirp":
+        u = (rate * t + phase) % 1.0                                   # position within the sweep
+        x = np.sin(2 * np.pi * np.cumsum(f0 * (1 + 0.6 * u)) / sr)
+    else:
+        spec = np.fft.rfft(rng.normal(0, 1, n))
+        f = np.fft.rfftfreq(n, 1 / sr)
+        spec[(f < 0.8 * f0) | (f > 1.25 * f0)] = 0
+        x = np.fft.irfft(spec, n)
+        x = x / (np.abs(x).max() + 1e-9)
+    return x * env
+
+
+def synth_audio(rng, classes, n: int, sr: int, family: str = "tone") -> np.ndarray:
     """The mixture of the given classes' sounds plus white background noise, peak-normalised to 0.7."""
-    x = sum(_class_sound(rng, c, n, sr) for c in classes) + rng.normal(0, rng.uniform(0.05, 0.2), n)
+    x = sum(_class_sound(rng, c, n, sr) if family == "tone" else _class_sound_other(rng, c, n, sr, family)
+            for c in classes) + rng.normal(0, rng.uniform(0.05, 0.2), n)
     return 0.7 * x / np.abs(x).max()
 
 
-def _background(rng, size: int) -> Image.Image:
+def _textured(rng, size: int) -> Image.Image:
+    """The 'texture' background: coloured low-frequency noise under two random colour gratings and coloured
+    clutter (colours drawn freely, so a class's colour can appear in the background)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    low = rng.normal(0, 1, (3, 5, 5))
+    base = np.stack([np.asarray(Image.fromarray(((ch - ch.min()) / (np.ptp(ch) + 1e-9) * 255).astype(np.uint8))
+                                .resize((size, size), Image.BICUBIC), np.float64) for ch in low], -1)
+    arr = 0.5 * base + rng.uniform(40, 140, 3)
+    for _ in range(2):
+        k, th = rng.uniform(4, 16), rng.uniform(0, np.pi)
+        g = np.sin(2 * np.pi * k * (xx * np.cos(th) + yy * np.sin(th)))[..., None]
+        arr += 0.5 * g * rng.uniform(-60, 60, 3)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    for _ in range(rng.integers(6, 13)):
+        s = rng.uniform(0.04, 0.14) * size
+        x, y = rng.uniform(-s / 2, size - s / 2, 2)
+        fill = tuple(int(v) for v in rng.integers(30, 226, 3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)([x, y, x + s, y + s * rng.uniform(0.5, 1.5)], fill=fill)
+    return img
+
+
+def _background(rng, size: int, kind: str = "grey") -> Image.Image:
+    if kind == "texture":
+        return _textured(rng, size)
     low = rng.normal(0, 1, (6, 6))
     low = np.asarray(Image.fromarray(((low - low.min()) / (np.ptp(low) + 1e-9) * 255).astype(np.uint8))
                      .resize((size, size), Image.BICUBIC), np.float64)
@@ -536,12 +585,12 @@ def _place(rng, size, sides, tries=200, max_overlap=0.2):
     return boxes
 
 
-def render_single(rng, n_classes: int, size: int):
+def render_single(rng, n_classes: int, size: int, background: str = "grey", objects: str = "large"):
     """One single-source scene: (PIL image, sounding class, its normalised box, objects list, sounding mask)."""
-    img = _background(rng, size)
+    img = _background(rng, size, background)
     c = int(rng.integers(n_classes))
     others = [int(o) for o in rng.permutation([k for k in range(n_classes) if k != c])[:rng.choice([1, 2], p=[0.6, 0.4])]]
-    boxes = _place(rng, size, rng.uniform(0.48, 0.62, 1 + len(others)))
+    boxes = _place(rng, size, rng.uniform(*OBJECT_SIDES[objects], 1 + len(others)))
     others = others[:len(boxes) - 1]                # a distractor that does not fit is left out
     objects = []
     for k, b in zip(others, boxes[1:]):            # silent ones first; the sounding object is drawn on top
@@ -552,7 +601,7 @@ def render_single(rng, n_classes: int, size: int):
     return img, c, objects, mask
 
 
-def render_cocktail(rng, n_classes: int, size: int):
+def render_cocktail(rng, n_classes: int, size: int, background: str = "grey"):
     """A 2x2 grid of four single-object tiles of distinct classes; two of them sound."""
     tile = size // 2
     img = Image.new("RGB", (size, size))
@@ -560,7 +609,7 @@ def render_cocktail(rng, n_classes: int, size: int):
     sounding = set(int(i) for i in rng.permutation(4)[:2])
     objects = []
     for q, k in enumerate(classes):
-        t = _background(rng, tile)
+        t = _background(rng, tile, background)
         s = int(round(rng.uniform(0.6, 0.85) * tile))
         x, y = (int(v) for v in rng.integers(0, tile - s + 1, 2))
         _draw_object(t, rng, k, (x, y, x + s, y + s))
@@ -571,7 +620,8 @@ def render_cocktail(rng, n_classes: int, size: int):
 
 
 def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 128, seconds: float = 3.0,
-                   sr: int = 16000, sizes: dict | None = None, log=print) -> Path:
+                   sr: int = 16000, sizes: dict | None = None, log=print, background: str = "grey",
+                   objects: str = "large", sound: str = "tone") -> Path:
     """Write the synthetic benchmark in the standard layout (deterministic by seed; one rng per clip).
 
     Splits: train/val/test (single source: the sounding object plus 1-2 silent ones), cocktail_train/val/test
@@ -580,6 +630,9 @@ def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 12
     """
     if not 4 <= n_classes <= len(SYNTH_CLASSES):
         raise C.UserError(f"n_classes must be between 4 and {len(SYNTH_CLASSES)}")
+    for k, v in dict(background=background, objects=objects, sound=sound).items():
+        if v not in SYNTH_STYLES[k]:
+            raise C.UserError(f"{k} {v!r}: choose one of {', '.join(SYNTH_STYLES[k])}")
     sizes = dict(SYNTH_DEFAULTS["sizes"] if sizes is None else sizes)
     root = Path(root)
     for d in ("frames", "audio", "splits"):
@@ -593,27 +646,27 @@ def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 12
             vid = f"{split}_{i:05d}"
             rng = np.random.default_rng([seed, si, i])
             if split.startswith("cocktail"):
-                img, objects = render_cocktail(rng, n_classes, image_size)
-                snd = [k for k, _, s in objects if s]
-                audio = synth_audio(rng, snd, n, sr)
+                img, objs = render_cocktail(rng, n_classes, image_size, background)
+                snd = [k for k, _, s in objs if s]
+                audio = synth_audio(rng, snd, n, sr, sound)
                 entry_class = "+".join(names[k] for k in snd)
             else:
-                img, c, objects, _ = render_single(rng, n_classes, image_size)
-                audio = synth_audio(rng, [c], n, sr)
+                img, c, objs, _ = render_single(rng, n_classes, image_size, background, objects)
+                audio = synth_audio(rng, [c], n, sr, sound)
                 entry_class = names[c]
             norm = lambda b: [round(v / image_size, 6) for v in b]  # noqa: E731
             tmp = root / "frames" / f"{vid}.jpg.part"
             img.save(tmp, format="JPEG", quality=95)
             os.replace(tmp, root / "frames" / f"{vid}.jpg")
             write_wav(root / "audio" / f"{vid}.wav", audio, sr)
-            ann.append({"file": vid, "class": entry_class, "bbox": [norm(b) for _, b, s in objects if s],
-                        "objects": [{"class": names[k], "bbox": norm(b), "sounding": bool(s)} for k, b, s in objects]})
+            ann.append({"file": vid, "class": entry_class, "bbox": [norm(b) for _, b, s in objs if s],
+                        "objects": [{"class": names[k], "bbox": norm(b), "sounding": bool(s)} for k, b, s in objs]})
             ids.append(vid)
         (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
         log(f"  synthetic {split}: {count} clips")
     C.write_json(root / "annotations.json", ann)
     meta = dict(seed=seed, n_classes=n_classes, image_size=image_size, seconds=seconds, sr=sr, sizes=sizes,
-                classes=names)
+                classes=names, background=background, objects=objects, sound=sound)
     C.write_json(root / "synth.json", meta)
     log(f"  synthetic benchmark written to {root} in {time.time() - t0:.1f}s")
     return root
@@ -737,7 +790,8 @@ def cmd_synth(a):
     sizes = dict(SYNTH_DEFAULTS["sizes"])
     if a.scale != 1.0:
         sizes = {k: max(4, int(round(v * a.scale))) for k, v in sizes.items()}
-    make_synthetic(a.out, seed=a.seed, n_classes=a.classes, image_size=a.image_size, sizes=sizes)
+    make_synthetic(a.out, seed=a.seed, n_classes=a.classes, image_size=a.image_size, sizes=sizes,
+                   background=a.background, objects=a.objects, sound=a.sound)
 
 
 def cmd_split(a):
@@ -897,6 +951,13 @@ def build_parser():
     s.add_argument("--image-size", type=int, default=128, help="frame side in pixels (>= 32)")
     s.add_argument("--scale", type=float, default=1.0,
                    help="multiply every split size by this factor (> 0; at least 4 clips per split)")
+    s.add_argument("--background", choices=SYNTH_STYLES["background"], default="grey",
+                   help="grey clutter (default) or coloured texture: gratings, colour noise, coloured clutter")
+    s.add_argument("--objects", choices=SYNTH_STYLES["objects"], default="large",
+                   help="object side / frame side: large 0.48-0.62 (default), small 0.16-0.3, mixed 0.2-0.6")
+    s.add_argument("--sound", choices=SYNTH_STYLES["sound"], default="tone",
+                   help="each class's sound: harmonic tone (default), chirp (a sweep f0 -> 1.6 f0 per pulse) or "
+                        "noise (band-passed around f0)")
     s.set_defaults(fn=cmd_synth)
     s = sub.add_parser("split", help="register an id list as a split",
                        description="Reads LIST (one id per line, or the first column of a csv) and writes "
