@@ -7,7 +7,8 @@ The standard data layout (written by data_prep.py, read by the methods and the e
   ROOT/splits/<name>.txt      one id per line (train.txt, val.txt, test.txt, ...)
   ROOT/annotations.json       [{"file": id, "class": str, "bbox": [[x1, y1, x2, y2], ...]}, ...] (VGG-SS format,
                               boxes normalised to [0, 1]); optional "gt": "union" (default) | "consensus"
-                              (Flickr-SoundNet) and "objects": [{"class", "bbox", "sounding"}] (CSOL)
+                              (Flickr-SoundNet), "objects": [{"class", "bbox", "sounding"}] (CSOL), "mask": PNG
+                              path relative to ROOT (AVSBench, "bbox": []), "group": the image (IS3)
 """
 from __future__ import annotations
 
@@ -534,7 +535,14 @@ PROTOCOLS = {
     "abs0.5": "SSPL test exactly: min-max normalise, P = map >= 0.5 (a constant map is 0/0 = NaN: no pixel)",
     "rel0.1": "CSOL tools.py exactly: P = map > 0.1 * max(map), no min-max (the threshold is computed in float64 and "
               "compared in float32, NumPy 1.x rules)",
+    "is3": "SSLalignment test.py + utils.Evaluator_iiou: q = normalize_img(map), P = q > sorted(q)[25088]; adaptive: "
+           "q > sorted(q)[50176 - |gt|] (|gt| = 25088 if empty); IIoU / IAUC: an image counts at t when each of its "
+           "annotations (the same frame, its own audio) has cIoU >= t (a NaN cIoU fails)",
+    "avsbench": "ACL-SSL AVSBench/eval_utils.py Evaluator on q = normalize_img(map): mIoU of q > 0.5 and of q > "
+                "sorted(q)[25088] (AVSBench utility.mask_iou; an empty mask scores TN / HW); F-score (beta^2 0.3, q >= "
+                "255 thresholds, empty masks skipped): the mean curve over all frames, then its max (cIoU: q > 0.5)",
 }
+F_THRESHOLDS = torch.linspace(0, 1 - 1e-10, 255).numpy()   # AVSBench _eval_pr's list, in float32 as official
 AUC_THRESHOLDS = [0.05 * i for i in range(21)]  # the official list (0.05*3 = 0.15000000000000002)
 MEDIAN_INDEX = GT_SIZE * GT_SIZE // 2           # 25088: the official np.sort(m.flatten())[int(224 * 224 / 2)]
 SIZE_BINS = {"small": 32 ** 2, "medium": 96 ** 2, "large": 144 ** 2, "huge": math.inf}   # SLAVC: area < bound
@@ -601,6 +609,10 @@ def load_annotations(path) -> dict:
         if e["file"] in out:
             raise UserError(f"{where}: duplicate id {e['file']}")
         out[e["file"]] = dict(e, bbox=[_box(b, where) for b in e["bbox"]])
+        if "mask" in e:                                   # a PNG path relative to the annotation file's folder
+            if not isinstance(e["mask"], str):
+                raise UserError(f"{where}: 'mask' must be a PNG path relative to {path.parent}")
+            out[e["file"]]["mask"] = str(path.parent / e["mask"])
         if "objects" in e:
             out[e["file"]]["objects"] = [dict(o, bbox=_box(o.get("bbox"), where)) for o in e["objects"]]
     return out
@@ -623,7 +635,21 @@ def boxes_to_map(boxes, kind: str = "union", size: int = GT_SIZE) -> np.ndarray:
 
 
 def gt_map(entry: dict, size: int = GT_SIZE) -> np.ndarray:
-    return boxes_to_map(entry["bbox"], entry.get("gt", "union"), size)
+    return read_mask(entry["mask"]) if "mask" in entry else boxes_to_map(entry["bbox"], entry.get("gt", "union"), size)
+
+
+def read_mask(path) -> np.ndarray:
+    """An AVSBench mask PNG as ACL-SSL reads it (ToTensor of Image.open(p).convert('1')): 0/1 float32, 224 x 224."""
+    try:
+        with Image.open(path) as im:
+            g = np.asarray(im.convert("1"), np.float32)
+    except FileNotFoundError:
+        raise UserError(f"{path}: mask file not found") from None
+    except Exception as e:
+        raise UserError(f"{path}: cannot read the mask image ({e})") from None
+    if g.shape != (GT_SIZE, GT_SIZE):
+        raise UserError(f"{path}: a {g.shape[1]}x{g.shape[0]} mask; AVSBench masks are {GT_SIZE}x{GT_SIZE}")
+    return g
 
 
 def resize_maps(t: torch.Tensor, size: int = GT_SIZE, align_corners: bool = False) -> torch.Tensor:
@@ -666,6 +692,11 @@ def binarize(t: torch.Tensor, protocol: str, threshold: float | None = None) -> 
         return t > (0.1 * t.amax((1, 2), keepdim=True).double()).float()
     if protocol == "fixed":
         return t >= threshold
+    if protocol == "is3":                                 # SSLalignment: infer > sorted(infer)[int(224 * 224 * 0.5)]
+        q = minmax(t)
+        return q > kth(q)
+    if protocol == "avsbench":                            # AVSBench mask_iou: sigmoid(logit) > 0.5, here q > 0.5
+        return minmax(t) > 0.5
     raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
 
 
@@ -684,6 +715,52 @@ def ciou(P: torch.Tensor, gt) -> torch.Tensor:
     inter = (P * G).sum((-2, -1))
     outside = P.sum((-2, -1)) - (inter if G_pos is G else (P * G_pos).sum((-2, -1)))
     return inter.double() / (g.double() + outside.double())
+
+
+def mask_iou(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """AVSBench utility.mask_iou per frame, float32: sum(P G) / (sum(max(P, G)) + 1e-7); an empty mask G: sum((1 - P)
+    (1 - G)) / (H W + 1e-7), the share of background predicted as background."""
+    P, empty = P.float(), G.sum((-2, -1)) == 0
+    inter = torch.where(empty, ((1 - P) * (1 - G)).sum((-2, -1)), (P * G).sum((-2, -1)))
+    return inter / (torch.where(empty, float(G[0].numel()), torch.maximum(P, G).sum((-2, -1))) + 1e-7)
+
+
+def f_curves(q: torch.Tensor, G: torch.Tensor) -> np.ndarray:
+    """AVSBench _eval_pr + Eval_Fmeasure per frame, float32: P = q >= t for t in F_THRESHOLDS, prec = TP / (#P +
+    1e-20), rec = TP / (#G + 1e-20), F = 1.3 prec rec / (0.3 prec + rec), NaN -> 0 (counts by sorting: exact); a
+    frame with an empty mask: a row of NaN (skipped)."""
+    q, G = q.cpu().numpy(), G.cpu().numpy() > 0
+    out, eps = np.full((len(q), len(F_THRESHOLDS)), np.nan, np.float32), np.float32(1e-20)
+    for b in np.flatnonzero(G.any((1, 2))):
+        count = lambda x: (x.size - np.searchsorted(np.sort(x, None), F_THRESHOLDS)).astype(np.float32)
+        tp, n_pred = count(q[b][G[b]]), count(q[b])
+        prec, rec = tp / (n_pred + eps), tp / (np.float32(G[b].sum()) + eps)
+        with np.errstate(invalid="ignore"):
+            f = np.float32(1.3) * prec * rec / (np.float32(0.3) * prec + rec)
+        out[b] = np.where(f != f, np.float32(0), f)
+    return out
+
+
+def is3_adaptive(q: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """SSLalignment's adaptive cIoU prediction: q > sorted(q)[H W - |gt|], |gt| = #(G != 0), or H W // 2 if empty."""
+    n, qs = G[0].numel(), q.flatten(1).cpu().numpy()
+    k = [n - (c or n // 2) for c in (G != 0).flatten(1).sum(1).tolist()]
+    return q > torch.tensor([np.partition(r, j)[j] for r, j in zip(qs, k)], device=q.device)[:, None, None]
+
+
+def group_of(vid: str, entry: dict) -> str:
+    """The IS3 image an annotation belongs to: its "group", else SSLalignment's '_'.join(name.split('_')[:-1])."""
+    return entry.get("group") or "_".join(vid.split("_")[:-1])
+
+
+def interactive(ids, scores, ann) -> dict:
+    """SSLalignment Evaluator_iiou.finalize_cIoU / finalize_IAUC: at each AUC threshold t the mean over images of the
+    min over the image's annotations of [cIoU >= t]; IIoU at t = 0.5, IAUC the trapezoid over the 21 thresholds."""
+    groups = {}
+    for i, c in zip(ids, scores):
+        groups.setdefault(group_of(i, ann[i]), []).append(c)
+    curve = [float(np.mean([min(c >= t for c in g) for g in groups.values()])) for t in AUC_THRESHOLDS]
+    return {"iiou": curve[10], "iauc": float(np.trapezoid(curve, AUC_THRESHOLDS)), "n_images": len(groups)}
 
 
 def summarize(scores, nan_mean: str = "zero") -> dict:
@@ -763,11 +840,20 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
     if not present:
         raise UserError(f"none of the {len(listed)} listed ids has a map to score (first listed: "
                         f"{', '.join(listed[:3])})")
+    if protocol == "is3":                                 # an image is scored with all its annotations, or refused
+        members, scored = collections.defaultdict(list), set(present)
+        for i in ann:
+            members[group_of(i, ann[i])].append(i)
+        for g in dict.fromkeys(group_of(i, ann[i]) for i in present):
+            lack = [i for i in members[g] if i not in scored]
+            if lack or len(members[g]) < 2:
+                raise UserError(f"IS3 image {g}: " + (f"its annotation {lack[0]} has no map or is not in the test list"
+                                if lack else "a single annotation (each IS3 image has two, each with its own audio)"))
     device, extra = torch.device(device), dict(extra_baselines or {})
     names = ["test", *extra] + (["center", "full_image"] if baselines else [])
     scores, area = {k: np.zeros(len(present)) for k in names}, np.zeros(len(present))
     prior = binarize(torch.from_numpy(center_prior())[None].to(device), protocol)
-    outside = 0
+    outside, more = 0, collections.defaultdict(list)     # per-sample extras of the is3 and avsbench protocols
     with torch.no_grad():
         for s in range(0, len(present), chunk):
             ids_c = present[s:s + chunk]
@@ -781,6 +867,12 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                     if name == "test" and fuse is not None:
                         t = fuse[1](t, _resized(fuse[0], ids_c, align_corners, device))
                     P = binarize(t, protocol)
+                    if name == "test" and protocol == "is3":
+                        more["adap"].append(ciou(is3_adaptive(minmax(t), gt[0]), gt).cpu().numpy())
+                    if name == "test" and protocol == "avsbench":
+                        more["iou"].append(mask_iou(P, gt[0]).cpu().numpy())
+                        more["iou_median"].append(mask_iou(binarize(t, "is3"), gt[0]).cpu().numpy())
+                        more["f"].append(f_curves(minmax(t), gt[0]))
                 elif name == "center":
                     P = prior
                 else:                                     # P = 1: sum(G) / (sum(G) + #[G == 0])
@@ -788,14 +880,24 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                     scores[name][s:s + len(ids_c)] = (g / (g + GT_SIZE ** 2 - gt[1].sum((1, 2)))).cpu().numpy()
                     continue
                 scores[name][s:s + len(ids_c)] = ciou(P, gt).cpu().numpy()
+    test, more = summarize(scores["test"]), {k: np.concatenate(v) for k, v in more.items()}
+    if protocol == "is3":
+        test.update({f"{k.replace('@0.5', '')}_adap": v for k, v in summarize(more["adap"]).items()},
+                    **interactive(present, scores["test"], ann),
+                    **{f"{k}_adap": v for k, v in interactive(present, more["adap"], ann).items() if k != "n_images"})
+    if protocol == "avsbench":
+        keep = ~np.isnan(more["f"][:, 0])
+        test.update(miou=float(more["iou"].astype(np.float64).mean()), n_empty_mask=int((~keep).sum()),
+                    miou_median=float(more["iou_median"].astype(np.float64).mean()),
+                    fscore=float(more["f"][keep].astype(np.float64).mean(0).max()) if keep.any() else float("nan"))
     empty, by_size, lower = [i for i, g in zip(present, area) if g == 0], {}, 0.0
     for name, upper in SIZE_BINS.items():                 # lower <= area < upper; an empty ground truth in no bin
         sel = (area > 0) & (area >= lower) & (area < upper)
         by_size[name], lower = dict(summarize(scores["test"][sel]), n=int(sel.sum())), upper
     return {"protocol": protocol, "resize": f"bilinear align_corners={align_corners}", "n": len(present),
             "n_listed": len(listed), "missing": missing, "duplicates": dups, "empty_gt": empty,
-            "empty_gt_causes": {i: empty_cause(ann[i]["bbox"]) for i in empty[:10]},
-            "boxes_outside": outside, "test": summarize(scores["test"]),
+            "empty_gt_causes": {i: "empty mask" if "mask" in ann[i] else empty_cause(ann[i]["bbox"]) for i in empty[:10]},
+            "boxes_outside": outside, "test": test, "f_curves": more.get("f"),
             "per_sample": dict(zip(present, scores["test"].tolist())),
             "baselines": {k: summarize(scores[k]) for k in names[1:]}, "by_size": by_size}
 
@@ -832,6 +934,16 @@ def format_report(res: dict, title: str = "test") -> str:
     width = max([5] + [len(k) for k in res["baselines"]])
     for k, v in [("model", res["test"]), *res["baselines"].items()]:
         lines.append(f"[{title}] {k:<{width}}  {fmt_metrics(v)}   ({res['protocol']}, N={res['n']})")
+    t = res["test"]
+    if "iiou" in t:
+        lines.append(f"[{title}] IS3 adaptive cIoU@0.5 {100 * t['ciou_adap']:6.2f}  AUC {100 * t['auc_adap']:6.2f}  |  "
+                     f"IIoU {100 * t['iiou']:6.2f}  IAUC {100 * t['iauc']:6.2f}  |  adaptive IIoU "
+                     f"{100 * t['iiou_adap']:6.2f}  IAUC {100 * t['iauc_adap']:6.2f}   ({t['n_images']} images, "
+                     f"N={res['n']} annotations)")
+    if "miou" in t:
+        lines.append(f"[{title}] AVSBench mIoU {100 * t['miou']:6.2f} (q > 0.5)  {100 * t['miou_median']:6.2f} (q > "
+                     f"median)  F-score {100 * t['fscore']:6.2f} (beta^2 0.3, one curve over the frames)   (N={res['n']} "
+                     f"frames, {t['n_empty_mask']} with an empty mask)")
     lines.append(f"[{title}] by box area (SLAVC's bins, pixels at 224: < 32^2, 96^2, 144^2, larger), cIoU@0.5: "
                  + ", ".join(f"{k} {100 * v['ciou@0.5']:.2f} (N={v['n']})" for k, v in res["by_size"].items()))
     return "\n".join(lines)
