@@ -1,14 +1,16 @@
 """eval_cioU.py - score saved localization maps with a named protocol, exactly as the official test scripts do.
 
     python eval_cioU.py --pred maps.npz --gt ROOT/annotations.json [--split ROOT/splits/test.txt]
-                        [--protocol median|median_strict|abs0.5|rel0.1] [--align-corners | --no-align-corners]
+                        [--protocol median|median_strict|abs0.5|rel0.1|is3|avsbench] [--fscore-batch B]
+                        [--align-corners | --no-align-corners]
                         [--per-sample out.csv] [--baselines] [--json summary.json] [--missing-out missing.txt]
                         [--neg-threshold T] [--device cpu|cuda]
     python eval_cioU.py --table runs/*/results.json      # mean ± std of many runs (seeds) as a markdown table
 
 --pred: an .npz with one float map per id (any size), as every method's `--eval --save-maps` writes it.
 --gt:   the standard layout's annotations.json, the original vggss.json, or a folder of the original Flickr-SoundNet
-        XML files (consensus ground truth, C = 2).
+        XML files (consensus ground truth, C = 2). AVSBench and IS3 roots (data_prep.py avsbench / is3) are scored with
+        --protocol avsbench (mIoU, F-score) / is3 (adaptive cIoU, IIoU, IAUC).
 Printed: protocol, resize, N evaluated / N listed, cIoU@0.5 (the papers' "cIoU"), AUC, mean cIoU, with
 --baselines the centred prior and the full image, and cIoU@0.5 by box area (SLAVC's bins). The maps are resized as
 the method stored in the file (EZ-VSL: bilinear align_corners=True; LVS, SSPL, CSOL: False = cv2 INTER_LINEAR), else
@@ -58,6 +60,18 @@ def load_maps(path):
         "neg": {kind: {k[len(f"neg/{kind}/"):]: C.check_map(k, v) for k, v in data.items()
                        if k.startswith(f"neg/{kind}/")} for kind in meta["__negatives__"]["kinds"]}}
     return maps, negs, meta["__eval__"] or {}
+
+
+def fscore_batched(curves, batch: int) -> float:
+    """The official OpenNLPLab/AVSBench F-score (test.py + utility.Eval_Fmeasure): per batch of `batch` frames in test
+    order, the max of the mean F curve of its frames with a non-empty mask (0 for a batch without one); then the mean
+    over the batches. It depends on the batch size (ACL-SSL's fix, the protocol's "fscore": one curve over all)."""
+    scores = []
+    for s in range(0, len(curves), batch):
+        c = curves[s:s + batch]
+        c = c[~np.isnan(c[:, 0])]
+        scores.append(float(c.astype(np.float64).mean(0).max()) if len(c) else 0.0)
+    return float(np.mean(scores))
 
 
 def results_table(paths) -> str:
@@ -143,6 +157,8 @@ def main(argv=None):
     p.add_argument("--neg-threshold", type=float, help="negative-audio protocol: the fixed threshold (default: the "
                                                          "one stored in the file by the method)")
     p.add_argument("--device", default="cpu", help="where the evaluator runs: cpu (default) or cuda")
+    p.add_argument("--fscore-batch", type=int, metavar="B", help="--protocol avsbench: also the official AVSBench "
+                   "F-score averaged over batches of B frames (test.sh: 4 clips x 5 frames = 20)")
     a = p.parse_args(argv)
     if a.table:
         table = results_table(a.table)
@@ -162,8 +178,15 @@ def main(argv=None):
     if ids is not None and not set(ids) & set(maps):
         raise C.UserError(f"{a.split}: none of its {len(ids)} ids has a map in {a.pred} (its first ids: "
                           f"{', '.join(list(maps)[:3])}); another split, or maps of another dataset?")
+    if a.fscore_batch is not None and (a.protocol != "avsbench" or a.fscore_batch < 1):
+        raise C.UserError(f"--fscore-batch {a.fscore_batch}: a batch size >= 1, with --protocol avsbench")
     res = C.evaluate_maps(maps, ann, ids, a.protocol, a.align_corners, baselines=a.baselines, device=a.device)
+    if a.fscore_batch and res["f_curves"] is not None:
+        res["test"]["fscore_batch"] = fscore_batched(res["f_curves"], a.fscore_batch)
     print(C.format_report(res, title=Path(a.pred).name))
+    if a.fscore_batch:
+        print(f"[{Path(a.pred).name}] official AVSBench F-score (mean over batches of {a.fscore_batch} frames): "
+              f"{100 * res['test'].get('fscore_batch', float('nan')):6.2f}")
     if res["missing"]:
         out = Path(a.missing_out or f"{a.pred}.missing.txt")
         out.write_text("\n".join(res["missing"]) + "\n")
