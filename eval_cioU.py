@@ -74,11 +74,15 @@ def fscore_batched(curves, batch: int) -> float:
     return float(np.mean(scores))
 
 
+PROTOCOL_KEYS = ("ciou_adap", "auc_adap", "iiou", "iauc", "miou", "miou_median", "fscore")   # is3 / avsbench
+
+
 def results_table(paths) -> str:
-    """A markdown table of results.json files: one row per (method, data), mean ± sample std (ddof 1) over the runs of
-    cIoU@0.5, AUC and mean cIoU (in %) of the model, the centred prior and the audio-swapped control, plus the
-    negative-audio metrics when every run has them. Runs of one (method, data) that differ in split, protocol or N
-    are not averaged: an error names the files and values."""
+    """A markdown table of results.json files: one row per (method, data, test split), mean ± sample std (ddof 1) over
+    the runs of cIoU@0.5, AUC and mean cIoU (in %) of the model, the centred prior and the audio-swapped control, plus
+    the negative-audio metrics and the is3 / avsbench columns when every run has them (so the heard and unheard
+    evaluations of one checkpoint give two rows). Runs of one row that differ in protocol or N are not averaged: an
+    error names the files and values."""
     groups: dict = {}
     for p in paths:
         p = Path(p) / "results.json" if Path(p).is_dir() else Path(p)
@@ -90,7 +94,7 @@ def results_table(paths) -> str:
             raise C.UserError(f"{p}: not a results.json ({e})") from None
         if not isinstance(r, dict) or not all(k in r for k in ("method", "data", "split", "protocol", "n", "test")):
             raise C.UserError(f"{p}: not a method's results.json (needs method, data, split, protocol, n, test)")
-        groups.setdefault((r["method"], r["data"]), []).append((p, r))
+        groups.setdefault((r["method"], r["data"], str(r["split"])), []).append((p, r))
     if not groups:
         raise C.UserError("no results.json given")
 
@@ -109,8 +113,8 @@ def results_table(paths) -> str:
     parts = [("model", lambda r: r["test"]), ("centred prior", lambda r: (r.get("baselines") or {}).get("center")),
              ("audio-swapped", lambda r: r.get("audio_swapped"))]
     rows, neg_cols = [], []
-    for (method, data), runs in groups.items():
-        for field in ("split", "protocol", "n"):
+    for (method, data, _), runs in groups.items():
+        for field in ("protocol", "n"):
             if len({str(r[field]) for _, r in runs}) > 1:
                 raise C.UserError(f"cannot average {method} on {data}: the runs differ in {field} ("
                                 + "; ".join(f"{r[field]} in {p}" for p, r in runs) + "); table them separately")
@@ -124,10 +128,11 @@ def results_table(paths) -> str:
                 row[f"{name} {k}"] = mean_std([g[k] for g in got]) if all(got) else "-"
         secs = [r.get("seconds") for _, r in runs]
         row["seconds"] = f"{np.mean(secs):.0f}" if all(isinstance(v, (int, float)) for v in secs) else "-"
-        negs = [flat(r.get("negatives")) for _, r in runs]
+        negs = [{**{f"model {k}": v for k, v in r["test"].items() if k in PROTOCOL_KEYS},
+                 **{f"neg {k}": v for k, v in flat(r.get("negatives")).items()}} for _, r in runs]
         for k in sorted(set.intersection(*(set(n) for n in negs))) if all(negs) else []:
-            row[f"neg {k}"] = mean_std([n[k] for n in negs])
-            neg_cols += [] if f"neg {k}" in neg_cols else [f"neg {k}"]
+            row[k] = mean_std([n[k] for n in negs])
+            neg_cols += [] if k in neg_cols else [k]
         rows.append(row)
     head = list(rows[0])[:6] + [f"{n} {k}" for n, _ in parts for k in ("ciou@0.5", "auc", "mean_ciou")] + neg_cols + \
         ["seconds"]

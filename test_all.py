@@ -1752,8 +1752,7 @@ def test_results_table_mean_and_sample_std(tmp_path):
 
 
 def test_results_table_refuses_mixed_runs(tmp_path):
-    for field, kw in (("protocol", {"protocol": "median"}), ("n", {"n": 299}),
-                      ("split", {"split": "/d/synth/splits/val.txt"})):
+    for field, kw in (("protocol", {"protocol": "median"}), ("n", {"n": 299})):      # (another split: another row)
         files = [_results_file(tmp_path / "a"), _results_file(tmp_path / field, seed=1, **kw)]
         with pytest.raises(C.UserError, match=f"differ in {field}"):
             eval_cioU.results_table(files)
@@ -2874,3 +2873,36 @@ def test_issue30_data_prep_avsbench_s4_and_ms3(tmp_path):
     for src, msg in ((tmp_path / "s4", "names no 'split' column"), (tmp_path, "s4_meta_data.csv: not found")):
         proc = run_py("data_prep.py", "avsbench", src, "--subset", "s4", "--out", tmp_path / "y", check=False)
         assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and msg in proc.stderr, proc.stderr
+
+
+def test_issue30_vggss_heard_lists_and_one_table_for_both_rows(tmp_path):
+    ann = [{"file": f"v{i:02d}_000010", "class": f"c{i % 4}", "bbox": [[0.1, 0.1, 0.5, 0.5]]} for i in range(12)]
+    (tmp_path / "vggss.json").write_text(json.dumps(ann))
+    root = tmp_path / "root"
+    for d in ("frames", "audio"):
+        (root / d).mkdir(parents=True)
+    present = [f"v{i:02d}_000010" for i in range(10)] + ["t0_000000", "t1_000005"]      # v10, v11, t2 absent
+    for v in present:
+        (root / "frames" / f"{v}.jpg").write_bytes(b"x")
+        (root / "audio" / f"{v}.wav").write_bytes(b"x")
+    lists = {"vggss_heard.txt": "t0_000000\nt1_000005\nt2_000000\n",            # the official files' formats
+             "vggss_heard_test.csv": "v00_000010\nv01_000010\nv10_000010",
+             "vggss_unheard_test.csv": "v02_000010\nv03_000010\nv11_000010\n"}
+    for k, v in lists.items():
+        (tmp_path / k).write_text(v)
+    files = [str(tmp_path / k) for k in lists]
+    data_prep.main(["vggss", "--json", str(tmp_path / "vggss.json"), "--clips", str(root), "--heard-lists", *files])
+    sp = root / "splits"
+    assert C.read_split(sp / "heard_train.txt") == ["t0_000000", "t1_000005"]
+    assert C.read_split(sp / "heard_test.txt") == ["v00_000010", "v01_000010"]
+    assert C.read_split(sp / "unheard_test.txt") == ["v02_000010", "v03_000010"]
+    assert C.read_split(sp / "unheard_test.missing.txt") == ["v11_000010"]
+    assert C.read_split(sp / "heard_train.missing.txt") == ["t2_000000"]
+    with pytest.raises(C.UserError, match="vggss_heard.txt: 3 of its 3 ids are not in .*in this order"):
+        data_prep.main(["vggss", "--json", str(tmp_path / "vggss.json"), "--clips", str(root), "--heard-lists",
+                        files[1], files[0], files[2]])
+    rows = [_results_file(tmp_path / s, split=str(sp / f"{s}.txt"), test=t)
+            for s, t in (("heard_test", (0.40, 0.5, 0.5)), ("unheard_test", (0.30, 0.5, 0.5)))]
+    table = eval_cioU.results_table(rows)                           # one checkpoint, two test splits: two rows
+    assert [ln.split("|")[3].strip() for ln in table.splitlines()[2:4]] == ["heard_test.txt", "unheard_test.txt"]
+    assert [_table_cells(table, "| ez_vsl")["model ciou@0.5"]] == ["40.00"]
