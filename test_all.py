@@ -2906,3 +2906,31 @@ def test_issue30_vggss_heard_lists_and_one_table_for_both_rows(tmp_path):
     table = eval_cioU.results_table(rows)                           # one checkpoint, two test splits: two rows
     assert [ln.split("|")[3].strip() for ln in table.splitlines()[2:4]] == ["heard_test.txt", "unheard_test.txt"]
     assert [_table_cells(table, "| ez_vsl")["model ciou@0.5"]] == ["40.00"]
+
+
+def test_issue30_every_door_scores_is3_and_avsbench_roots(tiny, tmp_path):
+    """A method's --eval --protocol is3 | avsbench on roots data_prep.py made from the official layouts; its
+    results.json, and eval_cioU.py on its saved maps (--json), carry the protocols' keys with the same numbers."""
+    _is3_release(tmp_path / "IS3")
+    data_prep.main(["is3", str(tmp_path / "IS3"), "--out", str(tmp_path / "is3")])
+    _avs_release(tmp_path / "AVS", "s4")
+    data_prep.main(["avsbench", str(tmp_path / "AVS"), "--subset", "s4", "--out", str(tmp_path / "s4")])
+    ez_vsl.main(["--train", "--data", str(tiny), "--preset", "cpu", "--batch-size", "8", "--max-steps", "1",
+                 "--epochs", "1", "--no-pretrained", "--out", str(tmp_path / "run")])
+    ck = next((tmp_path / "run").iterdir()) / "best.pt"
+    for proto, root, keys in (("is3", "is3", ("ciou_adap", "auc_adap", "iiou", "iauc")),
+                              ("avsbench", "s4", ("miou", "miou_median", "fscore"))):
+        data, out = tmp_path / root, tmp_path / f"ev_{proto}"
+        ez_vsl.main(["--eval", "--ckpt", str(ck), "--data", str(data), "--protocol", proto, "--no-pretrained",
+                     "--no-ogl", "--preset", "cpu", "--save-maps", str(out / "m.npz"), "--out", str(out)])
+        res = json.loads((out / "results.json").read_text())
+        assert res["protocol"] == proto and all(0 <= res["test"][k] <= 1 for k in keys), res["test"]
+        argv = ["--pred", str(out / "m.npz"), "--gt", str(data / "annotations.json"), "--protocol", proto,
+                "--json", str(out / "s.json")] + (["--fscore-batch", "4"] if proto == "avsbench" else [])
+        back = eval_cioU_main(argv)
+        summary = json.loads((out / "s.json").read_text())
+        assert all(summary["test"][k] == pytest.approx(res["test"][k]) for k in keys) and back["n"] == res["n"]
+    assert 0 <= summary["test"]["fscore_batch"] <= 1 and res["test"]["n_empty_mask"] == 1
+    r = run_py("eval_cioU.py", "--pred", out / "m.npz", "--gt", data / "annotations.json", "--fscore-batch", "4",
+               check=False)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "with --protocol avsbench" in r.stderr
