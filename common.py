@@ -332,16 +332,16 @@ class AVDataset(torch.utils.data.Dataset):
 
 
 class SwapAudio(torch.utils.data.Dataset):
-    """The audio-swapped control: item i keeps its frame and id, with the audio of clip (i + 1) mod N."""
+    """The audio-swapped control: item i keeps its frame and id, with the audio of clip (i + 1) mod N (or donors[i])."""
 
-    def __init__(self, ds: AVDataset):
-        self.ds, self.ids = ds, ds.ids
+    def __init__(self, ds: AVDataset, donors=None):
+        self.ds, self.ids, self.donors = ds, ds.ids, donors
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        item, other = self.ds[i], self.ds[(i + 1) % len(self.ds)]
+        item, other = self.ds[i], self.ds[self.donors[i] if self.donors else (i + 1) % len(self.ds)]
         for x in (item, other):
             if isinstance(x, Exception):
                 return x
@@ -955,10 +955,11 @@ NOISE_STD = 0.1          # white noise N(0, 0.1^2) (-20 dBFS RMS), seeded by the
 
 
 class NegativeAudio(torch.utils.data.Dataset):
-    """Item i keeps its frame; its audio is silence, white noise, or (offscreen) clip (i + 1) mod N's (SwapAudio)."""
+    """Item i keeps its frame; its audio is silence, white noise, or (offscreen) clip (i + 1) mod N's (SwapAudio), on
+    IS3 the next clip whose class is neither of the image's sources' (offscreen_donors)."""
 
-    def __init__(self, ds, kind: str):
-        self.ds, self.ids, self.kind = SwapAudio(ds) if kind == "offscreen" else ds, ds.ids, kind
+    def __init__(self, ds, kind: str, donors=None):
+        self.ds, self.ids, self.kind = SwapAudio(ds, donors) if kind == "offscreen" else ds, ds.ids, kind
 
     def __len__(self):
         return len(self.ds)
@@ -970,6 +971,19 @@ class NegativeAudio(torch.utils.data.Dataset):
         wav = torch.zeros_like(item[1]) if self.kind == "silence" else (torch.randn(
             item[1].shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64) * NOISE_STD).float()
         return (item[0], wav, *item[2:])
+
+
+def offscreen_donors(ids, ann) -> list | None:
+    """IS3 (entries with a "group"): for clip i the next clip (cyclically) whose class is in neither of its image's
+    annotations, as xavijuanola/vssl_eval draws off-screen audio (there at random); else None: clip i + 1."""
+    if not all("group" in ann.get(i, {}) for i in ids):
+        return None
+    classes = collections.defaultdict(set)
+    for e in ann.values():
+        classes[e.get("group")].add(e.get("class"))
+    n, own = len(ids), [classes[ann[i]["group"]] for i in ids]
+    return [next((j % n for j in range(i + 1, i + n) if ann[ids[j % n]].get("class") not in own[i]), (i + 1) % n)
+            for i in range(n)]
 
 
 def detection_ap(conf, correct, n_pos: int) -> tuple[float, float]:
@@ -1042,7 +1056,7 @@ def run_negatives(compute, ds, ann, threshold: float, scale: str, align_corners:
     """--negatives in a method's --eval: compute(dataset) -> {id: raw map} on the test set and on its three
     negative-audio copies. Returns (metrics, {"raw", "neg", "per_sample", "meta"}) (the second for save_maps)."""
     raw = compute(ds)
-    neg = {k: compute(NegativeAudio(ds, k)) for k in NEGATIVE_KINDS}
+    neg = {k: compute(NegativeAudio(ds, k, offscreen_donors(ds.ids, ann))) for k in NEGATIVE_KINDS}
     r = dict(negative_metrics(raw, neg, ann, ds.ids, threshold, align_corners), scale=scale)
     return r, {"raw": raw, "neg": neg, "per_sample": r["per_sample"],
                "meta": {"threshold": threshold, "scale": scale, "align_corners": align_corners}}

@@ -2786,8 +2786,9 @@ def _is3_release(src, n_images=3):
     rng, entries = np.random.default_rng(0), []
     for g in range(n_images):
         img = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
-        for target in ("accordion", "baby"):
-            name = f"accordion_baby_{10467 + g}_{target}"
+        pair = (("accordion", "baby"), ("dog", "piano"), ("cat", "drum"))[g % 3]
+        for target in pair:
+            name = f"{pair[0]}_{pair[1]}_{10467 + g}_{target}"
             _png(src / "images" / f"{name}.png", img)
             _wav(src / "audio_wav" / f"{name}.wav", 3.0, seed=g)
             x1, y1 = (int(v) for v in rng.integers(0, 120, 2))
@@ -2815,7 +2816,7 @@ def test_issue30_data_prep_is3_reads_the_release(tmp_path):
     # --boxes (the box list in SSLalignment's metadata, any paths); an image missing an audio file is left out
     (src / "IS3_annotation.json").unlink()
     (src / "boxes.json").write_text(json.dumps(entries))
-    (src / "audio_wav" / "accordion_baby_10468_baby.wav").unlink()
+    (src / "audio_wav" / "dog_piano_10468_piano.wav").unlink()
     r = tmp_path / "is3b"
     data_prep.main(["is3", str(src), "--out", str(r), "--boxes", str(src / "boxes.json")])
     assert len(C.read_split(r / "splits" / "test.txt")) == 4
@@ -2922,8 +2923,10 @@ def test_issue30_every_door_scores_is3_and_avsbench_roots(tiny, tmp_path):
                               ("avsbench", "s4", ("miou", "miou_median", "fscore"))):
         data, out = tmp_path / root, tmp_path / f"ev_{proto}"
         ez_vsl.main(["--eval", "--ckpt", str(ck), "--data", str(data), "--protocol", proto, "--no-pretrained",
-                     "--no-ogl", "--preset", "cpu", "--save-maps", str(out / "m.npz"), "--out", str(out)])
+                     "--no-ogl", "--preset", "cpu", "--save-maps", str(out / "m.npz"), "--out", str(out)]
+                    + ["--negatives"] * (proto == "is3"))
         res = json.loads((out / "results.json").read_text())
+        assert proto != "is3" or res["negatives"]["n"] == 6
         assert res["protocol"] == proto and all(0 <= res["test"][k] <= 1 for k in keys), res["test"]
         argv = ["--pred", str(out / "m.npz"), "--gt", str(data / "annotations.json"), "--protocol", proto,
                 "--json", str(out / "s.json")] + (["--fscore-batch", "4"] if proto == "avsbench" else [])
@@ -2934,3 +2937,17 @@ def test_issue30_every_door_scores_is3_and_avsbench_roots(tiny, tmp_path):
     r = run_py("eval_cioU.py", "--pred", out / "m.npz", "--gt", data / "annotations.json", "--fscore-batch", "4",
                check=False)
     assert r.returncode == 2 and r.stderr.count("error:") == 1 and "with --protocol avsbench" in r.stderr
+
+
+def test_issue30_offscreen_audio_on_is3_comes_from_a_class_of_neither_source():
+    ids = ["a_b_1_a", "a_b_1_b", "a_c_2_a", "a_c_2_c", "d_e_3_d", "d_e_3_e"]
+    ann = {i: {"file": i, "class": i.split("_")[-1], "bbox": [], "group": "_".join(i.split("_")[:-1])} for i in ids}
+    assert C.offscreen_donors(ids, ann) == [3, 3, 4, 4, 0, 0]        # the next clip of a class the image lacks
+    assert C.offscreen_donors(ids, {i: {"file": i, "bbox": []} for i in ids}) is None    # elsewhere: clip i + 1
+
+    class Items(list):                                              # a dataset: (frame, audio, id) per item
+        pass
+    items = Items((f"frame{i}", f"audio{i}", v) for i, v in enumerate(ids))
+    items.ids = ids
+    neg = C.NegativeAudio(items, "offscreen", C.offscreen_donors(ids, ann))
+    assert [neg[i][:2] for i in (0, 4)] == [("frame0", "audio3"), ("frame4", "audio0")]
