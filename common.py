@@ -643,10 +643,9 @@ def read_mask(path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             g = np.asarray(im.convert("1"), np.float32)
-    except FileNotFoundError:
-        raise UserError(f"{path}: mask file not found") from None
     except Exception as e:
-        raise UserError(f"{path}: cannot read the mask image ({e})") from None
+        raise UserError(f"{path}: " + ("mask file not found" if isinstance(e, FileNotFoundError) else
+                                       f"cannot read the mask image ({e})")) from None
     if g.shape != (GT_SIZE, GT_SIZE):
         raise UserError(f"{path}: a {g.shape[1]}x{g.shape[0]} mask; AVSBench masks are {GT_SIZE}x{GT_SIZE}")
     return g
@@ -717,48 +716,42 @@ def ciou(P: torch.Tensor, gt) -> torch.Tensor:
     return inter.double() / (g.double() + outside.double())
 
 
-def mask_iou(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """AVSBench utility.mask_iou per frame, float32: sum(P G) / (sum(max(P, G)) + 1e-7); an empty mask G: sum((1 - P)
-    (1 - G)) / (H W + 1e-7), the share of background predicted as background."""
-    P, empty = P.float(), G.sum((-2, -1)) == 0
-    inter = torch.where(empty, ((1 - P) * (1 - G)).sum((-2, -1)), (P * G).sum((-2, -1)))
-    return inter / (torch.where(empty, float(G[0].numel()), torch.maximum(P, G).sum((-2, -1))) + 1e-7)
-
-
-def f_curves(q: torch.Tensor, G: torch.Tensor) -> np.ndarray:
-    """AVSBench _eval_pr + Eval_Fmeasure per frame, float32: P = q >= t for t in F_THRESHOLDS, prec = TP / (#P +
-    1e-20), rec = TP / (#G + 1e-20), F = 1.3 prec rec / (0.3 prec + rec), NaN -> 0 (counts by sorting: exact); a
-    frame with an empty mask: a row of NaN (skipped)."""
-    q, G = q.cpu().numpy(), G.cpu().numpy() > 0
-    out, eps = np.full((len(q), len(F_THRESHOLDS)), np.nan, np.float32), np.float32(1e-20)
-    for b in np.flatnonzero(G.any((1, 2))):
-        count = lambda x: (x.size - np.searchsorted(np.sort(x, None), F_THRESHOLDS)).astype(np.float32)
-        tp, n_pred = count(q[b][G[b]]), count(q[b])
-        prec, rec = tp / (n_pred + eps), tp / (np.float32(G[b].sum()) + eps)
+def extra_scores(t: torch.Tensor, P: torch.Tensor, gt, protocol: str) -> dict:
+    """Per-sample scores beside cIoU, on q = normalize_img(map). is3: SSLalignment's adaptive cIoU, P = q > sorted(q)[H W
+    - |gt|] (|gt| = #(G != 0), or H W // 2 if empty). avsbench, in float32: AVSBench utility.mask_iou of P (q > 0.5)
+    and of q > median: sum(P G) / (sum(max(P, G)) + 1e-7), an empty mask sum((1 - P)(1 - G)) / (H W + 1e-7); the F
+    curve of _eval_pr + Eval_Fmeasure: P = q >= t in F_THRESHOLDS, prec = TP / (#P + 1e-20), rec = TP / (#G + 1e-20),
+    F = 1.3 prec rec / (0.3 prec + rec), NaN -> 0 (the counts by sorting, exact); an empty mask: a NaN row (skipped)."""
+    q, G, n = minmax(t), gt[0], gt[0][0].numel()
+    if protocol == "is3":
+        k = [n - (c or n // 2) for c in (G != 0).flatten(1).sum(1).tolist()]
+        thr = [np.partition(r, j)[j] for r, j in zip(q.flatten(1).cpu().numpy(), k)]
+        return {"adap": ciou(q > torch.tensor(thr, device=q.device)[:, None, None], gt).cpu().numpy()}
+    empty, out = G.sum((1, 2)) == 0, {}
+    for name, B in (("iou", P.float()), ("iou_median", binarize(t, "is3").float())):
+        inter = torch.where(empty, ((1 - B) * (1 - G)).sum((1, 2)), (B * G).sum((1, 2)))
+        out[name] = (inter / (torch.where(empty, float(n), torch.maximum(B, G).sum((1, 2))) + 1e-7)).cpu().numpy()
+    qs, gs, eps = q.cpu().numpy(), G.cpu().numpy() > 0, np.float32(1e-20)
+    out["f"] = np.full((len(qs), len(F_THRESHOLDS)), np.nan, np.float32)
+    count = lambda x: (x.size - np.searchsorted(np.sort(x, None), F_THRESHOLDS)).astype(np.float32)  # noqa: E731
+    for b in np.flatnonzero(gs.any((1, 2))):
+        tp = count(qs[b][gs[b]])
+        prec, rec = tp / (count(qs[b]) + eps), tp / (np.float32(gs[b].sum()) + eps)
         with np.errstate(invalid="ignore"):
             f = np.float32(1.3) * prec * rec / (np.float32(0.3) * prec + rec)
-        out[b] = np.where(f != f, np.float32(0), f)
+        out["f"][b] = np.where(f != f, np.float32(0), f)
     return out
 
 
-def is3_adaptive(q: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """SSLalignment's adaptive cIoU prediction: q > sorted(q)[H W - |gt|], |gt| = #(G != 0), or H W // 2 if empty."""
-    n, qs = G[0].numel(), q.flatten(1).cpu().numpy()
-    k = [n - (c or n // 2) for c in (G != 0).flatten(1).sum(1).tolist()]
-    return q > torch.tensor([np.partition(r, j)[j] for r, j in zip(qs, k)], device=q.device)[:, None, None]
-
-
-def group_of(vid: str, entry: dict) -> str:
-    """The IS3 image an annotation belongs to: its "group", else SSLalignment's '_'.join(name.split('_')[:-1])."""
+def group_of(vid: str, entry: dict) -> str:       # the IS3 image of an annotation: SSLalignment's short_name
     return entry.get("group") or "_".join(vid.split("_")[:-1])
 
 
 def interactive(ids, scores, ann) -> dict:
     """SSLalignment Evaluator_iiou.finalize_cIoU / finalize_IAUC: at each AUC threshold t the mean over images of the
     min over the image's annotations of [cIoU >= t]; IIoU at t = 0.5, IAUC the trapezoid over the 21 thresholds."""
-    groups = {}
-    for i, c in zip(ids, scores):
-        groups.setdefault(group_of(i, ann[i]), []).append(c)
+    groups = collections.defaultdict(list)
+    [groups[group_of(i, ann[i])].append(c) for i, c in zip(ids, scores)]
     curve = [float(np.mean([min(c >= t for c in g) for g in groups.values()])) for t in AUC_THRESHOLDS]
     return {"iiou": curve[10], "iauc": float(np.trapezoid(curve, AUC_THRESHOLDS)), "n_images": len(groups)}
 
@@ -841,14 +834,10 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
         raise UserError(f"none of the {len(listed)} listed ids has a map to score (first listed: "
                         f"{', '.join(listed[:3])})")
     if protocol == "is3":                                 # an image is scored with all its annotations, or refused
-        members, scored = collections.defaultdict(list), set(present)
-        for i in ann:
-            members[group_of(i, ann[i])].append(i)
-        for g in dict.fromkeys(group_of(i, ann[i]) for i in present):
-            lack = [i for i in members[g] if i not in scored]
-            if lack or len(members[g]) < 2:
-                raise UserError(f"IS3 image {g}: " + (f"its annotation {lack[0]} has no map or is not in the test list"
-                                if lack else "a single annotation (each IS3 image has two, each with its own audio)"))
+        has, got = (collections.Counter(group_of(i, ann[i]) for i in x) for x in (ann, present))
+        for g in (g for g in got if got[g] < max(has[g], 2)):
+            raise UserError(f"IS3 image {g}: {got[g]} of its {has[g]} annotations listed with a map (each IS3 image "
+                            f"has two sources, each annotated with its own audio)")
     device, extra = torch.device(device), dict(extra_baselines or {})
     names = ["test", *extra] + (["center", "full_image"] if baselines else [])
     scores, area = {k: np.zeros(len(present)) for k in names}, np.zeros(len(present))
@@ -867,12 +856,9 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                     if name == "test" and fuse is not None:
                         t = fuse[1](t, _resized(fuse[0], ids_c, align_corners, device))
                     P = binarize(t, protocol)
-                    if name == "test" and protocol == "is3":
-                        more["adap"].append(ciou(is3_adaptive(minmax(t), gt[0]), gt).cpu().numpy())
-                    if name == "test" and protocol == "avsbench":
-                        more["iou"].append(mask_iou(P, gt[0]).cpu().numpy())
-                        more["iou_median"].append(mask_iou(binarize(t, "is3"), gt[0]).cpu().numpy())
-                        more["f"].append(f_curves(minmax(t), gt[0]))
+                    for k, v in (extra_scores(t, P, gt, protocol) if name == "test" and protocol in (
+                            "is3", "avsbench") else {}).items():
+                        more[k].append(v)
                 elif name == "center":
                     P = prior
                 else:                                     # P = 1: sum(G) / (sum(G) + #[G == 0])
@@ -934,16 +920,13 @@ def format_report(res: dict, title: str = "test") -> str:
     width = max([5] + [len(k) for k in res["baselines"]])
     for k, v in [("model", res["test"]), *res["baselines"].items()]:
         lines.append(f"[{title}] {k:<{width}}  {fmt_metrics(v)}   ({res['protocol']}, N={res['n']})")
-    t = res["test"]
-    if "iiou" in t:
-        lines.append(f"[{title}] IS3 adaptive cIoU@0.5 {100 * t['ciou_adap']:6.2f}  AUC {100 * t['auc_adap']:6.2f}  |  "
-                     f"IIoU {100 * t['iiou']:6.2f}  IAUC {100 * t['iauc']:6.2f}  |  adaptive IIoU "
-                     f"{100 * t['iiou_adap']:6.2f}  IAUC {100 * t['iauc_adap']:6.2f}   ({t['n_images']} images, "
-                     f"N={res['n']} annotations)")
-    if "miou" in t:
-        lines.append(f"[{title}] AVSBench mIoU {100 * t['miou']:6.2f} (q > 0.5)  {100 * t['miou_median']:6.2f} (q > "
-                     f"median)  F-score {100 * t['fscore']:6.2f} (beta^2 0.3, one curve over the frames)   (N={res['n']} "
-                     f"frames, {t['n_empty_mask']} with an empty mask)")
+    t = {k: 100 * v for k, v in res["test"].items()}
+    lines += [f"[{title}] IS3 adaptive cIoU@0.5 {t['ciou_adap']:6.2f}  AUC {t['auc_adap']:6.2f} | IIoU {t['iiou']:6.2f}  "
+              f"IAUC {t['iauc']:6.2f} | adaptive IIoU {t['iiou_adap']:6.2f}  IAUC {t['iauc_adap']:6.2f}   "
+              f"({res['test']['n_images']} images, N={res['n']} annotations)"] if "iiou" in t else []
+    lines += [f"[{title}] AVSBench mIoU {t['miou']:6.2f} (q > 0.5)  {t['miou_median']:6.2f} (q > median)  F-score "
+              f"{t['fscore']:6.2f} (beta^2 0.3, one curve over the frames)   (N={res['n']} frames, "
+              f"{res['test']['n_empty_mask']} with an empty mask)"] if "miou" in t else []
     lines.append(f"[{title}] by box area (SLAVC's bins, pixels at 224: < 32^2, 96^2, 144^2, larger), cIoU@0.5: "
                  + ", ".join(f"{k} {100 * v['ciou@0.5']:.2f} (N={v['n']})" for k, v in res["by_size"].items()))
     return "\n".join(lines)
@@ -955,8 +938,7 @@ NOISE_STD = 0.1          # white noise N(0, 0.1^2) (-20 dBFS RMS), seeded by the
 
 
 class NegativeAudio(torch.utils.data.Dataset):
-    """Item i keeps its frame; its audio is silence, white noise, or (offscreen) clip (i + 1) mod N's (SwapAudio), on
-    IS3 the next clip whose class is neither of the image's sources' (offscreen_donors)."""
+    """Item i keeps its frame; its audio is silence, white noise, or (offscreen) clip (i + 1) mod N's (or donors[i]'s)."""
 
     def __init__(self, ds, kind: str, donors=None):
         self.ds, self.ids, self.kind = SwapAudio(ds, donors) if kind == "offscreen" else ds, ds.ids, kind
@@ -971,19 +953,6 @@ class NegativeAudio(torch.utils.data.Dataset):
         wav = torch.zeros_like(item[1]) if self.kind == "silence" else (torch.randn(
             item[1].shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64) * NOISE_STD).float()
         return (item[0], wav, *item[2:])
-
-
-def offscreen_donors(ids, ann) -> list | None:
-    """IS3 (entries with a "group"): for clip i the next clip (cyclically) whose class is in neither of its image's
-    annotations, as xavijuanola/vssl_eval draws off-screen audio (there at random); else None: clip i + 1."""
-    if not all("group" in ann.get(i, {}) for i in ids):
-        return None
-    classes = collections.defaultdict(set)
-    for e in ann.values():
-        classes[e.get("group")].add(e.get("class"))
-    n, own = len(ids), [classes[ann[i]["group"]] for i in ids]
-    return [next((j % n for j in range(i + 1, i + n) if ann[ids[j % n]].get("class") not in own[i]), (i + 1) % n)
-            for i in range(n)]
 
 
 def detection_ap(conf, correct, n_pos: int) -> tuple[float, float]:
@@ -1056,7 +1025,9 @@ def run_negatives(compute, ds, ann, threshold: float, scale: str, align_corners:
     """--negatives in a method's --eval: compute(dataset) -> {id: raw map} on the test set and on its three
     negative-audio copies. Returns (metrics, {"raw", "neg", "per_sample", "meta"}) (the second for save_maps)."""
     raw = compute(ds)
-    neg = {k: compute(NegativeAudio(ds, k, offscreen_donors(ds.ids, ann))) for k in NEGATIVE_KINDS}
+    pos = {v: k for k, v in enumerate(ds.ids)}          # IS3: the clip of another class data_prep.py is3 chose
+    donors = [pos.get(ann[v].get("offscreen"), (k + 1) % len(pos)) for k, v in enumerate(ds.ids)]
+    neg = {k: compute(NegativeAudio(ds, k, donors)) for k in NEGATIVE_KINDS}
     r = dict(negative_metrics(raw, neg, ann, ds.ids, threshold, align_corners), scale=scale)
     return r, {"raw": raw, "neg": neg, "per_sample": r["per_sample"],
                "meta": {"threshold": threshold, "scale": scale, "align_corners": align_corners}}

@@ -798,6 +798,12 @@ def cmd_is3(a):
     ok = [v for v in ann if ann[v]["group"] not in bad]
     if not ok:
         raise C.UserError(f"no IS3 image could be prepared with all its annotations (reasons in {out / 'manifest.csv'})")
+    own = {}
+    for v in ok:
+        own.setdefault(ann[v]["group"], set()).add(ann[v]["class"])
+    for k, v in enumerate(ok):    # --negatives' off-screen audio: the next clip of a class in neither of the image's
+        ann[v]["offscreen"] = next((ok[j % len(ok)] for j in range(k + 1, k + len(ok))     # sources (vssl_eval: random)
+                                    if ann[ok[j % len(ok)]]["class"] not in own[ann[v]["group"]]), None)
     merge_annotations(out, [ann[v] for v in ok])
     (out / "splits" / "test.txt").write_text("\n".join(ok) + "\n")
     print(f"IS3: {len(ok)} annotations of {len(groups) - len(bad)} images -> splits/test.txt"

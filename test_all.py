@@ -2680,10 +2680,10 @@ def test_issue30_is3_an_image_missing_an_annotation_is_an_error():
     maps, _, ann = _is3_case(1)
     one = dict(maps)
     del one["dog_piano_2_dog"]
-    with pytest.raises(C.UserError, match="IS3 image dog_piano_2: its annotation dog_piano_2_dog has no map"):
+    with pytest.raises(C.UserError, match="IS3 image dog_piano_2: 1 of its 2 annotations listed with a map"):
         C.evaluate_maps(one, ann, protocol="is3")
     lone = {k: v for k, v in ann.items() if k != "dog_piano_2_dog"}
-    with pytest.raises(C.UserError, match="IS3 image dog_piano_2: a single annotation"):
+    with pytest.raises(C.UserError, match="IS3 image dog_piano_2: 1 of its 1 annotations listed"):
         C.evaluate_maps({k: maps[k] for k in lone}, lone, protocol="is3")
 
 
@@ -2939,15 +2939,22 @@ def test_issue30_every_door_scores_is3_and_avsbench_roots(tiny, tmp_path):
     assert r.returncode == 2 and r.stderr.count("error:") == 1 and "with --protocol avsbench" in r.stderr
 
 
-def test_issue30_offscreen_audio_on_is3_comes_from_a_class_of_neither_source():
-    ids = ["a_b_1_a", "a_b_1_b", "a_c_2_a", "a_c_2_c", "d_e_3_d", "d_e_3_e"]
-    ann = {i: {"file": i, "class": i.split("_")[-1], "bbox": [], "group": "_".join(i.split("_")[:-1])} for i in ids}
-    assert C.offscreen_donors(ids, ann) == [3, 3, 4, 4, 0, 0]        # the next clip of a class the image lacks
-    assert C.offscreen_donors(ids, {i: {"file": i, "bbox": []} for i in ids}) is None    # elsewhere: clip i + 1
+def test_issue30_offscreen_audio_on_is3_comes_from_a_class_of_neither_source(tmp_path):
+    _is3_release(tmp_path / "IS3")
+    data_prep.main(["is3", str(tmp_path / "IS3"), "--out", str(tmp_path / "r")])
+    ann = C.load_annotations(tmp_path / "r" / "annotations.json")
+    ids = C.read_split(tmp_path / "r" / "splits" / "test.txt")
+    for v in ids:                                       # the next clip whose class neither source of the image has
+        assert ann[v]["offscreen"].split("_")[-1] not in v.split("_")[:2], v
+    seen = {}
 
-    class Items(list):                                              # a dataset: (frame, audio, id) per item
-        pass
-    items = Items((f"frame{i}", f"audio{i}", v) for i, v in enumerate(ids))
-    items.ids = ids
-    neg = C.NegativeAudio(items, "offscreen", C.offscreen_donors(ids, ann))
-    assert [neg[i][:2] for i in (0, 4)] == [("frame0", "audio3"), ("frame4", "audio0")]
+    def compute(d):
+        seen[getattr(d, "kind", "positive")] = d
+        return {v: np.ones((7, 7), np.float32) for v in ids}
+    ds = type("DS", (list,), {"ids": ids})((f"frame{k}", f"audio{k}", v) for k, v in enumerate(ids))
+    C.run_negatives(compute, ds, ann, 0.5, "raw", False)
+    off = seen["offscreen"]
+    assert [off[k][1] for k in range(len(ids))] == [f"audio{ids.index(ann[v]['offscreen'])}" for v in ids]
+    del ann[ids[0]]["offscreen"]                                     # elsewhere: the next clip's audio
+    C.run_negatives(compute, ds, ann, 0.5, "raw", False)
+    assert seen["offscreen"][0][1] == "audio1"
