@@ -536,11 +536,9 @@ PROTOCOLS = {
     "rel0.1": "CSOL tools.py exactly: P = map > 0.1 * max(map), no min-max (the threshold is computed in float64 and "
               "compared in float32, NumPy 1.x rules)",
     "is3": "SSLalignment test.py + utils.Evaluator_iiou: q = normalize_img(map), P = q > sorted(q)[25088]; adaptive: "
-           "q > sorted(q)[50176 - |gt|] (|gt| = 25088 if empty); IIoU / IAUC: an image counts at t when each of its "
-           "annotations (the same frame, its own audio) has cIoU >= t (a NaN cIoU fails)",
-    "avsbench": "ACL-SSL AVSBench/eval_utils.py Evaluator on q = normalize_img(map): mIoU of q > 0.5 and of q > "
-                "sorted(q)[25088] (AVSBench utility.mask_iou; an empty mask scores TN / HW); F-score (beta^2 0.3, q >= "
-                "255 thresholds, empty masks skipped): the mean curve over all frames, then its max (cIoU: q > 0.5)",
+           "q > sorted(q)[50176 - |gt|]; IIoU / IAUC: an image counts if all its annotations have cIoU >= t",
+    "avsbench": "ACL-SSL AVSBench/eval_utils.py Evaluator, q = normalize_img(map): mIoU of q > 0.5 (cIoU too) and q > "
+                "sorted(q)[25088]; F-score (beta^2 0.3, 255 thresholds): one mean curve over the frames, then its max",
 }
 F_THRESHOLDS = torch.linspace(0, 1 - 1e-10, 255).numpy()   # AVSBench _eval_pr's list, in float32 as official
 AUC_THRESHOLDS = [0.05 * i for i in range(21)]  # the official list (0.05*3 = 0.15000000000000002)
@@ -602,17 +600,15 @@ def load_annotations(path) -> dict:
     out = {}
     for i, e in enumerate(data):
         where = f"{path} entry {i}" + (f" ({e.get('file')})" if isinstance(e, dict) else "")
-        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not isinstance(e.get("bbox"), list):
-            raise UserError(f"{where}: an entry needs a string 'file' and a list 'bbox'")
+        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not isinstance(e.get("bbox"), list) or \
+                not isinstance(e.get("mask", ""), str):
+            raise UserError(f"{where}: an entry needs a string 'file' and a list 'bbox' (and 'mask': a PNG path)")
         if e.get("gt", "union") not in ("union", "consensus"):
             raise UserError(f"{where}: 'gt' must be 'union' or 'consensus'")
         if e["file"] in out:
             raise UserError(f"{where}: duplicate id {e['file']}")
-        out[e["file"]] = dict(e, bbox=[_box(b, where) for b in e["bbox"]])
-        if "mask" in e:                                   # a PNG path relative to the annotation file's folder
-            if not isinstance(e["mask"], str):
-                raise UserError(f"{where}: 'mask' must be a PNG path relative to {path.parent}")
-            out[e["file"]]["mask"] = str(path.parent / e["mask"])
+        out[e["file"]] = dict(e, bbox=[_box(b, where) for b in e["bbox"]])     # a mask: relative to the file's folder
+        out[e["file"]].update({"mask": str(path.parent / e["mask"])} if "mask" in e else {})
         if "objects" in e:
             out[e["file"]]["objects"] = [dict(o, bbox=_box(o.get("bbox"), where)) for o in e["objects"]]
     return out
@@ -692,8 +688,7 @@ def binarize(t: torch.Tensor, protocol: str, threshold: float | None = None) -> 
     if protocol == "fixed":
         return t >= threshold
     if protocol == "is3":                                 # SSLalignment: infer > sorted(infer)[int(224 * 224 * 0.5)]
-        q = minmax(t)
-        return q > kth(q)
+        return (q := minmax(t)) > kth(q)
     if protocol == "avsbench":                            # AVSBench mask_iou: sigmoid(logit) > 0.5, here q > 0.5
         return minmax(t) > 0.5
     raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
@@ -871,11 +866,10 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
         test.update({f"{k.replace('@0.5', '')}_adap": v for k, v in summarize(more["adap"]).items()},
                     **interactive(present, scores["test"], ann),
                     **{f"{k}_adap": v for k, v in interactive(present, more["adap"], ann).items() if k != "n_images"})
-    if protocol == "avsbench":
-        keep = ~np.isnan(more["f"][:, 0])
-        test.update(miou=float(more["iou"].astype(np.float64).mean()), n_empty_mask=int((~keep).sum()),
-                    miou_median=float(more["iou_median"].astype(np.float64).mean()),
-                    fscore=float(more["f"][keep].astype(np.float64).mean(0).max()) if keep.any() else float("nan"))
+    if protocol == "avsbench":                            # means in float64 (ACL-SSL's: float32)
+        f, mean = more["f"][~np.isnan(more["f"][:, 0])], lambda x: float(x.astype(np.float64).mean())  # noqa: E731
+        test.update(miou=mean(more["iou"]), miou_median=mean(more["iou_median"]), n_empty_mask=len(more["f"]) - len(f),
+                    fscore=float(f.astype(np.float64).mean(0).max()) if len(f) else float("nan"))
     empty, by_size, lower = [i for i, g in zip(present, area) if g == 0], {}, 0.0
     for name, upper in SIZE_BINS.items():                 # lower <= area < upper; an empty ground truth in no bin
         sel = (area > 0) & (area >= lower) & (area < upper)

@@ -2765,7 +2765,7 @@ def test_issue30_mask_errors_are_one_line(tmp_path):
     with pytest.raises(C.UserError, match=r"clip1_2.png: mask file not found"):
         C.evaluate_maps(maps, ann, protocol="avsbench")
     (tmp_path / "bad.json").write_text(json.dumps([{"file": "a", "bbox": [], "mask": 3}]))
-    with pytest.raises(C.UserError, match="'mask' must be a PNG path"):
+    with pytest.raises(C.UserError, match=r"bad.json entry 0 \(a\): an entry needs .* \(and 'mask': a PNG path\)"):
         C.load_annotations(tmp_path / "bad.json")
 
 
