@@ -1852,7 +1852,7 @@ def _issue12_cases():
     return maps, ann
 
 
-@pytest.mark.parametrize("protocol", list(C.PROTOCOLS))
+@pytest.mark.parametrize("protocol", ["median", "median_strict", "abs0.5", "rel0.1"])   # is3, avsbench: issue 30
 def test_issue12_every_protocol_equals_the_official_per_sample_rule(protocol):
     maps, ann = _issue12_cases()
     for ac in (False, True):
@@ -2958,3 +2958,21 @@ def test_issue30_offscreen_audio_on_is3_comes_from_a_class_of_neither_source(tmp
     del ann[ids[0]]["offscreen"]                                     # elsewhere: the next clip's audio
     C.run_negatives(compute, ds, ann, 0.5, "raw", False)
     assert seen["offscreen"][0][1] == "audio1"
+
+
+@pytest.mark.parametrize("protocol", ["is3", "avsbench"])
+def test_issue30_ciou_of_the_new_protocols_on_the_issue12_cases(protocol):
+    """Mixed map sizes, both resizes, consensus boxes, constant maps, empty boxes: the per-sample cIoU of SSLalignment's
+    rule (q > sorted(q)[25088]) and of AVSBench's (q > 0.5), bit for bit."""
+    maps, ann = _issue12_cases()
+    for ac in (False, True):
+        res = C.evaluate_maps(maps, ann, protocol=protocol, align_corners=ac, chunk=5)
+        for k in maps:
+            q = _normalize_img(_official_resize(maps[k], ac))
+            thr = np.sort(q.flatten())[int(224 * 224 * 0.5)] if protocol == "is3" else 0.5
+            infer_map = np.zeros((224, 224))
+            infer_map[q > thr] = 1
+            gt = _official_gt(ann[k])
+            with np.errstate(invalid="ignore"):
+                ref = np.sum(infer_map * gt) / (np.sum(gt) + np.sum(infer_map * (gt == 0)))
+            np.testing.assert_array_equal(res["per_sample"][k], ref)
