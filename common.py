@@ -114,13 +114,10 @@ def load_weights(module: nn.Module, source, arch: str = "resnet18", prefix: str 
     """Load "imagenet" (torchvision) or a local .pth (a state dict, or one under 'state_dict' / 'model' /
     'model_state_dict') into `module`; only keys under `prefix` (removed), of matching shape. Returns the keys of the
     module that got no weight."""
-    if source == "imagenet":
-        sd = imagenet_state_dict(arch)
-    else:
-        sd = safe_load(source, "weights file")
-        for k in ("state_dict", "model", "model_state_dict"):
-            if isinstance(sd, dict) and isinstance(sd.get(k), dict):
-                sd = sd[k]
+    sd = imagenet_state_dict(arch) if source == "imagenet" else safe_load(source, "weights file")
+    for k in ("state_dict", "model", "model_state_dict"):                  # (torchvision's has none of these)
+        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
+            sd = sd[k]
     sd = {k[len(prefix):]: v for k, v in strip_prefix(sd).items() if k.startswith(prefix)}
     own = module.state_dict()
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
@@ -675,8 +672,7 @@ def binarize(t: torch.Tensor, protocol: str, threshold: float | None = None) -> 
         k = np.partition(x.flatten(1).cpu().numpy(), MEDIAN_INDEX, axis=1)[:, MEDIAN_INDEX]
         return torch.from_numpy(k).to(x.device)[:, None, None]
     if protocol == "median":                              # EZ-VSL
-        q = minmax(t)
-        return q >= kth(q)
+        return (q := minmax(t)) >= kth(q)
     if protocol == "median_strict":                       # LVS: p[p > thr] = 1; p[p < 1] = 0
         p = minmax(-t).neg_().add_(1)                     # 1 - normalize_img(-map): the same roundings
         return (p > kth(p)) | (p >= 1)
@@ -781,9 +777,7 @@ def check_map(vid: str, m, where: str = "prediction") -> np.ndarray:
 
 def center_prior(size: int = GT_SIZE) -> np.ndarray:
     """The centred-prior baseline: a cone 1 - d / d_corner (median: a centred disk of half the image)."""
-    c = (size - 1) / 2.0
-    yy, xx = np.mgrid[0:size, 0:size]
-    d = np.hypot(yy - c, xx - c)
+    d = np.hypot(*(np.mgrid[0:size, 0:size] - (size - 1) / 2.0))
     return (1.0 - d / d.max()).astype(np.float32)
 
 
