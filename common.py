@@ -708,11 +708,11 @@ def ciou(P: torch.Tensor, gt) -> torch.Tensor:
 
 
 def extra_scores(t: torch.Tensor, P: torch.Tensor, gt, protocol: str) -> dict:
-    """Per-sample scores beside cIoU, on q = normalize_img(map). is3: SSLalignment's adaptive cIoU, P = q > sorted(q)[H W
-    - |gt|] (|gt| = #(G != 0), or H W // 2 if empty). avsbench, in float32: AVSBench utility.mask_iou of P (q > 0.5)
-    and of q > median: sum(P G) / (sum(max(P, G)) + 1e-7), an empty mask sum((1 - P)(1 - G)) / (H W + 1e-7); the F
-    curve of _eval_pr + Eval_Fmeasure: P = q >= t in F_THRESHOLDS, prec = TP / (#P + 1e-20), rec = TP / (#G + 1e-20),
-    F = 1.3 prec rec / (0.3 prec + rec), NaN -> 0 (the counts by sorting, exact); an empty mask: a NaN row (skipped)."""
+    """Per-sample scores beside cIoU, on q = normalize_img(map). is3: SSLalignment's adaptive cIoU, P = q >
+    sorted(q)[H W - |gt|] (|gt| = #(G != 0), or H W // 2 if empty). avsbench, in float32: AVSBench utility.mask_iou
+    of P (q > 0.5) and of q > median: sum(P G) / (sum(max(P, G)) + 1e-7), an empty mask sum((1 - P)(1 - G)) / (H W +
+    1e-7); the F curve of _eval_pr + Eval_Fmeasure: P = q >= t in F_THRESHOLDS, prec = TP / (#P + 1e-20), rec = TP /
+    (#G + 1e-20), F = 1.3 prec rec / (0.3 prec + rec), NaN -> 0 (counts by sorting: exact); an empty mask: NaNs."""
     q, G, n = minmax(t), gt[0], gt[0][0].numel()
     if protocol == "is3":
         k = [n - (c or n // 2) for c in (G != 0).flatten(1).sum(1).tolist()]
@@ -734,15 +734,11 @@ def extra_scores(t: torch.Tensor, P: torch.Tensor, gt, protocol: str) -> dict:
     return out
 
 
-def group_of(vid: str, entry: dict) -> str:       # the IS3 image of an annotation: SSLalignment's short_name
-    return entry.get("group") or "_".join(vid.split("_")[:-1])
-
-
-def interactive(ids, scores, ann) -> dict:
+def interactive(images, scores) -> dict:
     """SSLalignment Evaluator_iiou.finalize_cIoU / finalize_IAUC: at each AUC threshold t the mean over images of the
     min over the image's annotations of [cIoU >= t]; IIoU at t = 0.5, IAUC the trapezoid over the 21 thresholds."""
     groups = collections.defaultdict(list)
-    [groups[group_of(i, ann[i])].append(c) for i, c in zip(ids, scores)]
+    [groups[g].append(c) for g, c in zip(images, scores)]
     curve = [float(np.mean([min(c >= t for c in g) for g in groups.values()])) for t in AUC_THRESHOLDS]
     return {"iiou": curve[10], "iauc": float(np.trapezoid(curve, AUC_THRESHOLDS)), "n_images": len(groups)}
 
@@ -823,7 +819,8 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
         raise UserError(f"none of the {len(listed)} listed ids has a map to score (first listed: "
                         f"{', '.join(listed[:3])})")
     if protocol == "is3":                                 # an image is scored with all its annotations, or refused
-        has, got = (collections.Counter(group_of(i, ann[i]) for i in x) for x in (ann, present))
+        image = {i: e.get("group") or "_".join(i.split("_")[:-1]) for i, e in ann.items()}   # SSLalignment short_name
+        has, got = (collections.Counter(image[i] for i in x) for x in (ann, present))
         for g in (g for g in got if got[g] < max(has[g], 2)):
             raise UserError(f"IS3 image {g}: {got[g]} of its {has[g]} annotations listed with a map (each IS3 image "
                             f"has two sources, each annotated with its own audio)")
@@ -857,9 +854,10 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                 scores[name][s:s + len(ids_c)] = ciou(P, gt).cpu().numpy()
     test, more = summarize(scores["test"]), {k: np.concatenate(v) for k, v in more.items()}
     if protocol == "is3":
-        test.update({f"{k.replace('@0.5', '')}_adap": v for k, v in summarize(more["adap"]).items()},
-                    **interactive(present, scores["test"], ann),
-                    **{f"{k}_adap": v for k, v in interactive(present, more["adap"], ann).items() if k != "n_images"})
+        imgs = [image[i] for i in present]
+        adap = dict(summarize(more["adap"]), **interactive(imgs, more["adap"]))
+        test.update(interactive(imgs, scores["test"]),
+                    **{f"{k.replace('@0.5', '')}_adap": v for k, v in adap.items() if k != "n_images"})
     if protocol == "avsbench":                            # means in float64 (ACL-SSL's: float32)
         f, mean = more["f"][~np.isnan(more["f"][:, 0])], lambda x: float(x.astype(np.float64).mean())  # noqa: E731
         test.update(miou=mean(more["iou"]), miou_median=mean(more["iou_median"]), n_empty_mask=len(more["f"]) - len(f),
@@ -870,7 +868,8 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
         by_size[name], lower = dict(summarize(scores["test"][sel]), n=int(sel.sum())), upper
     return {"protocol": protocol, "resize": f"bilinear align_corners={align_corners}", "n": len(present),
             "n_listed": len(listed), "missing": missing, "duplicates": dups, "empty_gt": empty,
-            "empty_gt_causes": {i: "empty mask" if "mask" in ann[i] else empty_cause(ann[i]["bbox"]) for i in empty[:10]},
+            "empty_gt_causes": {i: "empty mask" if "mask" in ann[i] else empty_cause(ann[i]["bbox"])
+                                for i in empty[:10]},
             "boxes_outside": outside, "test": test, "f_curves": more.get("f"),
             "per_sample": dict(zip(present, scores["test"].tolist())),
             "baselines": {k: summarize(scores[k]) for k in names[1:]}, "by_size": by_size}
@@ -909,8 +908,9 @@ def format_report(res: dict, title: str = "test") -> str:
     for k, v in [("model", res["test"]), *res["baselines"].items()]:
         lines.append(f"[{title}] {k:<{width}}  {fmt_metrics(v)}   ({res['protocol']}, N={res['n']})")
     t = {k: 100 * v for k, v in res["test"].items()}
-    lines += [f"[{title}] IS3 adaptive cIoU@0.5 {t['ciou_adap']:6.2f}  AUC {t['auc_adap']:6.2f} | IIoU {t['iiou']:6.2f}  "
-              f"IAUC {t['iauc']:6.2f} | adaptive IIoU {t['iiou_adap']:6.2f}  IAUC {t['iauc_adap']:6.2f}   "
+    lines += [f"[{title}] IS3 adaptive cIoU@0.5 {t['ciou_adap']:6.2f}  AUC {t['auc_adap']:6.2f} | IIoU "
+              f"{t['iiou']:6.2f}  IAUC {t['iauc']:6.2f} | adaptive IIoU {t['iiou_adap']:6.2f}  IAUC "
+              f"{t['iauc_adap']:6.2f}   "
               f"({res['test']['n_images']} images, N={res['n']} annotations)"] if "iiou" in t else []
     lines += [f"[{title}] AVSBench mIoU {t['miou']:6.2f} (q > 0.5)  {t['miou_median']:6.2f} (q > median)  F-score "
               f"{t['fscore']:6.2f} (beta^2 0.3, one curve over the frames)   (N={res['n']} frames, "
@@ -926,7 +926,7 @@ NOISE_STD = 0.1          # white noise N(0, 0.1^2) (-20 dBFS RMS), seeded by the
 
 
 class NegativeAudio(torch.utils.data.Dataset):
-    """Item i keeps its frame; its audio is silence, white noise, or (offscreen) clip (i + 1) mod N's (or donors[i]'s)."""
+    """Item i keeps its frame; its audio is silence, white noise, or (offscreen) clip (i + 1) mod N's or donors[i]'s."""
 
     def __init__(self, ds, kind: str, donors=None):
         self.ds, self.ids, self.kind = SwapAudio(ds, donors) if kind == "offscreen" else ds, ds.ids, kind

@@ -6,7 +6,7 @@
     python data_prep.py frames SRC --out ROOT [--sr 16000]   frames (jpg/png) + audio (wav/flac/mp3/m4a) already extracted
     python data_prep.py flickr SRC --out ROOT                the Flickr-SoundNet test download (Data/... + Annotations/*.xml)
     python data_prep.py vggss --json vggss.json --clips ROOT the VGG-SS test split + annotations from the clips present
-      [--heard-lists vggss_heard.txt vggss_heard_test.csv vggss_unheard_test.csv]   + the open-set (heard/unheard) splits
+      [--heard-lists vggss_heard.txt vggss_heard_test.csv vggss_unheard_test.csv]  + the heard/unheard splits
     python data_prep.py avsbench SRC --subset s4|ms3 --out ROOT [--whole-clip]   AVSBench-object v1 test masks
     python data_prep.py is3 SRC --out ROOT [--boxes synthetic3240_bbox.json]    IS3 (two sources per image)
     python data_prep.py split LIST --name NAME --root ROOT   any id list (*.txt / *.csv) as ROOT/splits/NAME.txt
@@ -797,7 +797,7 @@ def cmd_is3(a):
     bad = {g for g, vs in groups.items() if len(vs) < 2 or any(manifest[v]["status"] != "ok" for v in vs)}
     ok = [v for v in ann if ann[v]["group"] not in bad]
     if not ok:
-        raise C.UserError(f"no IS3 image could be prepared with all its annotations (reasons in {out / 'manifest.csv'})")
+        raise C.UserError(f"no IS3 image could be prepared with all its annotations (see {out / 'manifest.csv'})")
     own = {}
     for v in ok:
         own.setdefault(ann[v]["group"], set()).add(ann[v]["class"])
