@@ -7,7 +7,8 @@ The standard data layout (written by data_prep.py, read by the methods and the e
   ROOT/splits/<name>.txt      one id per line (train.txt, val.txt, test.txt, ...)
   ROOT/annotations.json       [{"file": id, "class": str, "bbox": [[x1, y1, x2, y2], ...]}, ...] (VGG-SS format,
                               boxes normalised to [0, 1]); optional "gt": "union" (default) | "consensus"
-                              (Flickr-SoundNet) and "objects": [{"class", "bbox", "sounding"}] (CSOL)
+                              (Flickr-SoundNet), "objects": [{"class", "bbox", "sounding"}] (CSOL), "mask": PNG
+                              path relative to ROOT (AVSBench, "bbox": []), "group": the image (IS3)
 """
 from __future__ import annotations
 
@@ -113,13 +114,10 @@ def load_weights(module: nn.Module, source, arch: str = "resnet18", prefix: str 
     """Load "imagenet" (torchvision) or a local .pth (a state dict, or one under 'state_dict' / 'model' /
     'model_state_dict') into `module`; only keys under `prefix` (removed), of matching shape. Returns the keys of the
     module that got no weight."""
-    if source == "imagenet":
-        sd = imagenet_state_dict(arch)
-    else:
-        sd = safe_load(source, "weights file")
-        for k in ("state_dict", "model", "model_state_dict"):
-            if isinstance(sd, dict) and isinstance(sd.get(k), dict):
-                sd = sd[k]
+    sd = imagenet_state_dict(arch) if source == "imagenet" else safe_load(source, "weights file")
+    for k in ("state_dict", "model", "model_state_dict"):                  # (torchvision's has none of these)
+        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
+            sd = sd[k]
     sd = {k[len(prefix):]: v for k, v in strip_prefix(sd).items() if k.startswith(prefix)}
     own = module.state_dict()
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
@@ -331,16 +329,16 @@ class AVDataset(torch.utils.data.Dataset):
 
 
 class SwapAudio(torch.utils.data.Dataset):
-    """The audio-swapped control: item i keeps its frame and id, with the audio of clip (i + 1) mod N."""
+    """The audio-swapped control: item i keeps its frame and id, with the audio of clip (i + 1) mod N (or donors[i])."""
 
-    def __init__(self, ds: AVDataset):
-        self.ds, self.ids = ds, ds.ids
+    def __init__(self, ds: AVDataset, donors=None):
+        self.ds, self.ids, self.donors = ds, ds.ids, donors
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        item, other = self.ds[i], self.ds[(i + 1) % len(self.ds)]
+        item, other = self.ds[i], self.ds[self.donors[i] if self.donors else (i + 1) % len(self.ds)]
         for x in (item, other):
             if isinstance(x, Exception):
                 return x
@@ -534,7 +532,12 @@ PROTOCOLS = {
     "abs0.5": "SSPL test exactly: min-max normalise, P = map >= 0.5 (a constant map is 0/0 = NaN: no pixel)",
     "rel0.1": "CSOL tools.py exactly: P = map > 0.1 * max(map), no min-max (the threshold is computed in float64 and "
               "compared in float32, NumPy 1.x rules)",
+    "is3": "SSLalignment test.py + utils.Evaluator_iiou: q = normalize_img(map), P = q > sorted(q)[25088]; adaptive: "
+           "q > sorted(q)[50176 - |gt|]; IIoU / IAUC: an image counts if all its annotations have cIoU >= t",
+    "avsbench": "ACL-SSL AVSBench/eval_utils.py Evaluator, q = normalize_img(map): mIoU of q > 0.5 (cIoU too) and q > "
+                "sorted(q)[25088]; F-score (beta^2 0.3, 255 thresholds): one mean curve over the frames, then its max",
 }
+F_THRESHOLDS = torch.linspace(0, 1 - 1e-10, 255).numpy()   # AVSBench _eval_pr's list, in float32 as official
 AUC_THRESHOLDS = [0.05 * i for i in range(21)]  # the official list (0.05*3 = 0.15000000000000002)
 MEDIAN_INDEX = GT_SIZE * GT_SIZE // 2           # 25088: the official np.sort(m.flatten())[int(224 * 224 / 2)]
 SIZE_BINS = {"small": 32 ** 2, "medium": 96 ** 2, "large": 144 ** 2, "huge": math.inf}   # SLAVC: area < bound
@@ -594,13 +597,15 @@ def load_annotations(path) -> dict:
     out = {}
     for i, e in enumerate(data):
         where = f"{path} entry {i}" + (f" ({e.get('file')})" if isinstance(e, dict) else "")
-        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not isinstance(e.get("bbox"), list):
-            raise UserError(f"{where}: an entry needs a string 'file' and a list 'bbox'")
+        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not isinstance(e.get("bbox"), list) or \
+                not isinstance(e.get("mask", ""), str):
+            raise UserError(f"{where}: an entry needs a string 'file' and a list 'bbox' (and 'mask': a PNG path)")
         if e.get("gt", "union") not in ("union", "consensus"):
             raise UserError(f"{where}: 'gt' must be 'union' or 'consensus'")
         if e["file"] in out:
             raise UserError(f"{where}: duplicate id {e['file']}")
-        out[e["file"]] = dict(e, bbox=[_box(b, where) for b in e["bbox"]])
+        out[e["file"]] = dict(e, bbox=[_box(b, where) for b in e["bbox"]])     # a mask: relative to the file's folder
+        out[e["file"]].update({"mask": str(path.parent / e["mask"])} if "mask" in e else {})
         if "objects" in e:
             out[e["file"]]["objects"] = [dict(o, bbox=_box(o.get("bbox"), where)) for o in e["objects"]]
     return out
@@ -623,7 +628,20 @@ def boxes_to_map(boxes, kind: str = "union", size: int = GT_SIZE) -> np.ndarray:
 
 
 def gt_map(entry: dict, size: int = GT_SIZE) -> np.ndarray:
-    return boxes_to_map(entry["bbox"], entry.get("gt", "union"), size)
+    return read_mask(entry["mask"]) if "mask" in entry else boxes_to_map(entry["bbox"], entry.get("gt", "union"), size)
+
+
+def read_mask(path) -> np.ndarray:
+    """An AVSBench mask PNG as ACL-SSL reads it (ToTensor of Image.open(p).convert('1')): 0/1 float32, 224 x 224."""
+    try:
+        with Image.open(path) as im:
+            g = np.asarray(im.convert("1"), np.float32)
+    except Exception as e:
+        raise UserError(f"{path}: " + ("mask file not found" if isinstance(e, FileNotFoundError) else
+                                       f"cannot read the mask image ({e})")) from None
+    if g.shape != (GT_SIZE, GT_SIZE):
+        raise UserError(f"{path}: a {g.shape[1]}x{g.shape[0]} mask; AVSBench masks are {GT_SIZE}x{GT_SIZE}")
+    return g
 
 
 def resize_maps(t: torch.Tensor, size: int = GT_SIZE, align_corners: bool = False) -> torch.Tensor:
@@ -654,8 +672,7 @@ def binarize(t: torch.Tensor, protocol: str, threshold: float | None = None) -> 
         k = np.partition(x.flatten(1).cpu().numpy(), MEDIAN_INDEX, axis=1)[:, MEDIAN_INDEX]
         return torch.from_numpy(k).to(x.device)[:, None, None]
     if protocol == "median":                              # EZ-VSL
-        q = minmax(t)
-        return q >= kth(q)
+        return (q := minmax(t)) >= kth(q)
     if protocol == "median_strict":                       # LVS: p[p > thr] = 1; p[p < 1] = 0
         p = minmax(-t).neg_().add_(1)                     # 1 - normalize_img(-map): the same roundings
         return (p > kth(p)) | (p >= 1)
@@ -666,6 +683,10 @@ def binarize(t: torch.Tensor, protocol: str, threshold: float | None = None) -> 
         return t > (0.1 * t.amax((1, 2), keepdim=True).double()).float()
     if protocol == "fixed":
         return t >= threshold
+    if protocol == "is3":                                 # SSLalignment: infer > sorted(infer)[int(224 * 224 * 0.5)]
+        return (q := minmax(t)) > kth(q)
+    if protocol == "avsbench":                            # AVSBench mask_iou: sigmoid(logit) > 0.5, here q > 0.5
+        return minmax(t) > 0.5
     raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
 
 
@@ -684,6 +705,42 @@ def ciou(P: torch.Tensor, gt) -> torch.Tensor:
     inter = (P * G).sum((-2, -1))
     outside = P.sum((-2, -1)) - (inter if G_pos is G else (P * G_pos).sum((-2, -1)))
     return inter.double() / (g.double() + outside.double())
+
+
+def extra_scores(t: torch.Tensor, P: torch.Tensor, gt, protocol: str) -> dict:
+    """Per-sample scores beside cIoU, on q = normalize_img(map). is3: SSLalignment's adaptive cIoU, P = q >
+    sorted(q)[H W - |gt|] (|gt| = #(G != 0), or H W // 2 if empty). avsbench, in float32: AVSBench utility.mask_iou
+    of P (q > 0.5) and of q > median: sum(P G) / (sum(max(P, G)) + 1e-7), an empty mask sum((1 - P)(1 - G)) / (H W +
+    1e-7); the F curve of _eval_pr + Eval_Fmeasure: P = q >= t in F_THRESHOLDS, prec = TP / (#P + 1e-20), rec = TP /
+    (#G + 1e-20), F = 1.3 prec rec / (0.3 prec + rec), NaN -> 0 (counts by sorting: exact); an empty mask: NaNs."""
+    q, G, n = minmax(t), gt[0], gt[0][0].numel()
+    if protocol == "is3":
+        k = [n - (c or n // 2) for c in (G != 0).flatten(1).sum(1).tolist()]
+        thr = [np.partition(r, j)[j] for r, j in zip(q.flatten(1).cpu().numpy(), k)]
+        return {"adap": ciou(q > torch.tensor(thr, device=q.device)[:, None, None], gt).cpu().numpy()}
+    empty, out = G.sum((1, 2)) == 0, {}
+    for name, B in (("iou", P.float()), ("iou_median", binarize(t, "is3").float())):
+        inter = torch.where(empty, ((1 - B) * (1 - G)).sum((1, 2)), (B * G).sum((1, 2)))
+        out[name] = (inter / (torch.where(empty, float(n), torch.maximum(B, G).sum((1, 2))) + 1e-7)).cpu().numpy()
+    qs, gs, eps = q.cpu().numpy(), G.cpu().numpy() > 0, np.float32(1e-20)
+    out["f"] = np.full((len(qs), len(F_THRESHOLDS)), np.nan, np.float32)
+    count = lambda x: (x.size - np.searchsorted(np.sort(x, None), F_THRESHOLDS)).astype(np.float32)  # noqa: E731
+    for b in np.flatnonzero(gs.any((1, 2))):
+        tp = count(qs[b][gs[b]])
+        prec, rec = tp / (count(qs[b]) + eps), tp / (np.float32(gs[b].sum()) + eps)
+        with np.errstate(invalid="ignore"):
+            f = np.float32(1.3) * prec * rec / (np.float32(0.3) * prec + rec)
+        out["f"][b] = np.where(f != f, np.float32(0), f)
+    return out
+
+
+def interactive(images, scores) -> dict:
+    """SSLalignment Evaluator_iiou.finalize_cIoU / finalize_IAUC: at each AUC threshold t the mean over images of the
+    min over the image's annotations of [cIoU >= t]; IIoU at t = 0.5, IAUC the trapezoid over the 21 thresholds."""
+    groups = collections.defaultdict(list)
+    [groups[g].append(c) for g, c in zip(images, scores)]
+    curve = [float(np.mean([min(c >= t for c in g) for g in groups.values()])) for t in AUC_THRESHOLDS]
+    return {"iiou": curve[10], "iauc": float(np.trapezoid(curve, AUC_THRESHOLDS)), "n_images": len(groups)}
 
 
 def summarize(scores, nan_mean: str = "zero") -> dict:
@@ -716,9 +773,7 @@ def check_map(vid: str, m, where: str = "prediction") -> np.ndarray:
 
 def center_prior(size: int = GT_SIZE) -> np.ndarray:
     """The centred-prior baseline: a cone 1 - d / d_corner (median: a centred disk of half the image)."""
-    c = (size - 1) / 2.0
-    yy, xx = np.mgrid[0:size, 0:size]
-    d = np.hypot(yy - c, xx - c)
+    d = np.hypot(*(np.mgrid[0:size, 0:size] - (size - 1) / 2.0))
     return (1.0 - d / d.max()).astype(np.float32)
 
 
@@ -763,11 +818,17 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
     if not present:
         raise UserError(f"none of the {len(listed)} listed ids has a map to score (first listed: "
                         f"{', '.join(listed[:3])})")
+    if protocol == "is3":                                 # an image is scored with all its annotations, or refused
+        image = {i: e.get("group") or "_".join(i.split("_")[:-1]) for i, e in ann.items()}   # SSLalignment short_name
+        has, got = (collections.Counter(image[i] for i in x) for x in (ann, present))
+        for g in (g for g in got if got[g] < max(has[g], 2)):
+            raise UserError(f"IS3 image {g}: {got[g]} of its {has[g]} annotations listed with a map (each IS3 image "
+                            f"has two sources, each annotated with its own audio)")
     device, extra = torch.device(device), dict(extra_baselines or {})
     names = ["test", *extra] + (["center", "full_image"] if baselines else [])
     scores, area = {k: np.zeros(len(present)) for k in names}, np.zeros(len(present))
     prior = binarize(torch.from_numpy(center_prior())[None].to(device), protocol)
-    outside = 0
+    outside, more = 0, collections.defaultdict(list)     # per-sample extras of the is3 and avsbench protocols
     with torch.no_grad():
         for s in range(0, len(present), chunk):
             ids_c = present[s:s + chunk]
@@ -781,6 +842,9 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                     if name == "test" and fuse is not None:
                         t = fuse[1](t, _resized(fuse[0], ids_c, align_corners, device))
                     P = binarize(t, protocol)
+                    for k, v in (extra_scores(t, P, gt, protocol) if name == "test" and protocol in (
+                            "is3", "avsbench") else {}).items():
+                        more[k].append(v)
                 elif name == "center":
                     P = prior
                 else:                                     # P = 1: sum(G) / (sum(G) + #[G == 0])
@@ -788,14 +852,25 @@ def evaluate_maps(maps: dict, ann: dict, ids=None, protocol: str = "median", ali
                     scores[name][s:s + len(ids_c)] = (g / (g + GT_SIZE ** 2 - gt[1].sum((1, 2)))).cpu().numpy()
                     continue
                 scores[name][s:s + len(ids_c)] = ciou(P, gt).cpu().numpy()
+    test, more = summarize(scores["test"]), {k: np.concatenate(v) for k, v in more.items()}
+    if protocol == "is3":
+        imgs = [image[i] for i in present]
+        adap = dict(summarize(more["adap"]), **interactive(imgs, more["adap"]))
+        test.update(interactive(imgs, scores["test"]),
+                    **{f"{k.replace('@0.5', '')}_adap": v for k, v in adap.items() if k != "n_images"})
+    if protocol == "avsbench":                            # means in float64 (ACL-SSL's: float32)
+        f, mean = more["f"][~np.isnan(more["f"][:, 0])], lambda x: float(x.astype(np.float64).mean())  # noqa: E731
+        test.update(miou=mean(more["iou"]), miou_median=mean(more["iou_median"]), n_empty_mask=len(more["f"]) - len(f),
+                    fscore=float(f.astype(np.float64).mean(0).max()) if len(f) else float("nan"))
     empty, by_size, lower = [i for i, g in zip(present, area) if g == 0], {}, 0.0
     for name, upper in SIZE_BINS.items():                 # lower <= area < upper; an empty ground truth in no bin
         sel = (area > 0) & (area >= lower) & (area < upper)
         by_size[name], lower = dict(summarize(scores["test"][sel]), n=int(sel.sum())), upper
     return {"protocol": protocol, "resize": f"bilinear align_corners={align_corners}", "n": len(present),
             "n_listed": len(listed), "missing": missing, "duplicates": dups, "empty_gt": empty,
-            "empty_gt_causes": {i: empty_cause(ann[i]["bbox"]) for i in empty[:10]},
-            "boxes_outside": outside, "test": summarize(scores["test"]),
+            "empty_gt_causes": {i: "empty mask" if "mask" in ann[i] else empty_cause(ann[i]["bbox"])
+                                for i in empty[:10]},
+            "boxes_outside": outside, "test": test, "f_curves": more.get("f"),
             "per_sample": dict(zip(present, scores["test"].tolist())),
             "baselines": {k: summarize(scores[k]) for k in names[1:]}, "by_size": by_size}
 
@@ -832,6 +907,14 @@ def format_report(res: dict, title: str = "test") -> str:
     width = max([5] + [len(k) for k in res["baselines"]])
     for k, v in [("model", res["test"]), *res["baselines"].items()]:
         lines.append(f"[{title}] {k:<{width}}  {fmt_metrics(v)}   ({res['protocol']}, N={res['n']})")
+    t = {k: 100 * v for k, v in res["test"].items()}
+    lines += [f"[{title}] IS3 adaptive cIoU@0.5 {t['ciou_adap']:6.2f}  AUC {t['auc_adap']:6.2f} | IIoU "
+              f"{t['iiou']:6.2f}  IAUC {t['iauc']:6.2f} | adaptive IIoU {t['iiou_adap']:6.2f}  IAUC "
+              f"{t['iauc_adap']:6.2f}   "
+              f"({res['test']['n_images']} images, N={res['n']} annotations)"] if "iiou" in t else []
+    lines += [f"[{title}] AVSBench mIoU {t['miou']:6.2f} (q > 0.5)  {t['miou_median']:6.2f} (q > median)  F-score "
+              f"{t['fscore']:6.2f} (beta^2 0.3, one curve over the frames)   (N={res['n']} frames, "
+              f"{res['test']['n_empty_mask']} with an empty mask)"] if "miou" in t else []
     lines.append(f"[{title}] by box area (SLAVC's bins, pixels at 224: < 32^2, 96^2, 144^2, larger), cIoU@0.5: "
                  + ", ".join(f"{k} {100 * v['ciou@0.5']:.2f} (N={v['n']})" for k, v in res["by_size"].items()))
     return "\n".join(lines)
@@ -843,10 +926,10 @@ NOISE_STD = 0.1          # white noise N(0, 0.1^2) (-20 dBFS RMS), seeded by the
 
 
 class NegativeAudio(torch.utils.data.Dataset):
-    """Item i keeps its frame; its audio is silence, white noise, or (offscreen) clip (i + 1) mod N's (SwapAudio)."""
+    """Item i keeps its frame; its audio is silence, white noise, or (offscreen) clip (i + 1) mod N's or donors[i]'s."""
 
-    def __init__(self, ds, kind: str):
-        self.ds, self.ids, self.kind = SwapAudio(ds) if kind == "offscreen" else ds, ds.ids, kind
+    def __init__(self, ds, kind: str, donors=None):
+        self.ds, self.ids, self.kind = SwapAudio(ds, donors) if kind == "offscreen" else ds, ds.ids, kind
 
     def __len__(self):
         return len(self.ds)
@@ -930,7 +1013,9 @@ def run_negatives(compute, ds, ann, threshold: float, scale: str, align_corners:
     """--negatives in a method's --eval: compute(dataset) -> {id: raw map} on the test set and on its three
     negative-audio copies. Returns (metrics, {"raw", "neg", "per_sample", "meta"}) (the second for save_maps)."""
     raw = compute(ds)
-    neg = {k: compute(NegativeAudio(ds, k)) for k in NEGATIVE_KINDS}
+    pos = {v: k for k, v in enumerate(ds.ids)}          # IS3: the clip of another class data_prep.py is3 chose
+    donors = [pos.get(ann[v].get("offscreen"), (k + 1) % len(pos)) for k, v in enumerate(ds.ids)]
+    neg = {k: compute(NegativeAudio(ds, k, donors)) for k in NEGATIVE_KINDS}
     r = dict(negative_metrics(raw, neg, ann, ds.ids, threshold, align_corners), scale=scale)
     return r, {"raw": raw, "neg": neg, "per_sample": r["per_sample"],
                "meta": {"threshold": threshold, "scale": scale, "align_corners": align_corners}}

@@ -6,6 +6,9 @@
     python data_prep.py frames SRC --out ROOT [--sr 16000]   frames (jpg/png) + audio (wav/flac/mp3/m4a) already extracted
     python data_prep.py flickr SRC --out ROOT                the Flickr-SoundNet test download (Data/... + Annotations/*.xml)
     python data_prep.py vggss --json vggss.json --clips ROOT the VGG-SS test split + annotations from the clips present
+      [--heard-lists vggss_heard.txt vggss_heard_test.csv vggss_unheard_test.csv]  + the heard/unheard splits
+    python data_prep.py avsbench SRC --subset s4|ms3 --out ROOT [--whole-clip]   AVSBench-object v1 test masks
+    python data_prep.py is3 SRC --out ROOT [--boxes synthetic3240_bbox.json]    IS3 (two sources per image)
     python data_prep.py split LIST --name NAME --root ROOT   any id list (*.txt / *.csv) as ROOT/splits/NAME.txt
     python data_prep.py check ROOT [--split NAME] [--method M] [--workers N]  decode every frame and WAV as the
                                                              methods read them (before a long run)
@@ -763,21 +766,166 @@ def cmd_flickr(a):
           f"{'' if FLICKR_MISSING not in ann else '; it is present here'})")
 
 
+def write_present(root, name: str, ids) -> tuple[list, list]:
+    """ROOT/splits/NAME.txt: the ids of `ids` whose frame and WAV are under ROOT; NAME.missing.txt the others."""
+    present = [v for v in ids if (root / "frames" / f"{v}.jpg").is_file() and (root / "audio" / f"{v}.wav").is_file()]
+    missing = [v for v in ids if v not in set(present)]
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    (root / "splits" / f"{name}.txt").write_text("\n".join(present) + "\n")
+    (root / "splits" / f"{name}.missing.txt").write_text("\n".join(missing) + ("\n" if missing else ""))
+    return present, missing
+
+
 def cmd_vggss(a):
-    """VGG-SS: annotations from the original vggss.json and the test split of the clips present in --clips."""
+    """VGG-SS: annotations from the original vggss.json and the test split of the clips present in --clips; with
+    --heard-lists, LVS's open-set splits (110 heard classes to train on; the VGG-SS clips of those and of 110 others
+    to test on)."""
     root = Path(a.clips)
     ann = C.load_annotations(a.json)
-    present = [v for v in ann if (root / "frames" / f"{v}.jpg").is_file() and (root / "audio" / f"{v}.wav").is_file()]
-    missing = [v for v in ann if v not in set(present)]
-    (root / "splits").mkdir(parents=True, exist_ok=True)
-    (root / "splits" / f"{a.name}.txt").write_text("\n".join(present) + "\n")
-    (root / "splits" / f"{a.name}.missing.txt").write_text("\n".join(missing) + ("\n" if missing else ""))
+    lists = [C.read_split(f) for f in a.heard_lists or []]
+    for f, ids, what in zip(a.heard_lists or [], lists, ("", "heard test", "unheard test")):
+        if what and not set(ids) <= set(ann):
+            raise C.UserError(f"{f}: {len(set(ids) - set(ann))} of its {len(ids)} ids are not in {a.json}; "
+                              f"--heard-lists takes vggss_heard.txt, vggss_heard_test.csv, vggss_unheard_test.csv "
+                              f"in this order")
+    present, missing = write_present(root, a.name, list(ann))
+    for name, ids in zip(("heard_train", "heard_test", "unheard_test"), lists):
+        n, miss = write_present(root, name, ids)
+        print(f"open set: splits/{name}.txt {len(n)} present / {len(ids)} listed ({len(miss)} missing, in "
+              f"splits/{name}.missing.txt)")
     merge_annotations(root, list(json.loads(Path(a.json).read_text())))
     empty = [v for v in ann if C.gt_map(ann[v]).sum() == 0]
     print(f"VGG-SS: {len(present)} present / {len(ann)} annotated -> splits/{a.name}.txt; "
           f"{len(missing)} missing listed in splits/{a.name}.missing.txt; annotations merged into annotations.json")
     if empty:
         print(f"note: {len(empty)} entries have an empty ground truth (scored 0 by the official code): {', '.join(empty)}")
+
+
+def read_json_list(path, what: str) -> list:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise C.UserError(f"{path}: not found ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise C.UserError(f"{path}: not valid json ({e})") from None
+    if not isinstance(data, list) or not data:
+        raise C.UserError(f"{path}: expected a non-empty json list ({what})")
+    return data
+
+
+def pixel_box(v: int) -> float:
+    """A 224-pixel coordinate as the smallest normalised float that common.rasterize_box turns back into it
+    (int(224 * (61 / 224)) is 60)."""
+    x = v / C.GT_SIZE
+    while int(C.GT_SIZE * x) < v:
+        x = math.nextafter(x, 2.0)
+    return x
+
+
+def cmd_is3(a):
+    """IS3 (Senocak et al., TPAMI 2025): SRC/images, SRC/audio_wav and the annotation list (SRC/IS3_annotation.json,
+    or --boxes: SSLalignment's metadata/synthetic3240_bbox.json) of {"image", "audio", "gt_box": [x1, y1, x2, y2] in
+    224-pixel units}; the files are matched by name under SRC (the list's paths are the authors' machine's)."""
+    src, meta = Path(a.src), Path(a.boxes or Path(a.src) / "IS3_annotation.json")
+    imgs, auds = files_by_stem(src / "images", IMAGE_EXT), files_by_stem(src / "audio_wav", AUDIO_EXT)
+    ann, aud_of = {}, {}
+    for k, e in enumerate(read_json_list(meta, "the IS3 annotation list")):
+        if not isinstance(e, dict) or not all(isinstance(e.get(f), str) for f in ("image", "audio")):
+            raise C.UserError(f"{meta} entry {k}: needs string 'image' and 'audio' paths")
+        vid = e["image"].split("/")[-1].split(".")[0]            # SSLalignment load_all_bboxes('is3')
+        try:
+            box = [int(v) for v in e["gt_box"]]                   # bbox2gtmap: map[y1:y2, x1:x2] = 1, int pixels
+        except (KeyError, TypeError, ValueError):
+            raise C.UserError(f"{meta} entry {k} ({vid}): no 'gt_box' of four numbers; give the box list with "
+                              f"--boxes synthetic3240_bbox.json") from None
+        if len(box) != 4 or min(box) < 0 or max(box) > C.GT_SIZE:
+            raise C.UserError(f"{meta} entry {k} ({vid}): gt_box {e['gt_box']} is not 4 coordinates in [0, 224]")
+        if vid in ann:
+            raise C.UserError(f"{meta} entry {k}: duplicate image {vid}")
+        aud_of[vid] = auds.get(Path(e["audio"].split("/")[-1]).stem)
+        ann[vid] = {"file": vid, "class": vid.split("_")[-1], "bbox": [[pixel_box(v) for v in box]],
+                    "group": "_".join(vid.split("_")[:-1])}
+    out = prepare_root(a.out)
+    manifest = prepare_pairs(out, list(ann), imgs, aud_of, a, upright=False)
+    groups = {}
+    for v in ann:
+        groups.setdefault(ann[v]["group"], []).append(v)
+    bad = {g for g, vs in groups.items() if len(vs) < 2 or any(manifest[v]["status"] != "ok" for v in vs)}
+    ok = [v for v in ann if ann[v]["group"] not in bad]
+    if not ok:
+        raise C.UserError(f"no IS3 image could be prepared with all its annotations (see {out / 'manifest.csv'})")
+    own = {}
+    for v in ok:
+        own.setdefault(ann[v]["group"], set()).add(ann[v]["class"])
+    for k, v in enumerate(ok):    # --negatives' off-screen audio: the next clip of a class in neither of the image's
+        ann[v]["offscreen"] = next((ok[j % len(ok)] for j in range(k + 1, k + len(ok))     # sources (vssl_eval: random)
+                                    if ann[ok[j % len(ok)]]["class"] not in own[ann[v]["group"]]), None)
+    merge_annotations(out, [ann[v] for v in ok])
+    (out / "splits" / "test.txt").write_text("\n".join(ok) + "\n")
+    print(f"IS3: {len(ok)} annotations of {len(groups) - len(bad)} images -> splits/test.txt"
+          + (f"; {len(bad)} images left out (an annotation missing or unreadable): {', '.join(sorted(bad)[:5])}"
+             if bad else ""))
+
+
+AVS_DIRS = {"s4": ("Single-source", "s4_data"), "ms3": ("Multi-sources", "ms3_data")}
+
+
+def cmd_avsbench(a):
+    """AVSBench-object v1 (S4 / MS3) test split: one id <vid>_<k> per annotated frame, its frame (k = 1..5, the
+    clip's second k - 1 + 15/16), its mask (ROOT/masks/<id>.png, a "mask" entry in annotations.json) and a WAV: the
+    clip's audio turned circularly so that the frame's time is its centre (each method's centred window is then
+    centred on the frame), or with --whole-clip the clip's audio unchanged for all five frames (ACL-SSL's pairing)."""
+    src = Path(a.src)
+    src = src / AVS_DIRS[a.subset][0] if (src / AVS_DIRS[a.subset][0]).is_dir() else src
+    meta, data = src / f"{a.subset}_meta_data.csv", src / AVS_DIRS[a.subset][1]
+    try:
+        rows = list(csv.reader(meta.open(newline="")))
+    except FileNotFoundError:
+        raise C.UserError(f"{meta}: not found; SRC is the release's Single-source/ (s4) or Multi-sources/ (ms3) "
+                          f"folder") from None
+    if not rows or "split" not in rows[0]:
+        raise C.UserError(f"{meta}: its header row names no 'split' column")
+    col = rows[0].index("split")
+    test = [r for r in rows[1:] if len(r) > col and r[col] == "test"]
+    if not test:
+        raise C.UserError(f"{meta}: no video of the test split")
+    out = prepare_root(a.out)
+    (out / "masks").mkdir(exist_ok=True)
+    ann, missing = [], []
+    for r in test:
+        vid, cat = r[0], (r[2] if a.subset == "s4" else "")
+        sub = Path("test", cat) if a.subset == "s4" else Path("test")
+        wav = data / "audio_wav" / sub / f"{vid}.wav"
+        wav = wav if wav.is_file() or a.subset == "s4" else data / "audio_wav" / f"{vid}.wav"
+        try:
+            x = decode_audio(wav, a.sr)["x"]
+        except Exception as e:                               # recorded, the other clips go on
+            missing += [f"{vid}_{k}\t{wav}: {e}" for k in range(1, 6)]
+            continue
+        for k in range(1, 6):
+            vid_k = f"{vid}_{k}"
+            img = data / "visual_frames" / (sub / vid / f"{vid}_{k}.png" if a.subset == "s4" else
+                                             Path(vid) / f"{vid}.mp4_{k}.png")
+            mask = data / "gt_masks" / sub / vid / f"{vid}_{k}.png"
+            try:
+                frame, _ = load_frame(img, upright=False)[0], C.read_mask(mask)
+            except (ClipError, C.UserError) as e:
+                missing.append(f"{vid_k}\t{img}: {e}")
+                continue
+            save_jpeg(frame, out / "frames" / f"{vid_k}.jpg")
+            shutil.copyfile(mask, out / "masks" / f"{vid_k}.png")
+            t = round((k - 1 + 15 / 16) * a.sr)
+            write_wav(out / "audio" / f"{vid_k}.wav", x if a.whole_clip else np.roll(x, len(x) // 2 - t), a.sr)
+            ann.append({"file": vid_k, "class": cat, "bbox": [], "mask": f"masks/{vid_k}.png"})
+    if not ann:
+        raise C.UserError(f"no test frame of {meta} could be prepared (first problem: {missing[0]})")
+    merge_annotations(out, ann)
+    (out / "splits" / "test.txt").write_text("".join(e["file"] + "\n" for e in ann))
+    (out / "splits" / "test.missing.txt").write_text("".join(m + "\n" for m in missing))
+    empty = sum(C.read_mask(out / e["mask"]).sum() == 0 for e in ann)
+    print(f"AVSBench {a.subset}: {len(ann)} test frames of {len(test)} videos -> splits/test.txt ({empty} with an "
+          f"empty mask; {len(missing)} missing, listed in splits/test.missing.txt); audio: "
+          + ("the whole clip for every frame" if a.whole_clip else "centred on each frame's time"))
 
 
 def cmd_synth(a):
@@ -940,7 +1088,28 @@ def build_parser():
     s.add_argument("--json", required=True, help="the original vggss.json")
     s.add_argument("--clips", required=True, help="dataset root holding the prepared clips")
     s.add_argument("--name", default="vggss_test", help="split name")
+    s.add_argument("--heard-lists", nargs=3, metavar=("HEARD", "HEARD_TEST", "UNHEARD_TEST"),
+                   help="the open-set lists vggss_heard.txt vggss_heard_test.csv vggss_unheard_test.csv (EZ-VSL's "
+                        "metadata/): writes splits/heard_train.txt, heard_test.txt, unheard_test.txt of the clips "
+                        "present (and NAME.missing.txt each)")
     s.set_defaults(fn=cmd_vggss)
+    s = sub.add_parser("avsbench", help="AVSBench-object v1 S4 / MS3 test masks",
+                       description=cmd_avsbench.__doc__ + " Writes frames, audio (mono PCM16 at --sr), masks, "
+                       "annotations.json and splits/test.txt (+ test.missing.txt).")
+    s.add_argument("src", help="the release's avsbench_data/Single-source/ (s4) or Multi-sources/ (ms3) folder")
+    s.add_argument("--subset", required=True, choices=sorted(AVS_DIRS))
+    s.add_argument("--out", required=True, help="dataset root to write")
+    s.add_argument("--sr", type=int, default=16000, help="audio sample rate to write (Hz)")
+    s.add_argument("--whole-clip", action="store_true", help="every frame gets the clip's whole audio (ACL-SSL)")
+    s.set_defaults(fn=cmd_avsbench)
+    s = sub.add_parser("is3", help="the IS3 benchmark (two sources per image)",
+                       description=cmd_is3.__doc__ + " Writes one id per annotation (its image as a JPEG, its audio, "
+                       "its box, its image as 'group') into annotations.json and splits/test.txt; an image with an "
+                       "annotation missing is left out and named.")
+    ingest_args(s, "the unpacked IS3 release (images/, audio_wav/, IS3_annotation.json)")
+    s.add_argument("--boxes", help="the box list (SSLalignment metadata/synthetic3240_bbox.json) instead of "
+                                   "SRC/IS3_annotation.json")
+    s.set_defaults(fn=cmd_is3)
     s = sub.add_parser("synth", help="write the synthetic benchmark",
                        description="Writes ROOT/frames, ROOT/audio (16 kHz mono PCM16, 3 s), ROOT/splits/{train,val,"
                                    "test,cocktail_train,cocktail_val,cocktail_test}.txt, ROOT/annotations.json and "

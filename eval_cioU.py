@@ -1,14 +1,16 @@
 """eval_cioU.py - score saved localization maps with a named protocol, exactly as the official test scripts do.
 
     python eval_cioU.py --pred maps.npz --gt ROOT/annotations.json [--split ROOT/splits/test.txt]
-                        [--protocol median|median_strict|abs0.5|rel0.1] [--align-corners | --no-align-corners]
+                        [--protocol median|median_strict|abs0.5|rel0.1|is3|avsbench] [--fscore-batch B]
+                        [--align-corners | --no-align-corners]
                         [--per-sample out.csv] [--baselines] [--json summary.json] [--missing-out missing.txt]
                         [--neg-threshold T] [--device cpu|cuda]
     python eval_cioU.py --table runs/*/results.json      # mean ± std of many runs (seeds) as a markdown table
 
 --pred: an .npz with one float map per id (any size), as every method's `--eval --save-maps` writes it.
 --gt:   the standard layout's annotations.json, the original vggss.json, or a folder of the original Flickr-SoundNet
-        XML files (consensus ground truth, C = 2).
+        XML files (consensus ground truth, C = 2). AVSBench and IS3 roots (data_prep.py avsbench / is3) are scored with
+        --protocol avsbench (mIoU, F-score) / is3 (adaptive cIoU, IIoU, IAUC).
 Printed: protocol, resize, N evaluated / N listed, cIoU@0.5 (the papers' "cIoU"), AUC, mean cIoU, with
 --baselines the centred prior and the full image, and cIoU@0.5 by box area (SLAVC's bins). The maps are resized as
 the method stored in the file (EZ-VSL: bilinear align_corners=True; LVS, SSPL, CSOL: False = cv2 INTER_LINEAR), else
@@ -60,11 +62,27 @@ def load_maps(path):
     return maps, negs, meta["__eval__"] or {}
 
 
+def fscore_batched(curves, batch: int) -> float:
+    """The official OpenNLPLab/AVSBench F-score (test.py + utility.Eval_Fmeasure): per batch of `batch` frames in test
+    order, the max of the mean F curve of its frames with a non-empty mask (0 for a batch without one); then the mean
+    over the batches. It depends on the batch size (ACL-SSL's fix, the protocol's "fscore": one curve over all)."""
+    scores = []
+    for s in range(0, len(curves), batch):
+        c = curves[s:s + batch]
+        c = c[~np.isnan(c[:, 0])]
+        scores.append(float(c.astype(np.float64).mean(0).max()) if len(c) else 0.0)
+    return float(np.mean(scores))
+
+
+PROTOCOL_KEYS = ("ciou_adap", "auc_adap", "iiou", "iauc", "miou", "miou_median", "fscore")   # is3 / avsbench
+
+
 def results_table(paths) -> str:
-    """A markdown table of results.json files: one row per (method, data), mean ± sample std (ddof 1) over the runs of
-    cIoU@0.5, AUC and mean cIoU (in %) of the model, the centred prior and the audio-swapped control, plus the
-    negative-audio metrics when every run has them. Runs of one (method, data) that differ in split, protocol or N
-    are not averaged: an error names the files and values."""
+    """A markdown table of results.json files: one row per (method, data, test split), mean ± sample std (ddof 1) over
+    the runs of cIoU@0.5, AUC and mean cIoU (in %) of the model, the centred prior and the audio-swapped control, plus
+    the negative-audio metrics and the is3 / avsbench columns when every run has them (so the heard and unheard
+    evaluations of one checkpoint give two rows). Runs of one row that differ in protocol or N are not averaged: an
+    error names the files and values."""
     groups: dict = {}
     for p in paths:
         p = Path(p) / "results.json" if Path(p).is_dir() else Path(p)
@@ -76,7 +94,7 @@ def results_table(paths) -> str:
             raise C.UserError(f"{p}: not a results.json ({e})") from None
         if not isinstance(r, dict) or not all(k in r for k in ("method", "data", "split", "protocol", "n", "test")):
             raise C.UserError(f"{p}: not a method's results.json (needs method, data, split, protocol, n, test)")
-        groups.setdefault((r["method"], r["data"]), []).append((p, r))
+        groups.setdefault((r["method"], r["data"], str(r["split"])), []).append((p, r))
     if not groups:
         raise C.UserError("no results.json given")
 
@@ -95,8 +113,8 @@ def results_table(paths) -> str:
     parts = [("model", lambda r: r["test"]), ("centred prior", lambda r: (r.get("baselines") or {}).get("center")),
              ("audio-swapped", lambda r: r.get("audio_swapped"))]
     rows, neg_cols = [], []
-    for (method, data), runs in groups.items():
-        for field in ("split", "protocol", "n"):
+    for (method, data, _), runs in groups.items():
+        for field in ("protocol", "n"):
             if len({str(r[field]) for _, r in runs}) > 1:
                 raise C.UserError(f"cannot average {method} on {data}: the runs differ in {field} ("
                                 + "; ".join(f"{r[field]} in {p}" for p, r in runs) + "); table them separately")
@@ -110,10 +128,11 @@ def results_table(paths) -> str:
                 row[f"{name} {k}"] = mean_std([g[k] for g in got]) if all(got) else "-"
         secs = [r.get("seconds") for _, r in runs]
         row["seconds"] = f"{np.mean(secs):.0f}" if all(isinstance(v, (int, float)) for v in secs) else "-"
-        negs = [flat(r.get("negatives")) for _, r in runs]
+        negs = [{**{f"model {k}": v for k, v in r["test"].items() if k in PROTOCOL_KEYS},
+                 **{f"neg {k}": v for k, v in flat(r.get("negatives")).items()}} for _, r in runs]
         for k in sorted(set.intersection(*(set(n) for n in negs))) if all(negs) else []:
-            row[f"neg {k}"] = mean_std([n[k] for n in negs])
-            neg_cols += [] if f"neg {k}" in neg_cols else [f"neg {k}"]
+            row[k] = mean_std([n[k] for n in negs])
+            neg_cols += [] if k in neg_cols else [k]
         rows.append(row)
     head = list(rows[0])[:6] + [f"{n} {k}" for n, _ in parts for k in ("ciou@0.5", "auc", "mean_ciou")] + neg_cols + \
         ["seconds"]
@@ -143,6 +162,8 @@ def main(argv=None):
     p.add_argument("--neg-threshold", type=float, help="negative-audio protocol: the fixed threshold (default: the "
                                                          "one stored in the file by the method)")
     p.add_argument("--device", default="cpu", help="where the evaluator runs: cpu (default) or cuda")
+    p.add_argument("--fscore-batch", type=int, metavar="B", help="--protocol avsbench: also the official AVSBench "
+                   "F-score averaged over batches of B frames (test.sh: 4 clips x 5 frames = 20)")
     a = p.parse_args(argv)
     if a.table:
         table = results_table(a.table)
@@ -162,8 +183,15 @@ def main(argv=None):
     if ids is not None and not set(ids) & set(maps):
         raise C.UserError(f"{a.split}: none of its {len(ids)} ids has a map in {a.pred} (its first ids: "
                           f"{', '.join(list(maps)[:3])}); another split, or maps of another dataset?")
+    if a.fscore_batch is not None and (a.protocol != "avsbench" or a.fscore_batch < 1):
+        raise C.UserError(f"--fscore-batch {a.fscore_batch}: a batch size >= 1, with --protocol avsbench")
     res = C.evaluate_maps(maps, ann, ids, a.protocol, a.align_corners, baselines=a.baselines, device=a.device)
+    if a.fscore_batch and res["f_curves"] is not None:
+        res["test"]["fscore_batch"] = fscore_batched(res["f_curves"], a.fscore_batch)
     print(C.format_report(res, title=Path(a.pred).name))
+    if a.fscore_batch:
+        print(f"[{Path(a.pred).name}] official AVSBench F-score (mean over batches of {a.fscore_batch} frames): "
+              f"{100 * res['test'].get('fscore_batch', float('nan')):6.2f}")
     if res["missing"]:
         out = Path(a.missing_out or f"{a.pred}.missing.txt")
         out.write_text("\n".join(res["missing"]) + "\n")

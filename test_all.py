@@ -1847,8 +1847,7 @@ def test_results_table_mean_and_sample_std(tmp_path):
 
 
 def test_results_table_refuses_mixed_runs(tmp_path):
-    for field, kw in (("protocol", {"protocol": "median"}), ("n", {"n": 299}),
-                      ("split", {"split": "/d/synth/splits/val.txt"})):
+    for field, kw in (("protocol", {"protocol": "median"}), ("n", {"n": 299})):      # (another split: another row)
         files = [_results_file(tmp_path / "a"), _results_file(tmp_path / field, seed=1, **kw)]
         with pytest.raises(C.UserError, match=f"differ in {field}"):
             eval_cioU.results_table(files)
@@ -1948,7 +1947,7 @@ def _issue12_cases():
     return maps, ann
 
 
-@pytest.mark.parametrize("protocol", list(C.PROTOCOLS))
+@pytest.mark.parametrize("protocol", ["median", "median_strict", "abs0.5", "rel0.1"])   # is3, avsbench: issue 30
 def test_issue12_every_protocol_equals_the_official_per_sample_rule(protocol):
     maps, ann = _issue12_cases()
     for ac in (False, True):
@@ -2888,3 +2887,385 @@ def test_issue33_data_prep_clips_that_start_late(tmp_path):
         assert float(rows[vid]["duration"]) == pytest.approx(4.5, abs=0.05), rows[vid]
         assert float(rows[vid]["audio_duration"]) == pytest.approx(4.5, abs=0.05), rows[vid]
     assert float(rows["late_mkv"]["frame_time"]) == pytest.approx(2.2, abs=0.002)   # on the clip's clock
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 30: open set, AVSBench, IS3
+# ---------------------------------------------------------------------------------------------------------
+def _normalize_img(x):                                   # SSLalignment utils.normalize_img, written from it
+    vmin, vmax = x.min(), x.max()
+    return (x - vmin) / (vmax - vmin) if vmax - vmin != 0 else x
+
+
+def _ref_is3(maps: dict, gts: dict) -> dict:
+    """SSLalignment test.py (validate) + utils.Evaluator_iiou, per sample, from their definitions (maps at 224)."""
+    def cal_ciou(infer, gtmap, thres):
+        infer_map = np.zeros((224, 224))
+        infer_map[infer > thres] = 1
+        with np.errstate(invalid="ignore"):
+            return np.sum(infer_map * gtmap) / (np.sum(gtmap) + np.sum(infer_map * (gtmap == 0)))
+    ciou, adap, iou, iou_adap = [], [], {}, {}
+    for name, m in maps.items():
+        pred, gt_map = _normalize_img(m), gts[name]
+        ciou.append(cal_ciou(pred, gt_map, np.sort(pred.flatten())[int(224 * 224 * 0.5)]))
+        gt_nums = (gt_map != 0).sum()
+        if int(gt_nums) == 0:
+            gt_nums = 224 * 224 // 2
+        adap.append(cal_ciou(pred, gt_map, np.sort(pred.flatten())[224 * 224 - int(gt_nums)]))
+        short = "_".join(name.split("_")[:-1])
+        iou.setdefault(short, []).append(ciou[-1])
+        iou_adap.setdefault(short, []).append(adap[-1])
+
+    def iiou_at(d, t):               # the one deviation, as the evaluator's cIoU: a NaN cIoU fails (not NaN overall)
+        out = []
+        for name in d:
+            pair = np.nan_to_num(np.array(d[name]), nan=-1.0)
+            pair[pair >= t] = 1
+            pair[pair < t] = 0
+            out.append(np.min(pair))
+        return np.mean(out)
+    thr = [0.05 * i for i in range(21)]
+    auc = lambda c: np.trapezoid([np.sum(np.array(c) >= t) / len(c) for t in thr], thr)
+    return {"ciou@0.5": np.sum(np.array(ciou) >= 0.5) / len(ciou), "auc": auc(ciou),
+            "ciou_adap": np.sum(np.array(adap) >= 0.5) / len(adap), "auc_adap": auc(adap),
+            "iiou": iiou_at(iou, 0.5), "iiou_adap": iiou_at(iou_adap, 0.5),
+            "iauc": np.trapezoid([iiou_at(iou, t) for t in thr], thr),
+            "iauc_adap": np.trapezoid([iiou_at(iou_adap, t) for t in thr], thr)}
+
+
+def _is3_case(seed=0, n_images=5):
+    """Maps and boxes at 224 with ties, constant maps and empty boxes; two annotations per image."""
+    rng, maps, gts, ann = np.random.default_rng(seed), {}, {}, {}
+    for g in range(n_images):
+        for target in ("dog", "piano"):
+            vid = f"dog_piano_{g}_{target}"
+            kind = (g + (target == "dog")) % 5
+            m = (rng.integers(0, 4, (224, 224)) if kind == 0 else np.full((224, 224), 2.5) if kind == 1 else
+                 rng.normal(size=(224, 224)))
+            m[rng.integers(0, 150):, rng.integers(0, 150):] += 3 * (kind == 3)
+            box = [int(v) for v in np.sort(rng.integers(0, 225, 4))[[0, 1, 2, 3]]] if kind != 4 else [10, 10, 10, 50]
+            box = [box[0], box[1], box[3], box[2] + 1] if kind != 4 else box
+            maps[vid] = m.astype(np.float32)
+            g_map = np.zeros((224, 224))
+            g_map[box[1]:box[3], box[0]:box[2]] = 1                  # SSLalignment bbox2gtmap
+            gts[vid] = g_map
+            ann[vid] = {"file": vid, "bbox": [[data_prep.pixel_box(v) for v in box]], "group": f"dog_piano_{g}"}
+    maps["dog_piano_4_piano"][:] = 7.0                 # an empty box and a constant map: cIoU 0/0 = NaN
+    return maps, gts, ann
+
+
+def test_issue30_is3_protocol_equals_sslalignment_per_sample():
+    for seed in range(3):
+        maps, gts, ann = _is3_case(seed)
+        assert all(np.array_equal(C.gt_map(ann[v]), gts[v]) for v in ann)            # the boxes round-trip
+        res = C.evaluate_maps(maps, ann, protocol="is3", baselines=False)
+        ref = _ref_is3(maps, gts)
+        for k, v in ref.items():
+            assert res["test"][k] == pytest.approx(v, abs=1e-12), (seed, k)
+        assert res["test"]["n_images"] == 5 and res["n"] == 10
+    assert np.isnan(res["per_sample"]["dog_piano_4_piano"])
+    maps, gts, ann = _is3_case(0)
+    text = C.format_report(C.evaluate_maps(maps, ann, protocol="is3"))
+    assert "IIoU" in text and "5 images, N=10 annotations" in text
+
+
+def test_issue30_is3_an_image_missing_an_annotation_is_an_error():
+    maps, _, ann = _is3_case(1)
+    one = dict(maps)
+    del one["dog_piano_2_dog"]
+    with pytest.raises(C.UserError, match="IS3 image dog_piano_2: 1 of its 2 annotations listed with a map"):
+        C.evaluate_maps(one, ann, protocol="is3")
+    lone = {k: v for k, v in ann.items() if k != "dog_piano_2_dog"}
+    with pytest.raises(C.UserError, match="IS3 image dog_piano_2: 1 of its 1 annotations listed"):
+        C.evaluate_maps({k: maps[k] for k in lone}, lone, protocol="is3")
+
+
+def _ref_avsbench(maps: dict, gts: dict, batch=None) -> dict:
+    """ACL-SSL AVSBench/eval_utils.py Evaluator (thr 0.5 and the median) and OpenNLPLab/AVSBench utility.py mask_iou /
+    _eval_pr / Eval_Fmeasure, per frame in float32 numpy, on min-max normalised maps (written from them)."""
+    f32, thl = np.float32, torch.linspace(0, 1 - 1e-10, 255).numpy()          # the official threshold list
+
+    def iou(pred, target, thr):
+        p = (pred > thr).astype(f32)
+        if target.sum() == 0:
+            return ((1 - target) * (1 - p)).sum(dtype=f32) / (f32(224 * 224) + f32(1e-7))
+        return (p * target).sum(dtype=f32) / (np.maximum(p, target).sum(dtype=f32) + f32(1e-7))
+
+    def fcurve(pred, y):
+        prec, recall = np.zeros(255, f32), np.zeros(255, f32)
+        for i in range(255):
+            y_temp = (pred >= thl[i]).astype(f32)
+            tp = (y_temp * y).sum(dtype=f32)
+            prec[i], recall[i] = tp / (y_temp.sum(dtype=f32) + f32(1e-20)), tp / (y.sum(dtype=f32) + f32(1e-20))
+        with np.errstate(invalid="ignore"):
+            f = (1 + f32(0.3)) * prec * recall / (f32(0.3) * prec + recall)
+        f[f != f] = 0
+        return f
+    q = {k: _normalize_img(m) for k, m in maps.items()}
+    curves = [fcurve(q[k], gts[k]) if gts[k].sum() else None for k in maps]
+    out = {"miou": np.mean([iou(q[k], gts[k], 0.5) for k in maps]),
+           "miou_median": np.mean([iou(q[k], gts[k], np.sort(q[k].flatten())[224 * 224 // 2]) for k in maps]),
+           "fscore": np.max(np.mean([c for c in curves if c is not None], axis=0))}
+    if batch:
+        scores = []
+        for s in range(0, len(curves), batch):
+            got = [c for c in curves[s:s + batch] if c is not None]
+            scores.append(np.max(np.mean(got, axis=0)) if got else 0.0)
+        out["fscore_batch"] = np.mean(scores)
+    return out
+
+
+def _avs_case(tmp_path, seed=0, n=9):
+    """Maps at 224 (ties, constant maps) and masks written as PNG (blobs; two empty)."""
+    rng, maps, gts, entries = np.random.default_rng(seed), {}, {}, []
+    yy, xx = np.mgrid[:224, :224]
+    (tmp_path / "masks").mkdir(exist_ok=True)
+    for i in range(n):
+        vid = f"clip{i}_{i % 5 + 1}"
+        cy, cx, r = rng.integers(30, 190, 2).tolist() + [int(rng.integers(5, 80))]
+        g = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.float32) * (i % 4 != 3)
+        m = (rng.integers(0, 6, (224, 224)) if i % 3 == 0 else np.full((224, 224), -1.0) if i == 4 else
+             rng.normal(size=(224, 224)) + 2 * g)
+        Image.fromarray((g * 255).astype(np.uint8)).save(tmp_path / "masks" / f"{vid}.png")
+        maps[vid], gts[vid] = m.astype(np.float32), g
+        entries.append({"file": vid, "class": "x", "bbox": [], "mask": f"masks/{vid}.png"})
+    (tmp_path / "annotations.json").write_text(json.dumps(entries))
+    return maps, gts, C.load_annotations(tmp_path / "annotations.json")
+
+
+from PIL import Image  # noqa: E402  (the mask fixtures)
+
+
+def test_issue30_avsbench_protocol_equals_the_official_per_frame(tmp_path):
+    for seed in range(2):
+        maps, gts, ann = _avs_case(tmp_path, seed)
+        res = C.evaluate_maps(maps, ann, protocol="avsbench", baselines=False)
+        ref = _ref_avsbench(maps, gts, batch=4)
+        for k in ("miou", "miou_median", "fscore"):
+            assert res["test"][k] == pytest.approx(float(ref[k]), rel=2e-7, abs=1e-7), (seed, k)
+        assert res["test"]["n_empty_mask"] == 2 and res["n"] == 9
+        assert eval_cioU.fscore_batched(res["f_curves"], 4) == pytest.approx(float(ref["fscore_batch"]), rel=2e-7)
+    text = C.format_report(res)
+    assert "mIoU" in text and "N=9 frames, 2 with an empty mask" in text
+
+
+def test_issue30_mask_errors_are_one_line(tmp_path):
+    maps, gts, ann = _avs_case(tmp_path)
+    Image.fromarray(np.zeros((100, 120), np.uint8)).save(tmp_path / "masks" / "clip1_2.png")
+    with pytest.raises(C.UserError, match=r"clip1_2.png: a 120x100 mask; AVSBench masks are 224x224"):
+        C.evaluate_maps(maps, ann, protocol="avsbench")
+    (tmp_path / "masks" / "clip1_2.png").unlink()
+    with pytest.raises(C.UserError, match=r"clip1_2.png: mask file not found"):
+        C.evaluate_maps(maps, ann, protocol="avsbench")
+    (tmp_path / "bad.json").write_text(json.dumps([{"file": "a", "bbox": [], "mask": 3}]))
+    with pytest.raises(C.UserError, match=r"bad.json entry 0 \(a\): an entry needs .* \(and 'mask': a PNG path\)"):
+        C.load_annotations(tmp_path / "bad.json")
+
+
+def _png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _wav(path, seconds, sr=16000, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = np.random.default_rng(seed).uniform(-0.5, 0.5, int(seconds * sr))
+    data_prep.write_wav(path, x, sr)
+    return C.read_wav(path)[0]
+
+
+def _is3_release(src, n_images=3):
+    """The IS3 release's layout: images/, audio_wav/, IS3_annotation.json with the authors' absolute paths."""
+    rng, entries = np.random.default_rng(0), []
+    for g in range(n_images):
+        img = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
+        pair = (("accordion", "baby"), ("dog", "piano"), ("cat", "drum"))[g % 3]
+        for target in pair:
+            name = f"{pair[0]}_{pair[1]}_{10467 + g}_{target}"
+            _png(src / "images" / f"{name}.png", img)
+            _wav(src / "audio_wav" / f"{name}.wav", 3.0, seed=g)
+            x1, y1 = (int(v) for v in rng.integers(0, 120, 2))
+            entries.append({"image": f"/mnt/lynx2/users/arda/synthetic3241/visual_frames/{name}.png",
+                            "audio": f"/mnt/lynx2/users/arda/synthetic3241/audio_wav/{name}.wav",
+                            "gt_box": [x1, y1, x1 + 61, y1 + 100.7]})
+    (src / "IS3_annotation.json").write_text(json.dumps(entries))
+    return entries
+
+
+def test_issue30_data_prep_is3_reads_the_release(tmp_path):
+    src, root = tmp_path / "IS3", tmp_path / "is3"
+    entries = _is3_release(src)
+    data_prep.main(["is3", str(src), "--out", str(root)])
+    ann = C.load_annotations(root / "annotations.json")
+    ids = C.read_split(root / "splits" / "test.txt")
+    assert len(ids) == 6 and set(ids) == set(ann)
+    for e in entries:                                            # SSLalignment bbox2gtmap of [int(v) for v in gt_box]
+        vid = e["image"].split("/")[-1].split(".")[0]
+        x1, y1, x2, y2 = (int(v) for v in e["gt_box"])
+        g = np.zeros((224, 224))
+        g[y1:y2, x1:x2] = 1
+        assert np.array_equal(C.gt_map(ann[vid]), g) and ann[vid]["group"] == "_".join(vid.split("_")[:-1])
+        assert (root / "frames" / f"{vid}.jpg").is_file() and (root / "audio" / f"{vid}.wav").is_file()
+    # --boxes (the box list in SSLalignment's metadata, any paths); an image missing an audio file is left out
+    (src / "IS3_annotation.json").unlink()
+    (src / "boxes.json").write_text(json.dumps(entries))
+    (src / "audio_wav" / "dog_piano_10468_piano.wav").unlink()
+    r = tmp_path / "is3b"
+    data_prep.main(["is3", str(src), "--out", str(r), "--boxes", str(src / "boxes.json")])
+    assert len(C.read_split(r / "splits" / "test.txt")) == 4
+    assert not any("10468" in e["file"] for e in json.loads((r / "annotations.json").read_text()))
+    for bad, msg in (({"image": "a.png", "audio": "a.wav"}, "no 'gt_box' of four numbers; give the box list"),
+                     ({"image": "a.png", "audio": "a.wav", "gt_box": [0, 0, 300, 5]}, r"coordinates in \[0, 224\]"),
+                     ({"image": 3}, "needs string 'image' and 'audio'")):
+        (src / "bad.json").write_text(json.dumps([bad]))
+        with pytest.raises(C.UserError, match=msg):
+            data_prep.main(["is3", str(src), "--out", str(tmp_path / "x"), "--boxes", str(src / "bad.json")])
+    proc = run_py("data_prep.py", "is3", src, "--out", tmp_path / "x", check=False)      # no IS3_annotation.json
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "IS3_annotation.json: not found" in proc.stderr
+
+
+def _avs_release(src, subset):
+    """AVSBench-object v1's layout: <Single-source|Multi-sources>/<s4|ms3>_meta_data.csv (name, start, category,
+    split by position) and <s4|ms3>_data/{visual_frames,gt_masks,audio_wav}; two test clips and a train clip."""
+    top, data = data_prep.AVS_DIRS[subset]
+    base, rng, clips = src / top, np.random.default_rng(1), {}
+    base.mkdir(parents=True)
+    rows = [("name", "start", "category", "split"), ("-aaa", "0", "dog", "test"), ("bbb", "10", "cat", "test"),
+            ("ccc", "0", "dog", "train")]
+    (base / f"{subset}_meta_data.csv").write_text("".join(",".join(r) + "\n" for r in rows))
+    for vid, _, cat, split in rows[1:3]:
+        sub = Path("test", cat) if subset == "s4" else Path("test")
+        clips[vid] = _wav(base / data / "audio_wav" / sub / f"{vid}.wav", 5.0, seed=len(clips))
+        for k in range(1, 6):
+            frame = (Path(sub, vid, f"{vid}_{k}.png") if subset == "s4" else Path(vid, f"{vid}.mp4_{k}.png"))
+            _png(base / data / "visual_frames" / frame, rng.integers(0, 255, (224, 224, 3), dtype=np.uint8))
+            mask = np.zeros((224, 224), np.uint8)
+            mask[20 * k:40 + 20 * k, 30:90] = 255 * (vid != "bbb" or k != 3)          # bbb_3: an empty mask
+            _png(base / data / "gt_masks" / sub / vid / f"{vid}_{k}.png", mask)
+    return clips
+
+
+def test_issue30_data_prep_avsbench_s4_and_ms3(tmp_path):
+    for subset in ("s4", "ms3"):
+        clips = _avs_release(tmp_path / subset, subset)
+        root = tmp_path / f"root_{subset}"
+        data_prep.main(["avsbench", str(tmp_path / subset), "--subset", subset, "--out", str(root)])
+        ids = C.read_split(root / "splits" / "test.txt")
+        assert ids == [f"{v}_{k}" for v in ("-aaa", "bbb") for k in range(1, 6)]
+        ann = C.load_annotations(root / "annotations.json")
+        assert [C.gt_map(ann[i]).sum() == 0 for i in ids].count(True) == 1 and C.gt_map(ann["bbb_3"]).sum() == 0
+        assert ann["-aaa_2"]["class"] == ("dog" if subset == "s4" else "") and ann["-aaa_2"]["bbox"] == []
+        for i in ("-aaa_1", "bbb_5"):                    # the clip turned so that the frame's time is the centre
+            x, k = clips[i[:-2]], int(i[-1])
+            y = C.read_wav(root / "audio" / f"{i}.wav")[0]
+            assert len(y) == len(x) and np.abs(y - np.roll(x, len(x) // 2 - round((k - 1 + 15 / 16) * 16000))).max() \
+                < 1e-4
+    data_prep.main(["avsbench", str(tmp_path / "s4" / "Single-source"), "--subset", "s4", "--out",
+                    str(tmp_path / "whole"), "--whole-clip"])
+    assert np.abs(C.read_wav(tmp_path / "whole" / "audio" / "bbb_4.wav")[0] - clips["bbb"]).max() < 1e-4
+    (tmp_path / "s4" / "Single-source" / "s4_meta_data.csv").write_text("name,start,category,part\nx,0,dog,test\n")
+    for src, msg in ((tmp_path / "s4", "names no 'split' column"), (tmp_path, "s4_meta_data.csv: not found")):
+        proc = run_py("data_prep.py", "avsbench", src, "--subset", "s4", "--out", tmp_path / "y", check=False)
+        assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and msg in proc.stderr, proc.stderr
+
+
+def test_issue30_vggss_heard_lists_and_one_table_for_both_rows(tmp_path):
+    ann = [{"file": f"v{i:02d}_000010", "class": f"c{i % 4}", "bbox": [[0.1, 0.1, 0.5, 0.5]]} for i in range(12)]
+    (tmp_path / "vggss.json").write_text(json.dumps(ann))
+    root = tmp_path / "root"
+    for d in ("frames", "audio"):
+        (root / d).mkdir(parents=True)
+    present = [f"v{i:02d}_000010" for i in range(10)] + ["t0_000000", "t1_000005"]      # v10, v11, t2 absent
+    for v in present:
+        (root / "frames" / f"{v}.jpg").write_bytes(b"x")
+        (root / "audio" / f"{v}.wav").write_bytes(b"x")
+    lists = {"vggss_heard.txt": "t0_000000\nt1_000005\nt2_000000\n",            # the official files' formats
+             "vggss_heard_test.csv": "v00_000010\nv01_000010\nv10_000010",
+             "vggss_unheard_test.csv": "v02_000010\nv03_000010\nv11_000010\n"}
+    for k, v in lists.items():
+        (tmp_path / k).write_text(v)
+    files = [str(tmp_path / k) for k in lists]
+    data_prep.main(["vggss", "--json", str(tmp_path / "vggss.json"), "--clips", str(root), "--heard-lists", *files])
+    sp = root / "splits"
+    assert C.read_split(sp / "heard_train.txt") == ["t0_000000", "t1_000005"]
+    assert C.read_split(sp / "heard_test.txt") == ["v00_000010", "v01_000010"]
+    assert C.read_split(sp / "unheard_test.txt") == ["v02_000010", "v03_000010"]
+    assert C.read_split(sp / "unheard_test.missing.txt") == ["v11_000010"]
+    assert C.read_split(sp / "heard_train.missing.txt") == ["t2_000000"]
+    with pytest.raises(C.UserError, match="vggss_heard.txt: 3 of its 3 ids are not in .*in this order"):
+        data_prep.main(["vggss", "--json", str(tmp_path / "vggss.json"), "--clips", str(root), "--heard-lists",
+                        files[1], files[0], files[2]])
+    rows = [_results_file(tmp_path / s, split=str(sp / f"{s}.txt"), test=t)
+            for s, t in (("heard_test", (0.40, 0.5, 0.5)), ("unheard_test", (0.30, 0.5, 0.5)))]
+    table = eval_cioU.results_table(rows)                           # one checkpoint, two test splits: two rows
+    assert [ln.split("|")[3].strip() for ln in table.splitlines()[2:4]] == ["heard_test.txt", "unheard_test.txt"]
+    assert [_table_cells(table, "| ez_vsl")["model ciou@0.5"]] == ["40.00"]
+
+
+def test_issue30_every_door_scores_is3_and_avsbench_roots(tiny, tmp_path):
+    """A method's --eval --protocol is3 | avsbench on roots data_prep.py made from the official layouts; its
+    results.json, and eval_cioU.py on its saved maps (--json), carry the protocols' keys with the same numbers."""
+    _is3_release(tmp_path / "IS3")
+    data_prep.main(["is3", str(tmp_path / "IS3"), "--out", str(tmp_path / "is3")])
+    _avs_release(tmp_path / "AVS", "s4")
+    data_prep.main(["avsbench", str(tmp_path / "AVS"), "--subset", "s4", "--out", str(tmp_path / "s4")])
+    ez_vsl.main(["--train", "--data", str(tiny), "--preset", "cpu", "--batch-size", "8", "--max-steps", "1",
+                 "--epochs", "1", "--no-pretrained", "--out", str(tmp_path / "run")])
+    ck = next((tmp_path / "run").iterdir()) / "best.pt"
+    for proto, root, keys in (("is3", "is3", ("ciou_adap", "auc_adap", "iiou", "iauc")),
+                              ("avsbench", "s4", ("miou", "miou_median", "fscore"))):
+        data, out = tmp_path / root, tmp_path / f"ev_{proto}"
+        ez_vsl.main(["--eval", "--ckpt", str(ck), "--data", str(data), "--protocol", proto, "--no-pretrained",
+                     "--no-ogl", "--preset", "cpu", "--save-maps", str(out / "m.npz"), "--out", str(out)]
+                    + ["--negatives"] * (proto == "is3"))
+        res = json.loads((out / "results.json").read_text())
+        assert proto != "is3" or res["negatives"]["n"] == 6
+        assert res["protocol"] == proto and all(0 <= res["test"][k] <= 1 for k in keys), res["test"]
+        argv = ["--pred", str(out / "m.npz"), "--gt", str(data / "annotations.json"), "--protocol", proto,
+                "--json", str(out / "s.json")] + (["--fscore-batch", "4"] if proto == "avsbench" else [])
+        back = eval_cioU_main(argv)
+        summary = json.loads((out / "s.json").read_text())
+        assert all(summary["test"][k] == pytest.approx(res["test"][k]) for k in keys) and back["n"] == res["n"]
+    assert 0 <= summary["test"]["fscore_batch"] <= 1 and res["test"]["n_empty_mask"] == 1
+    r = run_py("eval_cioU.py", "--pred", out / "m.npz", "--gt", data / "annotations.json", "--fscore-batch", "4",
+               check=False)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "with --protocol avsbench" in r.stderr
+
+
+def test_issue30_offscreen_audio_on_is3_comes_from_a_class_of_neither_source(tmp_path):
+    _is3_release(tmp_path / "IS3")
+    data_prep.main(["is3", str(tmp_path / "IS3"), "--out", str(tmp_path / "r")])
+    ann = C.load_annotations(tmp_path / "r" / "annotations.json")
+    ids = C.read_split(tmp_path / "r" / "splits" / "test.txt")
+    for v in ids:                                       # the next clip whose class neither source of the image has
+        assert ann[v]["offscreen"].split("_")[-1] not in v.split("_")[:2], v
+    seen = {}
+
+    def compute(d):
+        seen[getattr(d, "kind", "positive")] = d
+        return {v: np.ones((7, 7), np.float32) for v in ids}
+    ds = type("DS", (list,), {"ids": ids})((f"frame{k}", f"audio{k}", v) for k, v in enumerate(ids))
+    C.run_negatives(compute, ds, ann, 0.5, "raw", False)
+    off = seen["offscreen"]
+    assert [off[k][1] for k in range(len(ids))] == [f"audio{ids.index(ann[v]['offscreen'])}" for v in ids]
+    del ann[ids[0]]["offscreen"]                                     # elsewhere: the next clip's audio
+    C.run_negatives(compute, ds, ann, 0.5, "raw", False)
+    assert seen["offscreen"][0][1] == "audio1"
+
+
+@pytest.mark.parametrize("protocol", ["is3", "avsbench"])
+def test_issue30_ciou_of_the_new_protocols_on_the_issue12_cases(protocol):
+    """Mixed map sizes, both resizes, consensus boxes, constant maps, empty boxes: the per-sample cIoU of SSLalignment's
+    rule (q > sorted(q)[25088]) and of AVSBench's (q > 0.5), bit for bit."""
+    maps, ann = _issue12_cases()
+    for ac in (False, True):
+        res = C.evaluate_maps(maps, ann, protocol=protocol, align_corners=ac, chunk=5)
+        for k in maps:
+            q = _normalize_img(_official_resize(maps[k], ac))
+            thr = np.sort(q.flatten())[int(224 * 224 * 0.5)] if protocol == "is3" else 0.5
+            infer_map = np.zeros((224, 224))
+            infer_map[q > thr] = 1
+            gt = _official_gt(ann[k])
+            with np.errstate(invalid="ignore"):
+                ref = np.sum(infer_map * gt) / (np.sum(gt) + np.sum(infer_map * (gt == 0)))
+            np.testing.assert_array_equal(res["per_sample"][k], ref)
