@@ -1699,8 +1699,8 @@ def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt,
     """--benchmark: samples per second of (1) the loader, files on disk -> a batch on the device (the training
     DataLoader and batch_to_device, with args.decode); (2) the model, train_step on one prepared batch reused; (3) end
     to end. Warm-up steps excluded, CUDA synchronised around every timed span; the timed steps' peak memory (CUDA:
-    allocated and reserved) and host ms per step in next(loader), batch_to_device (on CUDA it waits for the queued GPU
-    work before nvJPEG) and train_step; the batches nvJPEG left to the CPU. Writes benchmark.json, never a checkpoint."""
+    allocated and reserved) and host ms per step in next(loader), batch_to_device (on CUDA it waits for queued GPU
+    work before nvJPEG) and train_step; the batches nvJPEG left to the CPU. Writes benchmark.json (no checkpoint)."""
     args, device, log = run.args, run.device, run.log
     steps, res = args.steps or max(3, math.ceil(256 / args.batch_size)), {}
     peak, spent, fallbacks = [0, 0], {}, len(NVJPEG_FAILED)
