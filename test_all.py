@@ -2610,7 +2610,7 @@ def test_the_gpu_proof_script_runs_its_steps_on_the_cpu(tmp_path):
     assert summary["git"] and summary["host"]["open_files_limit"]["soft"] == summary["host"]["open_files_limit"]["hard"]
     with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
         logs = set(tar.getnames())
-    assert logs == {f"logs/{k}.log" for k, v in steps.items() if v == "ok" or rows[k].get("command")}, logs
+    assert logs == {f"logs/{k}.log" for k in steps if rows[k].get("command")} and len(logs) >= 30, logs
     # the benchmarks read 640x360 frames
     from PIL import Image
     assert Image.open(next((tmp_path / "w" / "bench640" / "frames").glob("*.jpg"))).size == (640, 360)
