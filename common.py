@@ -1048,11 +1048,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 class Amp:
     """Mixed precision on CUDA: bfloat16 where the GPU has it natively (compute capability 8.0 or later), else float16
-    with a GradScaler; nothing on the CPU. Losses and maps are computed outside autocast, in float32."""
+    with a GradScaler; nothing on the CPU. Losses and maps are computed outside autocast, in float32. AVSL_AMP_DTYPE=
+    float16 in the environment forces float16 + GradScaler on any GPU (.ci/gpu tests that path on a bf16 GPU)."""
 
     def __init__(self, device: torch.device, enabled: bool):
         self.enabled, self.device_type = bool(enabled) and device.type == "cuda", device.type
-        native_bf16 = self.enabled and torch.cuda.get_device_capability(device) >= (8, 0)
+        native_bf16 = self.enabled and torch.cuda.get_device_capability(device) >= (8, 0) \
+            and os.environ.get("AVSL_AMP_DTYPE") != "float16"
         self.dtype = torch.bfloat16 if native_bf16 else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and not native_bf16)
 
@@ -1558,9 +1560,11 @@ class Run:
         self.rank, self.device = 0, resolve_device(args.device)
         if self.world > 1:
             local, cuda = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available() and args.device != "cpu"
+            backend = os.environ.get("AVSL_DDP_BACKEND") or ("nccl" if cuda else "gloo")   # gloo: ranks may share a GPU
             if cuda:
+                local = local % torch.cuda.device_count() if backend == "gloo" else local
                 torch.cuda.set_device(local)
-            dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group(backend)
             self.rank, self.device = dist.get_rank(), torch.device(f"cuda:{local}" if cuda else "cpu")
         self.main = self.rank == 0
         seed_everything(args.seed)
@@ -1579,6 +1583,8 @@ class Run:
                 amp.scaler.load_state_dict(self.ck["scaler"])
             self.start, self.best, self.history = self.ck["epoch"], self.ck["best"], self.ck["history"]
             self.log(f"resumed from {self.args.resume} at epoch {self.start}")
+        if amp.enabled:
+            self.log(f"mixed precision: {amp.describe()}{' with a GradScaler' if amp.scaler.is_enabled() else ''}")
         gpu_habits(self.args, self.device, image_trunk, [model] if compiled is None else compiled)
         self.model, self.opt, self.amp, self.t0 = model, opt, amp, time.time()
         if self.world == 1:
@@ -1741,7 +1747,7 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
                "audio_swapped": dict(swapped["test"], n=swapped["n"]) if swapped else None,
                "map": map_name, "missing": res["missing"], "duplicates": res["duplicates"], "empty_gt": res["empty_gt"],
                "boxes_outside": res["boxes_outside"], "skipped": len(MEDIA.skipped), "uses_sound": uses_sound,
-               **(extra or {})}
+               "nvjpeg_fallback_batches": len(NVJPEG_FAILED), **(extra or {})}
     if res.get("negatives"):
         results["negatives"] = {k: v for k, v in res["negatives"].items() if k != "per_sample"}
         log(format_negatives(res["negatives"], "test negatives"))
@@ -1783,21 +1789,32 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
 def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt, amp, warmup: int = 2) -> dict:
     """--benchmark: samples per second of (1) the loader, files on disk -> a batch on the device (the training
     DataLoader and batch_to_device, with args.decode); (2) the model, train_step on one prepared batch reused; (3) end
-    to end. Warm-up steps excluded, CUDA synchronised around every timed span; peak memory. Writes benchmark.json in
-    the run folder, never a checkpoint."""
+    to end. Warm-up steps excluded, CUDA synchronised around every timed span; the timed steps' peak memory (CUDA:
+    allocated and reserved) and host ms per step in next(loader), batch_to_device (on CUDA it waits for queued GPU
+    work before nvJPEG) and train_step; the batches nvJPEG left to the CPU. Writes benchmark.json (no checkpoint)."""
     args, device, log = run.args, run.device, run.log
     steps, res = args.steps or max(3, math.ceil(256 / args.batch_size)), {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    peak, spent, fallbacks = [0, 0], {}, len(NVJPEG_FAILED)
 
-    def rate(step) -> float:
+    def timed(key, fn, *a):
+        t0, out = time.perf_counter(), fn(*a)
+        spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
+        return out
+
+    def rate(step, name: str) -> float:
         for _ in range(warmup):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        spent.clear()
         t0, n = time.perf_counter(), sum(step() for _ in range(steps))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            peak[:] = max(peak[0], torch.cuda.max_memory_allocated(device)), \
+                max(peak[1], torch.cuda.max_memory_reserved(device))
+        if spent:
+            res[f"{name}_ms_per_step"] = {k: round(1000 * v / steps, 2) for k, v in spent.items()}
         return round(n / (time.perf_counter() - t0), 2)
 
     def endless():                                       # the training loader, epoch after epoch
@@ -1813,21 +1830,23 @@ def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt,
     log(f"benchmark: loader_samples_per_s (--decode {args.decode}), {warmup} + {steps} steps of {args.batch_size}")
 
     def load():
-        last["x"] = batch_to_device(next(batches), device, args, True)
+        last["x"] = timed("batch_to_device", batch_to_device, timed("next_batch", next, batches), device, args, True)
         return size(last["x"])
-    res["loader_samples_per_s"] = rate(load)
+    res["loader_samples_per_s"] = rate(load, "loader")
     log(f"benchmark: model_samples_per_s (train_step on one prepared batch), {warmup} + {steps} steps")
-    res["model_samples_per_s"] = rate(lambda: (train_step(net, opt, amp, last["x"], args), size(last["x"]))[1])
+    res["model_samples_per_s"] = rate(lambda: (train_step(net, opt, amp, last["x"], args), size(last["x"]))[1], "model")
     log(f"benchmark: train_samples_per_s (end to end), {warmup} + {steps} steps")
     batches = endless()                                  # a fresh loader: its start falls in the warm-up steps
 
     def train_one():
-        x = batch_to_device(next(batches), device, args, True)
-        train_step(net, opt, amp, x, args)
+        x = timed("batch_to_device", batch_to_device, timed("next_batch", next, batches), device, args, True)
+        timed("train_step", train_step, net, opt, amp, x, args)
         return size(x)
-    res["train_samples_per_s"] = rate(train_one)
-    res["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else
+    res["train_samples_per_s"] = rate(train_one, "train")
+    res["peak_memory_mb"] = round(peak[0] / 2 ** 20 if device.type == "cuda" else
                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10, 2)
+    res["peak_reserved_mb"] = round(peak[1] / 2 ** 20, 2) if device.type == "cuda" else None
+    res["nvjpeg_fallback_batches"] = len(NVJPEG_FAILED) - fallbacks
     out = {"method": args.method, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "batch_size": args.batch_size, "workers": args.workers, "amp": amp.describe(), "compile": args.compile,
            "image_size": args.image_size, "preset": args.preset, "decode": args.decode, "steps": steps,

@@ -2674,14 +2674,40 @@ def test_issue23_synth_arguments_checked_before_writing(tmp_path):
 
 
 def test_the_gpu_proof_script_runs_its_steps_on_the_cpu(tmp_path):
-    """.ci/gpu --device cpu --tiny: every step of the GPU run, small, on this CPU (so it works before a GPU sees it)."""
+    """.ci/gpu --device cpu --tiny: every step of the GPU run, small, on this CPU (so it works before a GPU sees it),
+    in the GPU run's order, its whole record in two files (issue 32)."""
+    import tarfile
     r = run_py(HERE / ".ci" / "gpu", "--device", "cpu", "--tiny", "--out", tmp_path / "out", "--work", tmp_path / "w",
                timeout=900, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["logs.tar.gz", "summary.json"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    steps = {s["step"]: s["status"] for s in summary["steps"]}
-    assert len(steps) >= 20 and set(steps.values()) <= {"ok", "skipped"}, steps
-    assert all(steps[k] == "ok" for k in steps if k.endswith((".train", ".resume", ".eval", ".predict"))), steps
+    rows = {s["step"]: s for s in summary["steps"]}
+    steps = {k: row["status"] for k, row in rows.items()}
+    assert len(steps) >= 30 and set(steps.values()) <= {"ok", "skipped"} and summary["passed"], steps
+    assert all(steps[k] == "ok" for k in steps if k.endswith((".train", ".resume", ".eval", ".predict", ".torchrun1",
+                                                              ".torchrun2", ".fp16"))), steps
+    assert all(steps[f"{m}.video"] == "ok" or rows[f"{m}.video"]["note"].startswith("not available")
+               for m in ("ezvsl", "lvs", "sspl", "csol"))
+    # the wanted figures first: env, data, nvJPEG, the benchmarks, NCCL, then the chains; --compile last
+    order = list(steps)
+    assert order[:10] == ["env", "synth", "nvjpeg", "synth.640", "bench.ezvsl", "bench.lvs", "bench.sspl",
+                          "bench.csol", "bench.ezvsl.pil", "nccl"] and order[-1] == "bench.ezvsl.compile", order
+    # everything embedded: the checks, every results.json and benchmark.json, the nvJPEG fallbacks (none on a CPU)
+    assert summary["env"]["torch"] == torch.__version__ and summary["env"]["dev_shm_mib"] > 0
+    assert summary["nvjpeg"]["summary"]["files"] == 11 and summary["nccl"]["summary"]["world"] == 2
+    for name in ("bench.ezvsl", "bench.csol", "bench.ezvsl.pil"):
+        b = rows[name]["benchmark"]
+        assert b["nvjpeg_fallback_batches"] == 0 and b["peak_reserved_mb"] is None and b["image_size"] == 112
+        assert set(b["train_ms_per_step"]) == {"next_batch", "batch_to_device", "train_step"}
+    assert all(rows[k]["results"]["nvjpeg_fallback_batches"] == 0 for k in steps if k.endswith((".train", ".eval")))
+    assert summary["git"] and summary["host"]["open_files_limit"]["soft"] == summary["host"]["open_files_limit"]["hard"]
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
+        logs = set(tar.getnames())
+    assert logs == {f"logs/{k}.log" for k in steps if rows[k].get("command")} and len(logs) >= 30, logs
+    # the benchmarks read 640x360 frames
+    from PIL import Image
+    assert Image.open(next((tmp_path / "w" / "bench640" / "frames").glob("*.jpg"))).size == (640, 360)
 
 
 def test_data_prep_check_refuses_an_unwritable_report_before_reading_a_clip(tiny, tmp_path, monkeypatch):
@@ -3269,3 +3295,149 @@ def test_issue30_ciou_of_the_new_protocols_on_the_issue12_cases(protocol):
             with np.errstate(invalid="ignore"):
                 ref = np.sum(infer_map * gt) / (np.sum(gt) + np.sum(infer_map * (gt == 0)))
             np.testing.assert_array_equal(res["per_sample"][k], ref)
+
+
+# =====================================================================================================================
+# Issue 32: .ci/gpu
+# =====================================================================================================================
+GPU_SCRIPT = HERE / ".ci" / "gpu"
+
+
+def _gpu_summary(out: Path) -> tuple[dict, dict]:
+    summary = json.loads((out / "summary.json").read_text())
+    return summary, {row["step"]: row for row in summary["steps"]}
+
+
+def test_issue32_a_failed_step_ends_only_what_needs_it_and_a_rerun_reuses_the_data(tmp_path):
+    r = run_py(GPU_SCRIPT, "--device", "cpu", "--only", "bench.*,lvs.trian", check=False)
+    assert r.returncode == 2 and "error: --only / --skip 'lvs.trian' matches no step" in r.stderr
+    work = tmp_path / "w"
+    r = run_py(GPU_SCRIPT, "--device", "cpu", "--tiny", "--out", tmp_path / "o1", "--work", work, "--only",
+               "lvs.*,sspl.train", "--skip", "lvs.torchrun*", "--fail-step", "lvs.train", timeout=600, check=False)
+    summary, rows = _gpu_summary(tmp_path / "o1")
+    assert r.returncode == 1 and not summary["passed"] and summary["failed"] == ["lvs.train"], r.stdout[-3000:]
+    assert rows["lvs.train"]["error"].endswith("unrecognized arguments: --no-such-option")
+    assert rows["lvs.train"]["log_tail"] and "FAILED: lvs.train" in r.stdout
+    for k in ("lvs.resume", "lvs.eval", "lvs.predict", "lvs.video"):         # what needs its run: skipped, said why
+        assert rows[k]["status"] == "skipped" and rows[k]["note"] == "needs lvs.train's run folder (lvs.train: failed)"
+    assert rows["sspl.train"]["status"] == "ok"                               # another chain: untouched
+    assert set(rows) == {"env", "synth", "lvs.train", "lvs.resume", "lvs.eval", "lvs.predict", "lvs.video",
+                         "sspl.train"}                                        # --only / --skip: nothing else
+    r = run_py(GPU_SCRIPT, "--device", "cpu", "--tiny", "--out", tmp_path / "o2", "--work", work, "--only", "nvjpeg",
+               timeout=600)
+    summary, rows = _gpu_summary(tmp_path / "o2")
+    assert summary["passed"] and list(rows) == ["env", "synth", "nvjpeg"]
+    assert rows["synth"]["note"] == f"reused {work / 'data'}" and "command" not in rows["synth"]
+
+
+def test_issue32_the_time_limit_and_a_kill_still_leave_the_summary_of_what_ran(tmp_path):
+    import os
+    import signal
+    import tarfile
+    import time
+    repo = tmp_path / "repo"                            # a copy without .git: the commit comes from --commit
+    (repo / ".ci").mkdir(parents=True)
+    for f in HERE.glob("*.py"):
+        shutil.copy(f, repo / f.name)
+    shutil.copy(GPU_SCRIPT, repo / ".ci" / "gpu")
+    r = run_py(repo / ".ci" / "gpu", "--device", "cpu", "--tiny", "--out", tmp_path / "o1", "--work", tmp_path / "w1",
+               "--only", "bench.lvs,bench.csol", "--time-limit", "20", "--commit", "cafe32", cwd=repo, timeout=600,
+               check=False)
+    summary, rows = _gpu_summary(tmp_path / "o1")
+    assert r.returncode == 1 and not summary["passed"] and summary["git"] == "cafe32", r.stdout[-3000:]
+    assert summary["seconds"] < 20 + 15 and rows["bench.csol"]["status"] in ("skipped", "timed out"), rows
+    # the step running at the limit was stopped; each step before it passed, each after it was skipped, saying why
+    late, order = [k for k, row in rows.items() if row["status"] == "timed out"], list(rows)
+    assert len(late) <= 1 and all(rows[k]["error"] == "stopped at the run's --time-limit (20 s)" for k in late)
+    first = order.index((late or summary["skipped_for_time"])[0])
+    assert all(rows[k]["status"] == "ok" for k in order[:first]), rows
+    assert all(rows[k]["status"] == "skipped" and rows[k]["note"].startswith(("time: ", "needs "))
+               for k in order[first + 1:]), rows
+    # killed outright (as a call's limit does): the files hold every step up to the kill
+    out, work = tmp_path / "o2", tmp_path / "w2"
+    p = subprocess.Popen([sys.executable, repo / ".ci" / "gpu", "--device", "cpu", "--tiny", "--out", out, "--work",
+                          work, "--only", "nvjpeg"], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    running, t0 = None, time.time()
+    try:
+        while running is None and time.time() - t0 < 300 and p.poll() is None:
+            time.sleep(0.2)
+            try:
+                rows = _gpu_summary(out)[1]
+            except (OSError, ValueError):
+                continue
+            running = next((k for k, row in rows.items() if row["status"] == "running" and k != "env"), None)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert running in ("synth", "nvjpeg"), rows
+    summary, rows = _gpu_summary(out)
+    assert rows[running]["status"] == "running" and summary["running"] == [running] and not summary["passed"]
+    assert rows["env"]["status"] in ("ok", "timed out")                      # timed out: a machine under heavy load
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert "logs/env.log" in tar.getnames()
+        if rows["env"]["status"] == "ok":
+            assert summary["env"]["torch"] == torch.__version__ and b"torch" in tar.extractfile("logs/env.log").read()
+    done = work / ("data" / Path("synth.json") if running == "synth" else Path("checks") / "nvjpeg.json")
+    while not done.exists() and time.time() - t0 < 300:     # the orphaned step (its own session) ends by itself
+        time.sleep(0.5)
+
+
+def test_issue32_benchmark_counts_nvjpeg_fallbacks_and_times_batch_to_device(tiny, tmp_path, monkeypatch):
+    to_device = ez_vsl.batch_to_device
+
+    def falling_back(*a):                       # as if every batch's nvJPEG decode had failed
+        C.NVJPEG_FAILED.append(1)
+        return to_device(*a)
+    monkeypatch.setattr(ez_vsl, "batch_to_device", falling_back)
+    monkeypatch.setattr(C, "NVJPEG_FAILED", [1, 1])                          # earlier batches are not counted
+    b = ez_vsl.main(["--benchmark", "--data", str(tiny), "--preset", "cpu", "--batch-size", "4", "--steps", "3",
+                     "--out", str(tmp_path)])
+    assert b["nvjpeg_fallback_batches"] == 2 * (2 + 3)                       # the loader and end-to-end phases
+    assert set(b["loader_ms_per_step"]) == {"next_batch", "batch_to_device"} and "model_ms_per_step" not in b
+    assert set(b["train_ms_per_step"]) == {"next_batch", "batch_to_device", "train_step"}
+    assert all(v > 0 for v in b["train_ms_per_step"].values()) and b["peak_reserved_mb"] is None
+    assert b["train_ms_per_step"]["train_step"] < 1000 * 4 / b["train_samples_per_s"]   # a part of the step's time
+
+
+def test_issue32_float16_and_gloo_can_be_forced_for_the_gpu_proof(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)            # else the GradScaler disables itself
+    assert C.Amp(torch.device("cuda"), True).dtype == torch.bfloat16
+    monkeypatch.setenv("AVSL_AMP_DTYPE", "float16")
+    amp = C.Amp(torch.device("cuda"), True)
+    assert amp.dtype == torch.float16 and amp.scaler.is_enabled() and amp.describe() == "float16"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def init(backend):
+        seen.append(backend)
+        raise Stop
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", seen.append)
+    monkeypatch.setattr(C.dist, "init_process_group", init)
+    for var in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
+        monkeypatch.setenv(var, {"WORLD_SIZE": "2"}.get(var, "1"))
+    args = ["--train", "--data", str(tiny), "--preset", "cpu", "--device", "cuda", "--batch-size", "8", "--out",
+            str(tmp_path)]
+    for backend, want in ((None, [1, "nccl"]), ("gloo", [0, "gloo"])):      # gloo: rank 1 shares the one GPU
+        if backend:
+            monkeypatch.setenv("AVSL_DDP_BACKEND", backend)
+        seen.clear()
+        with pytest.raises(Stop):
+            ez_vsl.main(args)
+        assert seen == want
+
+
+def test_issue32_the_video_clip_of_the_gpu_proof(tiny, tmp_path):
+    import av
+    r = run_py(GPU_SCRIPT, "--device", "cpu", "--check", "clip", "--data", tiny, "--dest", tmp_path / "clip.mp4",
+               "--seconds", "2", "--json", tmp_path / "clip.json")
+    assert json.loads((tmp_path / "clip.json").read_text())["summary"]["frames"] == 50, r.stdout
+    with av.open(str(tmp_path / "clip.mp4")) as c:
+        assert c.streams.video[0].codec_context.width == 640 and c.streams.audio[0].sample_rate == 16000
+        assert sum(1 for _ in c.decode(video=0)) == 50
+    with av.open(str(tmp_path / "clip.mp4")) as c:
+        assert 1.9 < sum(f.samples for f in c.decode(audio=0)) / 16000 < 2.2
