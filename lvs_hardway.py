@@ -322,9 +322,13 @@ def run_eval(args, device, log, seconds_train=0.0):
 def predict(args, log=print):
     device = C.resolve_device(args.device)
     model = load_model(args.ckpt, args, device)
+    maps = lambda img, wav: localization_map(*model(img, C.log_spectrogram(wav, SR)))     # noqa: E731 (B, h, w)
+    if args.video:                                     # the test's window, centred on each frame
+        return C.predict_video(args, maps, (args.test_transform, args.image_size, "bicubic"),
+                               (SR, TEST_SECONDS, "start"), device, log)
     img = C.image_transform(args.test_transform, args.image_size)(C.load_image(args.image))[None].to(device)
     wav, _, _ = C.read_wav_window(args.audio, TEST_SECONDS, "start", sample_rate=SR)     # the test's window
-    heat = localization_map(*model(img, C.log_spectrogram(torch.from_numpy(wav)[None].to(device), SR)))
+    heat = maps(img, torch.from_numpy(wav)[None].to(device))
     C.save_overlay_png(args.out or "heat.png", C.denormalize(img[0]), heat[0].cpu().numpy())
     log(f"heat map written to {args.out or 'heat.png'}")
 
