@@ -2595,3 +2595,137 @@ def test_data_prep_check_refuses_an_unwritable_report_before_reading_a_clip(tiny
     monkeypatch.setattr(data_prep, "clip_problems", lambda job: pytest.fail("read a clip before checking the report"))
     with pytest.raises(C.UserError, match="the report .--report. .*a_file"):
         data_prep.main(["check", str(tiny), "--split", "test", "--report", str(tmp_path / "a_file" / "r.txt")])
+
+
+# Issue 31: --predict --video
+@pytest.fixture(scope="session")
+def trained_lvs_run(learn_root, tmp_path_factory):
+    """LVS trained as test_short_synthetic_run_learns_and_uses_the_sound[lvs_hardway.py-4] trains it -> its run."""
+    out = tmp_path_factory.mktemp("lvs_learned")
+    lvs.main(["--train", "--data", str(learn_root), "--preset", "cpu", "--epochs", "4", "--batch-size", "32",
+              "--lr", "1e-3", "--out", str(out)])
+    return next(out.iterdir())
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny, tmp_path_factory):
+    """{script: a run folder} of each method after two steps on the tiny dataset (checkpoints to predict with)."""
+    out, runs = tmp_path_factory.mktemp("video_runs"), {}
+    for script, mod in {**METHODS, "csol_classaware.py": csol}.items():
+        mod.main(_quick(tiny, out / script, "--epochs", "1", *(["--stage", "1"] if mod is csol else [])))
+        runs[script] = next((out / script).iterdir())
+    return runs
+
+
+def _video_streams(path) -> dict:
+    """A written heat-map video read back: RGB frames, their times, audio (channels, n), its rate, stream durations."""
+    import av
+    with av.open(str(path)) as c:
+        assert [s.type for s in c.streams] == ["video", "audio"] and c.streams.video[0].codec_context.name == "h264"
+        r = dict(durations=[float(s.duration * s.time_base) for s in c.streams], rate=c.streams.audio[0].sample_rate)
+        frames = [(f.to_ndarray(format="rgb24"), f.time) for f in c.decode(video=0)]
+        c.seek(0)
+        audio = np.concatenate([f.to_ndarray() for f in c.decode(audio=0)], 1)
+    return dict(r, frames=[f for f, _ in frames], times=[t for _, t in frames], audio=audio)
+
+
+def test_video_heat_map_follows_the_moving_sounding_object(trained_lvs_run, learn_root, tmp_path):
+    meta = data_prep.moving_clip(tmp_path / "clip.mkv", seed=1, n_classes=4, seconds=3.0, fps=10)
+    lvs.main(["--predict", "--ckpt", str(trained_lvs_run), "--video", str(tmp_path / "clip.mkv"), "--out",
+              str(tmp_path / "heat.mp4"), "--save-maps", str(tmp_path / "maps.npz")])
+    v = _video_streams(tmp_path / "heat.mp4")
+    assert len(v["frames"]) == 30 and v["frames"][0].shape == (128, 3 * 128, 3) and v["durations"] == pytest.approx(
+        [3.0, 3.0], abs=0.1)
+    assert v["times"] == pytest.approx(np.arange(30) / 10)
+    x = meta["audio"]                                         # the clip's own sound, as AAC at its rate
+    assert v["rate"] == 16000 and abs(v["audio"].shape[1] - len(x)) <= 2048
+    assert np.corrcoef(v["audio"][0, :len(x) - 2048], x[:len(x) - 2048])[0, 1] > 0.95
+    z = np.load(tmp_path / "maps.npz")
+    assert z["maps"].shape == (30, 14, 14) and z["times"] == pytest.approx(np.arange(30) / 10)
+    peaks = [np.unravel_index(np.argmax(C.resize_map(m, 128)), (128, 128)) for m in z["maps"]]
+    inside = lambda b, p: b[0] <= p[1] < b[2] and b[1] <= p[0] < b[3]        # noqa: E731
+    on_sound = sum(inside(b[0], p) for b, p in zip(meta["boxes"], peaks))
+    on_silent = sum(inside(b[1], p) for b, p in zip(meta["boxes"], peaks))
+    assert on_sound >= 18 and on_sound >= 3 * on_silent, (on_sound, on_silent)
+
+
+_VFR_MS = [0, 90, 130, 400, 410, 420, 700, 1050, 1100, 1500, 1800, 1900, 2400]      # irregular frame timestamps
+
+
+@pytest.mark.parametrize("script", ["lvs_hardway.py", "ez_vsl.py", "sspl.py", "csol_classaware.py"])
+def test_video_segment_of_a_variable_frame_rate_clip_with_its_sound(script, tiny_runs, tmp_path):
+    _clip23(tmp_path / "vfr.mkv", _VFR_MS, _tone23(0, 3.0, 22050, 882), sr=22050)
+    mod = {**METHODS, "csol_classaware.py": csol}[script]
+    mod.main(["--predict", "--ckpt", str(tiny_runs[script]), "--video", str(tmp_path / "vfr.mkv"), "--start", "0.5",
+              "--duration", "1.5", "--fps", "10", "--norm", "frame", "--out", str(tmp_path / "h.mp4"),
+              "--save-maps", str(tmp_path / "m.npz")])
+    v = _video_streams(tmp_path / "h.mp4")
+    assert len(v["frames"]) == 15 and v["durations"] == pytest.approx([1.5, 1.5], abs=0.1) and v["rate"] == 22050
+    shown = [max(k for k, ms in enumerate(_VFR_MS) if ms <= 500 + 100 * i) for i in range(15)]   # by timestamp
+    from PIL import Image
+    assert [_read_bits(Image.fromarray(f[:, :64])) for f in v["frames"]] == shown
+    x = np.concatenate([c for _, c in _tone23(0, 3.0, 22050, 882)])[round(0.5 * 22050):round(2.0 * 22050)]
+    assert np.corrcoef(v["audio"][0, 2048:len(x) - 2048], x[2048:len(x) - 2048])[0, 1] > 0.95   # the segment's
+    z = np.load(tmp_path / "m.npz")
+    assert z["times"] == pytest.approx(0.5 + np.arange(15) / 10) and len(z["maps"]) == 15 and z["maps"].ndim == 3
+
+
+def test_video_of_a_rotated_clip_is_drawn_upright(tiny_runs, tmp_path):
+    asym = lambda k: np.concatenate([_bits_frame(k), np.full((64, 32, 3), 128, np.uint8)], 1)   # noqa: E731 64x96
+    _clip23(tmp_path / "phone.mov", [100 * k for k in range(20)], _tone23(0, 2.0, 16000, 800), frame=asym,
+            matrix=[0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30])                  # a quarter turn clockwise
+    sspl.main(["--predict", "--ckpt", str(tiny_runs["sspl.py"]), "--video", str(tmp_path / "phone.mov"), "--fps", "5",
+               "--out", str(tmp_path / "h.mp4")])
+    v = _video_streams(tmp_path / "h.mp4")
+    assert len(v["frames"]) == 10 and v["frames"][0].shape == (96, 3 * 64, 3)
+    for k, f in enumerate(v["frames"]):
+        assert np.abs(f[:, :64].astype(float) - np.rot90(asym(2 * k), -1)).mean() < 10, k
+
+
+def test_video_bad_inputs_are_one_line_each(tiny_runs, tmp_path, capsys):
+    run = tiny_runs["ez_vsl.py"]
+
+    def predict(video, *extra, out="h.mp4"):
+        ez_vsl.main(["--predict", "--ckpt", str(run), "--video", str(video), "--out", str(tmp_path / out), *extra])
+
+    def error(video, *extra, out="h.mp4"):
+        with pytest.raises(C.UserError) as e:
+            predict(video, *extra, out=out)
+        assert not (tmp_path / out).exists() and not (tmp_path / f"{out}.part").exists()
+        return str(e.value)
+    _make_video(tmp_path / "mute.mkv", 25, 1.0, None)
+    assert "mute.mkv: no audio track (give the sound with --audio WAV)" in error(tmp_path / "mute.mkv")
+    _write_audio_file(tmp_path / "sound.flac", sr=44100, seconds=1.0)
+    assert "sound.flac: no video stream" in error(tmp_path / "sound.flac")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    assert "junk.mp4: cannot open" in error(tmp_path / "junk.mp4")
+    _make_video(tmp_path / "ok.mp4", 25, 2.0, 48000, "5.1", acodec="aac")
+    assert "name it *.mp4" in error(tmp_path / "ok.mp4", out="h.avi")
+    assert "--start 5 s is past the end of the video (2.00 s)" in error(tmp_path / "ok.mp4", "--start", "5")
+    data = (tmp_path / "ok.mp4").read_bytes()                # an MP4 cut short loses its index: nothing written
+    (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])
+    assert "cut.mp4: cannot open" in error(tmp_path / "cut.mp4")
+    _make_video(tmp_path / "long.mkv", 25, 4.0, 16000, "mono")   # a cut MKV: what it holds is written and playable
+    data = (tmp_path / "long.mkv").read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[:len(data) // 2])
+    capsys.readouterr()
+    try:
+        predict(tmp_path / "cut.mkv")
+    except C.UserError as e:
+        assert "were written to" in str(e)
+    v = _video_streams(tmp_path / "h.mp4")
+    assert 25 <= len(v["frames"]) < 90 and "truncated?" in capsys.readouterr().out
+    predict(tmp_path / "ok.mp4", "--duration", "0.4")                 # 5.1 AAC at 48 kHz: kept
+    assert len(_video_streams(tmp_path / "h.mp4")["frames"]) == 10
+    predict(tmp_path / "mute.mkv", "--audio", str(tmp_path / "sound.flac"))   # the sound from --audio
+    v = _video_streams(tmp_path / "h.mp4")
+    assert len(v["frames"]) == 25 and v["rate"] == 44100 and v["durations"] == pytest.approx([1.0, 1.0], abs=0.04)
+    work = tmp_path / "copied"                              # a method copied with common.py alone: one line
+    work.mkdir()
+    for f in ("ez_vsl.py", "common.py"):
+        shutil.copy(HERE / f, work / f)
+    r = run_py(work / "ez_vsl.py", "--predict", "--ckpt", run, "--video", tmp_path / "ok.mp4", "--out",
+               tmp_path / "c.mp4", cwd=work, check=False, env_extra={"PYTHONPATH": ""})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and lines == ["error: --video needs data_prep.py beside common.py (No module named "
+                                           "'data_prep')"], r.stderr
