@@ -9,6 +9,8 @@
     python data_prep.py split LIST --name NAME --root ROOT   any id list (*.txt / *.csv) as ROOT/splits/NAME.txt
     python data_prep.py check ROOT [--split NAME] [--method M] [--workers N]  decode every frame and WAV as the
                                                              methods read them (before a long run)
+    python data_prep.py video OUT.mkv [--size 640x360] [--seconds S] [--fps N]  a synthetic video: an object
+                                                             sounds as it crosses the frame beside a silent one
 
 The synthetic benchmark's generator lives here: a method run without --data imports it (data_prep.py must then
 sit beside common.py); with --data nothing here is needed.
@@ -641,24 +643,26 @@ class Damaged(Exception):
 
 
 def moving_clip(path, seed: int = 0, n_classes: int = 6, size: int = 128, seconds: float = 3.0, fps: int = 10,
-                sr: int = 16000) -> dict:
-    """A video in the synthetic benchmark's world (its backgrounds, objects and sounds): an object of one class
-    sounds while it crosses the upper half from left to right; a silent one of another class crosses the lower half
-    the other way. H.264 (crf 12) + 16-bit PCM (an .mkv or .mov path). -> dict(classes: (sounding, silent), boxes:
-    (T, 2, 4) pixel boxes [x1, y1, x2, y2] of the sounding and the silent object per frame, times (s), audio, sr)."""
+                sr: int = 16000, width: int | None = None) -> dict:
+    """A video in the synthetic benchmark's world (its backgrounds, objects and sounds), `width` (default: size) x
+    `size` px: an object of one class sounds while it crosses the upper half from left to right; a silent one of
+    another class crosses the lower half the other way. H.264 (crf 12) + 16-bit PCM (an .mkv or .mov path).
+    -> dict(classes: (sounding, silent), boxes: (T, 2, 4) pixel boxes [x1, y1, x2, y2] of the sounding and the silent
+    object per frame, times (s), audio, sr)."""
     import av
     from fractions import Fraction
-    rng = np.random.default_rng([seed, 99])
-    bg, (c, d) = _background(rng, size), (int(k) for k in rng.permutation(n_classes)[:2])
+    rng, W = np.random.default_rng([seed, 99]), width or size
+    bg = _background(rng, max(W, size)).crop((0, 0, W, size))
+    c, d = (int(k) for k in rng.permutation(n_classes)[:2])
     s, T = int(round(0.48 * size)), int(round(seconds * fps))
     audio, boxes = synth_audio(rng, [c], int(round(seconds * sr)), sr), []
     with av.open(str(path), "w") as out:
         vs = out.add_stream("libx264", rate=fps, options={"crf": "12"})
-        vs.width, vs.height, vs.pix_fmt = size, size, "yuv420p"
+        vs.width, vs.height, vs.pix_fmt = W, size, "yuv420p"
         st = out.add_stream("pcm_s16le", rate=sr, layout="mono")
         for k in range(T):
-            x = int(round((size - s) * k / max(T - 1, 1)))
-            boxes.append([(x, 1, x + s, 1 + s), (size - s - x, size - 1 - s, size - x, size - 1)])
+            x = int(round((W - s) * k / max(T - 1, 1)))
+            boxes.append([(x, 1, x + s, 1 + s), (W - s - x, size - 1 - s, W - x, size - 1)])
             img = bg.copy()
             _draw_object(img, np.random.default_rng([seed, k]), d, boxes[-1][1])
             _draw_object(img, np.random.default_rng([seed, k]), c, boxes[-1][0])
@@ -690,6 +694,12 @@ def shown_frames(src, times, t0: float):
     the frame a player shows at t, the last one whose timestamp is <= t (the first one before it), decoded once,
     in order. Damaged when decoding fails, or the frames stop over a second before the last time."""
     import av
+
+    def pil(f):
+        try:
+            return upright(f)[0]
+        except ClipError as e:                            # a display rotation that is not a quarter turn
+            raise Damaged(str(e)) from None
     for seek in ((t0 + times[0] - 1.0) if times[0] > 1.0 else None, None):     # None: decode from the start
         with open_media(src) as c:
             vs = c.streams.video[0]
@@ -702,7 +712,7 @@ def shown_frames(src, times, t0: float):
                     if seek is not None and prev is None and ft > times[0] + 1e-6:
                         break                                 # the seek landed past the first time
                     while k < len(times) and times[k] + 1e-6 < ft:
-                        img = img or upright(prev or f)[0]
+                        img = img or pil(prev or f)
                         yield times[k], img
                         k += 1
                     if k == len(times):
@@ -717,7 +727,7 @@ def shown_frames(src, times, t0: float):
             for t in times[k:]:
                 if prev is None or t > ft + 1.0:
                     raise Damaged(f"the video frames stop at {ft:.2f} s" if prev else "no decodable video frame")
-                img = img or upright(prev)[0]
+                img = img or pil(prev)
                 yield t, img
             return
 
@@ -839,8 +849,12 @@ def predict_video(args, maps, transform: tuple, window: tuple, device, log=print
         return C.clip_window(x[max(lo, 0):max(lo + n, 1)], sr, seconds, where)
 
     def mapped(frames):               # (t, frame) -> (t, frame, raw map), in batches on the device
-        batch = []
-        for item in [*frames, None]:
+        batch, err, frames = [], None, iter(frames)
+        while True:
+            try:
+                item = next(frames, None)
+            except Damaged as e:          # the frames before the damage are mapped first
+                err, item = e, None
             if item is not None:
                 batch.append(item)
             if batch and (item is None or len(batch) == batch_size):
@@ -849,6 +863,10 @@ def predict_video(args, maps, transform: tuple, window: tuple, device, log=print
                              torch.from_numpy(np.stack([wav(t) for t, _ in batch])).to(device)).float().cpu().numpy()
                 yield from ((t, im, mm) for (t, im), mm in zip(batch, m))
                 batch = []
+            if item is None:
+                break
+        if err:
+            raise err
 
     def bar(it, desc, total):
         return tqdm(it, desc=desc, total=total, unit="frame", leave=False, dynamic_ncols=True, mininterval=1.0)
@@ -878,7 +896,7 @@ def predict_video(args, maps, transform: tuple, window: tuple, device, log=print
                       for k, (t, im, m) in enumerate(mapped(shown_frames(src, times, t0))))
         part, done = out.with_name(out.name + ".part"), 0
         try:
-            done = _write_video(part, bar(frames, "writing", K), fps, scale, transform[0] == "center_crop",
+            done = K and _write_video(part, bar(frames, "writing", K), fps, scale, transform[0] == "center_crop",
                                 _audio_out(asrc, None if args.audio else t0, args.start, args.start + K / float(fps),
                                            arate, layout), arate, layout)
         except Damaged as e:
@@ -1167,6 +1185,13 @@ def cmd_check(a):
         sys.exit(1)
 
 
+def cmd_video(a):
+    w, h = (int(v) for v in a.size.split("x"))
+    m = moving_clip(a.out, a.seed, a.classes, h, a.seconds, a.fps, width=w)
+    names = [k[0] for k in SYNTH_CLASSES]
+    print(f"{a.out}: {names[m['classes'][0]]} sounds, {names[m['classes'][1]]} is silent ({len(m['times'])} frames)")
+
+
 def ingest_args(s, src_help: str):
     """The arguments every ingesting subcommand shares."""
     s.add_argument("src", help=src_help)
@@ -1225,6 +1250,17 @@ def build_parser():
     s.add_argument("--scale", type=float, default=1.0,
                    help="multiply every split size by this factor (> 0; at least 4 clips per split)")
     s.set_defaults(fn=cmd_synth)
+    s = sub.add_parser("video", help="a synthetic video: a sounding object crosses the frame beside a silent one",
+                       description="Writes OUT (.mkv or .mov: H.264 + PCM) in the synthetic benchmark's world: an "
+                                   "object of one class sounds while it crosses the upper half, a silent one of "
+                                   "another class crosses the lower half (try a method's --predict --video on it).")
+    s.add_argument("out", help="the video to write (.mkv or .mov)")
+    s.add_argument("--size", default="128x128", help="WIDTHxHEIGHT in pixels")
+    s.add_argument("--seconds", type=float, default=3.0, help="length")
+    s.add_argument("--fps", type=int, default=10, help="frame rate")
+    s.add_argument("--seed", type=int, default=0, help="generator seed")
+    s.add_argument("--classes", type=int, default=6, help="draw the two objects from the first N classes (4-8)")
+    s.set_defaults(fn=cmd_video)
     s = sub.add_parser("split", help="register an id list as a split",
                        description="Reads LIST (one id per line, or the first column of a csv) and writes "
                                    "ROOT/splits/NAME.txt; ids without frames/<id>.jpg and audio/<id>.wav are "

@@ -2680,6 +2680,12 @@ def test_video_of_a_rotated_clip_is_drawn_upright(tiny_runs, tmp_path):
     assert len(v["frames"]) == 10 and v["frames"][0].shape == (96, 3 * 64, 3)
     for k, f in enumerate(v["frames"]):
         assert np.abs(f[:, :64].astype(float) - np.rot90(asym(2 * k), -1)).mean() < 10, k
+    sspl.main(["--predict", "--ckpt", str(tiny_runs["sspl.py"]), "--video", str(tmp_path / "phone.mov"), "--fps", "5",
+               "--start", "1.2", "--out", str(tmp_path / "h.mp4")])      # a later segment: decoded from a seek
+    v = _video_streams(tmp_path / "h.mp4")
+    assert len(v["frames"]) == 4
+    for k, f in enumerate(v["frames"]):
+        assert np.abs(f[:, :64].astype(float) - np.rot90(asym(12 + 2 * k), -1)).mean() < 10, k
 
 
 def test_video_bad_inputs_are_one_line_each(tiny_runs, tmp_path, capsys):
