@@ -1216,7 +1216,7 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
       "AP / max-F1, pIA)")
     a("--neg-threshold", type=float, help="--negatives: the fixed threshold on the raw map (default: the method's)")
     a("--out", help="--train/--benchmark: parent of the run folders (default runs/); --eval: output folder (default: "
-      "the checkpoint's); --predict: the PNG (default heat.png)")
+      "the checkpoint's); --predict: the PNG (default heat.png), --video: the MP4 (heat.mp4)")
     a("--resume", help="continue a run from its last.pt (the file or the run folder)")
     a("--weights", help="local .pth with the image encoder's weights (instead of torchvision's download)")
     a("--no-pretrained", action="store_true", help="do not load any pretrained weights")

@@ -25,6 +25,7 @@ Run:
   python csol_classaware.py --train --data ROOT --clusters 11 --cocktail-train-split ROOT/splits/synthetic_train.txt
   python csol_classaware.py --eval --ckpt runs/<run>/stage2.pt [--data ROOT]
   python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --image frame.jpg --audio clip.wav --out heat.png
+  python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --video clip.mp4 --out clip_heat.mp4
 
 Deviations from the paper (P) and the official code (O), one line each (details and measurements: README):
   1. (O) clusters -> classes by an exact optimum (Hungarian) on the labelled validation clips (official: random trials).

@@ -22,6 +22,7 @@ Run:
   python ez_vsl.py --eval --ckpt runs/<run>/best.pt [--data ROOT] [--negatives] [--save-maps m.npz] [--viz 20]
   python ez_vsl.py --eval --ckpt ezvsl_vggss144k/best.pth --data ROOT      # the authors' released checkpoint
   python ez_vsl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python ez_vsl.py --predict --ckpt runs/<run>/best.pt --video clip.mp4 --out clip_heat.mp4
   python ez_vsl.py --benchmark --data ROOT --preset paper --no-pretrained --batch-size 128 --workers 8
 
 Deviations from the paper (P) and the official code (O), one line each (details and measurements: README):

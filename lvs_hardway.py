@@ -25,6 +25,7 @@ Run:
   torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT                             # batch 256 on 4 GPUs
   python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT      # the authors' released checkpoint
   python lvs_hardway.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python lvs_hardway.py --predict --ckpt runs/<run>/best.pt --video clip.mp4 --out clip_heat.mp4
   Table 4 ablations: --no-trimap (models a/b), --no-hard-neg, --epsilon-p 0.6 --epsilon-n 0.45 (models c-f).
 
 Deviations from the paper (P) and the official code (O), one line each (details and measurements: README):

@@ -25,6 +25,7 @@ Run:
   torchrun --nproc_per_node=2 sspl.py --train --data ROOT ...                   # 2 x 128 = 256 (the paper)
   python sspl.py --eval --ckpt runs/<run>/best.pt --pcm-cycles 8                # Fig. 6: another test-time T
   python sspl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python sspl.py --predict --ckpt runs/<run>/best.pt --video clip.mp4 --out clip_heat.mp4
   The epoch line's f_av_std: SimSiam's collapse monitor, the mean per-dimension std of the L2-normalised f_av
   (about 1/sqrt(c) when spread out, 0 when collapsed).
 
