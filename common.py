@@ -1174,6 +1174,16 @@ def write_json(path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1))
 
 
+def predict_video(args, *a, **kw):
+    """--predict --video: data_prep.predict_video, imported only here (frames and WAVs need neither it nor PyAV)."""
+    try:
+        import av, data_prep  # noqa: E401, F401
+    except ImportError as e:
+        need = "PyAV (pip install av)" if e.name == "av" else "data_prep.py beside common.py"
+        raise UserError(f"--video needs {need} ({e})") from None
+    return data_prep.predict_video(args, *a, **kw)
+
+
 def progress(iterable, desc: str = "", total=None, enabled: bool = True):
     from tqdm import tqdm
     # a live bar on a terminal only: redirected output (a log file, CI) keeps the one epoch line
@@ -1181,12 +1191,13 @@ def progress(iterable, desc: str = "", total=None, enabled: bool = True):
                 mininterval=1.0)
 
 
-def save_overlay_png(path, frame: np.ndarray, heat: np.ndarray, boxes=None) -> None:
-    """Three panels side by side: the frame (H, W, 3 uint8) with the normalised boxes in green, the min-max
-    normalised heat map in the jet colours, and their blend."""
+def overlay(frame: np.ndarray, heat: np.ndarray, boxes=None, scale=None) -> Image.Image:
+    """Three panels side by side: the frame (H, W, 3 uint8) with the normalised boxes in green, the heat map in the
+    jet colours (min-max normalised, or mapped from scale = (lo, hi) to [0, 1]), and their blend."""
     h, w = frame.shape[:2]
-    hm = minmax(F.interpolate(torch.as_tensor(np.asarray(heat, np.float64))[None, None], size=(h, w),
-                              mode="bilinear")[0, 0].numpy())[..., None]
+    hm = F.interpolate(torch.as_tensor(np.asarray(heat, np.float64))[None, None], size=(h, w), mode="bilinear")[0, 0]
+    hm = (minmax(hm) if scale is None else ((hm - scale[0]) / max(scale[1] - scale[0], 1e-12)).clamp(0, 1))
+    hm = hm.numpy()[..., None]
     jet = (np.clip(np.concatenate([1.5 - np.abs(4 * hm - 3), 1.5 - np.abs(4 * hm - 2), 1.5 - np.abs(4 * hm - 1)], -1),
                    0, 1) * 255).astype(np.uint8)
     panels = [Image.fromarray(a.astype(np.uint8)) for a in (frame, jet, frame * 0.5 + jet * 0.5)]
@@ -1198,8 +1209,12 @@ def save_overlay_png(path, frame: np.ndarray, heat: np.ndarray, boxes=None) -> N
     out = Image.new("RGB", (3 * w, h))
     for k, img in enumerate(panels):
         out.paste(img, (k * w, 0))
+    return out
+
+
+def save_overlay_png(path, frame: np.ndarray, heat: np.ndarray, boxes=None) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    out.save(path)
+    overlay(frame, heat, boxes).save(path)
 
 
 def save_maps(path, maps: dict, negatives: dict | None = None, meta: dict | None = None) -> None:
@@ -1253,7 +1268,12 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
       "(benchmark.json in a run folder under --out)")
     a("--ckpt", help="checkpoint (.pt) to evaluate / predict with, or a run folder (uses best.pt)")
     a("--image", help="--predict: the frame")
-    a("--audio", help="--predict: the WAV")
+    a("--audio", help="--predict: the WAV (with --video: the sound, for a clip without its own)")
+    a("--video", help="--predict: a video -> --out heat.mp4: frame | map | blend per frame, with the sound (README)")
+    a("--fps", type=float, help="--video: output frame rate (default: the source's, at most 25)")
+    a("--start", type=float, default=0.0, help="--video: the segment's start (s on the clip's clock)")
+    a("--duration", type=float, help="--video: the segment's length (s; default: to the video's end)")
+    a("--norm", choices=["video", "frame"], default="video", help="--video: colours over the segment or per frame")
     a("--data", help="dataset root in the standard layout (default: the built-in synthetic benchmark)")
     a("--train-split", help="train id list (default ROOT/splits/train.txt)")
     a("--val-split", help="validation id list, for checkpoint selection (default ROOT/splits/val.txt)")
@@ -1262,7 +1282,7 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--protocol", choices=list(PROTOCOLS), help="evaluation protocol (default: the method's official one)")
     a("--align-corners", action=argparse.BooleanOptionalAction, default=None, help="bilinear resize of the maps with "
       "align_corners=True / False (default: the method's official test: True for EZ-VSL, False = cv2 for the others)")
-    a("--save-maps", help="--eval: write the test maps to this .npz (for eval_cioU.py)")
+    a("--save-maps", help="--eval: the test maps as .npz (for eval_cioU.py); --video: raw maps (T, h, w), times")
     a("--viz", type=int, default=0, help="write N PNG overlays (frame + boxes, heat map, blend)")
     a("--preset", choices=["cpu", "paper"], help="cpu: small encoders and images; paper: the official set-up "
       "(default: cpu on the synthetic benchmark, paper on real data)")
@@ -1285,7 +1305,7 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
       "AP / max-F1, pIA)")
     a("--neg-threshold", type=float, help="--negatives: the fixed threshold on the raw map (default: the method's)")
     a("--out", help="--train/--benchmark: parent of the run folders (default runs/); --eval: output folder (default: "
-      "the checkpoint's); --predict: the PNG (default heat.png)")
+      "the checkpoint's); --predict: the PNG (default heat.png), --video: the MP4 (heat.mp4)")
     a("--resume", help="continue a run from its last.pt (the file or the run folder)")
     a("--weights", help="local .pth with the image encoder's weights (instead of torchvision's download)")
     a("--no-pretrained", action="store_true", help="do not load any pretrained weights")
@@ -1306,7 +1326,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
 
 AT_LEAST = {"batch_size": 1, "epochs": 1, "epochs2": 1, "limit": 1, "max_steps": 1, "workers": 0, "steps": 1,
             "viz": 0, "image_size": 32, "dim": 1, "clusters": 1, "class_iter": 1, "pcm_cycles": 0}
-POSITIVE = ("lr", "lr_head", "tau", "temperature", "map_temp")
+POSITIVE = ("lr", "lr_head", "tau", "temperature", "map_temp", "fps", "duration")
 
 
 def check_numbers(args) -> None:
@@ -1344,7 +1364,7 @@ def check_file_writable(path, what: str) -> None:
 def check_outputs(args) -> None:
     """Every output the command writes can be written: checked before any work."""
     if args.predict:
-        return check_file_writable(args.out or "heat.png", "--out")
+        return check_file_writable(args.out or ("heat.mp4" if args.video else "heat.png"), "--out")
     if args.save_maps:
         check_file_writable(args.save_maps, "--save-maps")
     if args.train or args.benchmark:
@@ -1371,8 +1391,8 @@ def setup(args, presets: dict, synthetic, protocol: str, align_corners: bool, lo
     outputs), the data (resolve_data), the preset's defaults, the method's evaluation protocol and resize."""
     if not (args.train or args.eval or args.predict or args.benchmark):
         raise UserError("choose one of --train, --eval, --predict, --benchmark (see --help)")
-    if args.predict and not (args.ckpt and args.image and args.audio):
-        raise UserError("--predict needs --ckpt, --image and --audio")
+    if args.predict and not (args.ckpt and (args.video or args.image and args.audio)):
+        raise UserError("--predict needs --ckpt and either --image and --audio, or --video")
     if args.eval and not args.train and not args.ckpt:
         raise UserError("--eval needs --ckpt")
     if args.benchmark and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -25,6 +25,7 @@ Run:
   python csol_classaware.py --train --data ROOT --clusters 11 --cocktail-train-split ROOT/splits/synthetic_train.txt
   python csol_classaware.py --eval --ckpt runs/<run>/stage2.pt [--data ROOT]
   python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --image frame.jpg --audio clip.wav --out heat.png
+  python csol_classaware.py --predict --ckpt runs/<run>/stage2.pt --video clip.mp4 --out clip_heat.mp4
 
 Deviations from the paper (P) and the official code (O), one line each (details and measurements: README):
   1. (O) clusters -> classes by an exact optimum (Hungarian) on the labelled validation clips (official: random trials).
@@ -692,10 +693,14 @@ def predict(args, log=print):
     device = C.resolve_device(args.device)
     model, _ = load_model(args.ckpt, args, device)
     model.eval()
+    maps = lambda img, wav: model.loc_map(*model.features(img, csol_log_mel(wav, SR)))     # noqa: E731 (B, h, w)
+    if args.video:                                     # the test's window, centred on each frame
+        return C.predict_video(args, maps, ("squash", args.image_size, RESIZE), (SR, CLIP_SECONDS, "center"),
+                               device, log)
     img = C.image_transform("squash", args.image_size, RESIZE)(C.load_image(args.image))[None].to(device)
     wav, _, _ = C.read_wav_window(args.audio, CLIP_SECONDS, "center", sample_rate=SR)     # the test's window
-    v_fea, a_fea = model.features(img, csol_log_mel(torch.from_numpy(wav)[None].to(device), SR))
-    C.save_overlay_png(args.out or "heat.png", C.denormalize(img[0]), model.loc_map(v_fea, a_fea)[0].cpu().numpy())
+    heat = maps(img, torch.from_numpy(wav)[None].to(device))
+    C.save_overlay_png(args.out or "heat.png", C.denormalize(img[0]), heat[0].cpu().numpy())
     log(f"heat map (l, Eq. 1) written to {args.out or 'heat.png'}")
 
 

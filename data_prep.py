@@ -12,6 +12,8 @@
     python data_prep.py split LIST --name NAME --root ROOT   any id list (*.txt / *.csv) as ROOT/splits/NAME.txt
     python data_prep.py check ROOT [--split NAME] [--method M] [--workers N]  decode every frame and WAV as the
                                                              methods read them (before a long run)
+    python data_prep.py video OUT.mkv [--size 640x360] [--seconds S] [--fps N]  a synthetic video: an object
+                                                             sounds as it crosses the frame beside a silent one
 
 The synthetic benchmark's generator lives here: a method run without --data imports it (data_prep.py must then
 sit beside common.py); with --data nothing here is needed.
@@ -690,6 +692,352 @@ def ensure_synthetic(root=None, log=print, **kw) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A method's heat map over a video, with its sound (`--predict --video`; common.predict_video imports this)
+# ----------------------------------------------------------------------------------------------------------
+PANEL = 640          # a heat-map video's panels: the upright frame scaled to at most 640 px on its longer side
+
+
+class Damaged(Exception):
+    """The video stream stops decoding part way: the frames before it are good."""
+
+
+def moving_clip(path, seed: int = 0, n_classes: int = 6, size: int = 128, seconds: float = 3.0, fps: int = 10,
+                sr: int = 16000, width: int | None = None) -> dict:
+    """A video in the synthetic benchmark's world (its backgrounds, objects and sounds), `width` (default: size) x
+    `size` px: an object of one class sounds while it crosses the upper half from left to right; a silent one of
+    another class crosses the lower half the other way. H.264 (crf 12) + 16-bit PCM (an .mkv or .mov path).
+    -> dict(classes: (sounding, silent), boxes: (T, 2, 4) pixel boxes [x1, y1, x2, y2] of the sounding and the silent
+    object per frame, times (s), audio, sr)."""
+    import av
+    from fractions import Fraction
+    rng, W = np.random.default_rng([seed, 99]), width or size
+    bg = _background(rng, max(W, size)).crop((0, 0, W, size))
+    c, d = (int(k) for k in rng.permutation(n_classes)[:2])
+    s, T = int(round(0.48 * size)), int(round(seconds * fps))
+    audio, boxes = synth_audio(rng, [c], int(round(seconds * sr)), sr), []
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=fps, options={"crf": "12"})
+        vs.width, vs.height, vs.pix_fmt = W, size, "yuv420p"
+        st = out.add_stream("pcm_s16le", rate=sr, layout="mono")
+        for k in range(T):
+            x = int(round((W - s) * k / max(T - 1, 1)))
+            boxes.append([(x, 1, x + s, 1 + s), (W - s - x, size - 1 - s, W - x, size - 1)])
+            img = bg.copy()
+            _draw_object(img, np.random.default_rng([seed, k]), d, boxes[-1][1])
+            _draw_object(img, np.random.default_rng([seed, k]), c, boxes[-1][0])
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")):
+                out.mux(p)
+        fr = av.AudioFrame.from_ndarray((audio * 32767).round().astype("<i2")[None], format="s16", layout="mono")
+        fr.sample_rate, fr.pts, fr.time_base = sr, 0, Fraction(1, sr)
+        for p in [*vs.encode(), *st.encode(fr), *st.encode()]:
+            out.mux(p)
+    return dict(classes=(c, d), boxes=np.array(boxes), times=np.arange(T) / fps, audio=audio, sr=sr)
+
+
+def _display_order(c, vs, t0: float):
+    """(time on the clip's clock, frame) as decoded; the timestamps of every REORDER + 1 frames sorted (as in
+    frame_at: they can come in decode order)."""
+    import heapq
+    buf, ts = deque(), []
+    for f in c.decode(vs):
+        if f.pts is not None:
+            buf.append(f), heapq.heappush(ts, f.time - t0)
+            if len(buf) > REORDER:
+                yield heapq.heappop(ts), buf.popleft()
+    while buf:
+        yield heapq.heappop(ts), buf.popleft()
+
+
+def shown_frames(src, times, t0: float):
+    """(t, upright PIL frame) for each of the increasing `times` (s on the clip's clock; 0 = the container start t0):
+    the frame a player shows at t, the last one whose timestamp is <= t (the first one before it), decoded once,
+    in order. Damaged when decoding fails, or the frames stop over a second before the last time."""
+    import av
+
+    def pil(f):
+        try:
+            return upright(f)[0]
+        except ClipError as e:                            # a display rotation that is not a quarter turn
+            raise Damaged(str(e)) from None
+    for seek in ((t0 + times[0] - 1.0) if times[0] > 1.0 else None, None):     # None: decode from the start
+        with open_media(src) as c:
+            vs = c.streams.video[0]
+            vs.thread_type = "AUTO"
+            k, prev, img, ft = 0, None, None, 0.0
+            try:
+                if seek is not None:
+                    c.seek(int(seek / vs.time_base), stream=vs, backward=True)
+                for ft, f in _display_order(c, vs, t0):
+                    if seek is not None and prev is None and ft > times[0] + 1e-6:
+                        break                                 # the seek landed past the first time
+                    while k < len(times) and times[k] + 1e-6 < ft:
+                        img = img or pil(prev or f)
+                        yield times[k], img
+                        k += 1
+                    if k == len(times):
+                        return
+                    prev, img = f, None
+            except av.error.FFmpegError as e:
+                if seek is not None and prev is None:
+                    continue
+                raise Damaged(f"video decoding failed after {ft:.2f} s ({e})") from None
+            if prev is None and seek is not None:
+                continue
+            for t in times[k:]:
+                if prev is None or t > ft + 1.0:
+                    raise Damaged(f"the video frames stop at {ft:.2f} s" if prev else "no decodable video frame")
+                img = img or pil(prev)
+                yield t, img
+            return
+
+
+def _video_info(src, need_audio: bool) -> tuple:
+    """-> (t0: the container's start, end: the video stream's end on the clip's clock, the stream's frame rate,
+    the duration the file states or None), from its packets (no decoding)."""
+    import av
+    with open_media(src) as c:
+        if not c.streams.video:
+            raise ClipError("no video stream")
+        if need_audio and not c.streams.audio:
+            raise ClipError("no audio track (give the sound with --audio WAV)")
+        vs = c.streams.video[0]
+        t0 = c.start_time / 1e6 if c.start_time is not None else 0.0
+        try:
+            ends = [float((p.pts + (p.duration or 0)) * p.time_base) for p in c.demux(vs) if p.pts is not None
+                    and p.size]
+        except av.error.FFmpegError as e:
+            raise ClipError(f"unreadable ({e})") from None
+        if not ends:
+            raise ClipError("no video frames")
+        return t0, max(ends) - t0, vs.average_rate or vs.guessed_rate, (c.duration / 1e6 if c.duration else None)
+
+
+def _audio_out(src, t0, start: float, stop: float, rate: int, layout: str):
+    """The audio track of [start, stop) s on the clip's clock (0 = t0; None: the file's own start) at `rate`,
+    `layout`, placed by its timestamps as decode_audio does: (ch, n) float32 pieces, silence in gaps and past the
+    track's end, so that they add up to exactly round(stop * rate) - round(start * rate) samples."""
+    import av
+    first, total, pos = round(start * rate), round(stop * rate) - round(start * rate), 0
+    with open_media(src) as c:
+        st = c.streams.audio[0]
+        if t0 is None:
+            t0 = c.start_time / 1e6 if c.start_time is not None else 0.0
+        res = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        for packet in c.demux(st):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                continue
+            for frame in frames:
+                y = np.concatenate([g.to_ndarray() for g in res.resample(frame)] + [np.zeros((len(
+                    av.AudioLayout(layout).channels), 0), np.float32)], 1)
+                i = pos if frame.pts is None else round((frame.time - t0) * rate) - first
+                i = pos if abs(i - pos) <= SLACK * rate else i
+                if i > pos:
+                    yield np.zeros((len(y), min(i, total) - pos), np.float32)
+                    pos = min(i, total)
+                y = y[:, pos - i:total - i] if pos >= i else y[:, :0]
+                if y.shape[1]:
+                    yield y
+                    pos += y.shape[1]
+                if pos >= total:
+                    return
+    yield np.zeros((len(av.AudioLayout(layout).channels), total - pos), np.float32)
+
+
+def predict_video(args, maps, transform: tuple, window: tuple, device, log=print) -> None:
+    """`--predict --video CLIP --out OUT.mp4` for a method. maps(images (B, 3, S, S), waveforms (B, N)) -> (B, h, w):
+    its --predict map, batched, on `device`; transform = (kind, size, interpolation): its test image transform
+    (common.image_transform); window = (sr, seconds, where): its test audio window, here centred on each output
+    frame's time (cut at the audio's ends and padded by common.clip_window's rule for `where`). Streams: frames are
+    decoded, mapped in batches and encoded as they come (--norm video: a first pass keeps the raw maps on disk for
+    the colour scale). Writes OUT (H.264, the frame | the map | their blend as the PNG overlays, the original sound
+    as AAC) and --save-maps (npz: maps (T, h, w), times (T,) in s)."""
+    import av
+    import tempfile
+    import torch
+    from fractions import Fraction
+    from tqdm import tqdm
+    src, out, t_start = Path(args.video), Path(args.out or "heat.mp4"), time.time()
+    if out.suffix.lower() != ".mp4":
+        raise C.UserError(f"--out {out}: --video writes an MP4 video; name it *.mp4")
+    if args.save_maps:
+        C.check_file_writable(args.save_maps, "--save-maps")
+    if args.start < 0:
+        raise C.UserError(f"--start {args.start:g}: must be at least 0")
+    for path in [src] + ([Path(args.audio)] if args.audio else []):
+        if not path.is_file():
+            raise C.BadMedia(path, None, "file not found")
+    try:
+        t0, end, rate, stated = _video_info(src, need_audio=not args.audio)
+    except ClipError as e:
+        raise C.BadMedia(src, None, str(e)) from None
+    if stated and stated - end > 1.0:
+        log(f"note: {src}: the video stream ends at {end:.2f} s, the file says {stated:.2f} s (truncated?)")
+    if args.start >= end:
+        raise C.UserError(f"{src}: --start {args.start:g} s is past the end of the video ({end:.2f} s)")
+    stop = end if args.duration is None else args.start + args.duration
+    if stop > end + 1e-6:
+        log(f"note: the video ends at {end:.2f} s: the segment stops there")
+    fps = Fraction(args.fps).limit_denominator(1001) if args.fps else min(Fraction(rate or 25), Fraction(25))
+    K = max(1, int(round((min(stop, end) - args.start) * fps)))
+    times = args.start + np.arange(K) / float(fps)
+
+    asrc = Path(args.audio) if args.audio else src
+    sr, seconds, where = window
+    try:
+        x = decode_audio(asrc, sr, None if args.audio else t0)["x"]
+        with open_media(asrc) as c:
+            st = c.streams.audio[0]
+            arate, ach = st.codec_context.sample_rate, st.codec_context.channels
+    except ClipError as e:
+        raise C.BadMedia(asrc, None, str(e)) from None
+    n = int(round(sr * seconds))
+    if 4 * len(x) < n:
+        raise C.BadMedia(asrc, None, f"audio too short: {len(x) / sr:.3f} s, the method needs {seconds:g} s")
+    if len(x) < times[-1] * sr + 1:
+        log(f"note: {asrc}: the audio ends at {len(x) / sr:.2f} s, before the video: silence after it")
+        x = np.concatenate([x, np.zeros(int(times[-1] * sr) + 1 - len(x), np.float32)])
+    arate = arate if arate in av.Codec("aac", "w").audio_rates else 48000
+    layout = {1: "mono", 6: "5.1"}.get(ach, "stereo")               # others: mixed down to stereo
+
+    tf, batch_size = C.image_transform(*transform), 16 if device.type == "cpu" else 64
+
+    def wav(t):                       # the window centred on t, cut at the audio's ends, padded by the method's rule
+        lo = int(round(t * sr)) - n // 2
+        return C.clip_window(x[max(lo, 0):max(lo + n, 1)], sr, seconds, where)
+
+    def mapped(frames):               # (t, frame) -> (t, frame, raw map), in batches on the device
+        batch, err, frames = [], None, iter(frames)
+        while True:
+            try:
+                item = next(frames, None)
+            except Damaged as e:          # the frames before the damage are mapped first
+                err, item = e, None
+            if item is not None:
+                batch.append(item)
+            if batch and (item is None or len(batch) == batch_size):
+                with torch.no_grad():
+                    m = maps(torch.stack([tf(im) for _, im in batch]).to(device),
+                             torch.from_numpy(np.stack([wav(t) for t, _ in batch])).to(device)).float().cpu().numpy()
+                yield from ((t, im, mm) for (t, im), mm in zip(batch, m))
+                batch = []
+            if item is None:
+                break
+        if err:
+            raise err
+
+    def bar(it, desc, total):
+        return tqdm(it, desc=desc, total=total, unit="frame", leave=False, dynamic_ncols=True, mininterval=1.0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store, scale, err = None, None, None
+
+        def keep(k, m):
+            nonlocal store
+            if store is None:
+                store = np.lib.format.open_memmap(Path(tmp) / "maps.npy", "w+", np.float32, (K, *m.shape))
+            store[k] = m
+
+        done = 0
+        if args.norm == "video":                    # pass 1: the raw maps (on disk) and their range
+            lo, hi = np.inf, -np.inf
+            try:
+                for done, (_, _, m) in enumerate(bar(mapped(shown_frames(src, times, t0)), "mapping", K), 1):
+                    keep(done - 1, m)
+                    lo, hi = min(lo, float(m.min())), max(hi, float(m.max()))
+            except Damaged as e:
+                err, K = e, done
+            scale = (lo, hi)
+            frames = ((t, im, store[k]) for k, (t, im) in enumerate(shown_frames(src, times[:K], t0)))
+        else:
+            frames = ((t, im, keep(k, m) or m) if args.save_maps else (t, im, m)
+                      for k, (t, im, m) in enumerate(mapped(shown_frames(src, times, t0))))
+        part, done = out.with_name(out.name + ".part"), 0
+        try:
+            done = K and _write_video(part, bar(frames, "writing", K), fps, scale, transform[0] == "center_crop",
+                                _audio_out(asrc, None if args.audio else t0, args.start, args.start + K / float(fps),
+                                           arate, layout), arate, layout)
+        except Damaged as e:
+            err, done = e, e.args[1] if len(e.args) > 1 else 0
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        if done:
+            os.replace(part, out)
+        else:
+            part.unlink(missing_ok=True)
+        if args.save_maps and done:
+            with open(f"{args.save_maps}.part", "wb") as f:
+                np.savez_compressed(f, maps=store[:done], times=times[:done])
+            os.replace(f"{args.save_maps}.part", args.save_maps)
+    if err:
+        raise C.BadMedia(src, None, f"{err.args[0]}; " + (f"the first {done / float(fps):.2f} s were written to {out}"
+                                                        if done else "nothing was written"))
+    took = time.time() - t_start
+    log(f"heat-map video written to {out}: {done} frames at {float(fps):g} fps from {args.start:g} s to "
+        f"{args.start + done / float(fps):.2f} s, colours per {args.norm}, sound {layout} {arate} Hz AAC"
+        + (f"; maps in {args.save_maps}" if args.save_maps else "") + f" ({took:.1f} s, {done / took:.1f} frames/s)")
+
+
+def _write_video(path, frames, fps, scale, crop: bool, audio, arate: int, layout: str) -> int:
+    """Encode (t, frame, map) items as H.264 frames drawn by common.overlay (panels of the upright frame, centre-
+    cropped to a square for the `center_crop` test transform, at most PANEL px) with the audio pieces interleaved as
+    AAC -> the number of frames written. A Damaged error from `frames` closes the file (playable) and is raised
+    again with that number."""
+    import av
+    import itertools
+    from fractions import Fraction
+    it, done, pos, err = iter(frames), 0, 0, None
+    try:
+        first = next(it)
+    except StopIteration:
+        return 0
+    except Damaged as e:
+        raise Damaged(e.args[0], 0) from None
+    w, h = (min(first[1].size),) * 2 if crop else first[1].size
+    s = min(1.0, PANEL / max(w, h))
+    W, H = max(2, 2 * round(w * s / 2)), max(2, 2 * round(h * s / 2))
+
+    def panel(im):
+        if crop:
+            side = min(im.size)
+            x, y = round((im.width - side) / 2), round((im.height - side) / 2)
+            im = im.crop((x, y, x + side, y + side))
+        return np.asarray(im if im.size == (W, H) else im.resize((W, H), Image.BILINEAR))
+
+    with av.open(str(path), "w", format="mp4") as o:
+        vs = o.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "veryfast"})
+        vs.width, vs.height, vs.pix_fmt = 3 * W, H, "yuv420p"
+        st = o.add_stream("aac", rate=arate, layout=layout)
+
+        def audio_until(n):
+            nonlocal pos
+            while pos < n and (y := next(audio, None)) is not None:
+                if y.shape[1]:
+                    fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(y), format="fltp", layout=layout)
+                    fr.sample_rate, fr.pts, fr.time_base = arate, pos, Fraction(1, arate)
+                    pos += y.shape[1]
+                    for p in st.encode(fr):
+                        o.mux(p)
+        try:
+            for _, im, m in itertools.chain([first], it):
+                fr = av.VideoFrame.from_ndarray(np.asarray(C.overlay(panel(im), m, scale=scale)), format="rgb24")
+                fr.pts, fr.time_base = done, 1 / fps
+                for p in vs.encode(fr):
+                    o.mux(p)
+                done += 1
+                audio_until(round(done / fps * arate))
+        except Damaged as e:
+            err = e
+        for p in [*vs.encode(), *st.encode()]:
+            o.mux(p)
+    if err:
+        raise Damaged(err.args[0], done)
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Subcommands
 # ----------------------------------------------------------------------------------------------------------
 def cmd_videos(a):
@@ -1042,6 +1390,13 @@ def cmd_check(a):
         sys.exit(1)
 
 
+def cmd_video(a):
+    w, h = (int(v) for v in a.size.split("x"))
+    m = moving_clip(a.out, a.seed, a.classes, h, a.seconds, a.fps, width=w)
+    names = [k[0] for k in SYNTH_CLASSES]
+    print(f"{a.out}: {names[m['classes'][0]]} sounds, {names[m['classes'][1]]} is silent ({len(m['times'])} frames)")
+
+
 def ingest_args(s, src_help: str):
     """The arguments every ingesting subcommand shares."""
     s.add_argument("src", help=src_help)
@@ -1128,6 +1483,17 @@ def build_parser():
                    help="each class's sound: harmonic tone (default), chirp (a sweep f0 -> 1.6 f0 per pulse) or "
                         "noise (band-passed around f0)")
     s.set_defaults(fn=cmd_synth)
+    s = sub.add_parser("video", help="a synthetic video: a sounding object crosses the frame beside a silent one",
+                       description="Writes OUT (.mkv or .mov: H.264 + PCM) in the synthetic benchmark's world: an "
+                                   "object of one class sounds while it crosses the upper half, a silent one of "
+                                   "another class crosses the lower half (try a method's --predict --video on it).")
+    s.add_argument("out", help="the video to write (.mkv or .mov)")
+    s.add_argument("--size", default="128x128", help="WIDTHxHEIGHT in pixels")
+    s.add_argument("--seconds", type=float, default=3.0, help="length")
+    s.add_argument("--fps", type=int, default=10, help="frame rate")
+    s.add_argument("--seed", type=int, default=0, help="generator seed")
+    s.add_argument("--classes", type=int, default=6, help="draw the two objects from the first N classes (4-8)")
+    s.set_defaults(fn=cmd_video)
     s = sub.add_parser("split", help="register an id list as a split",
                        description="Reads LIST (one id per line, or the first column of a csv) and writes "
                                    "ROOT/splits/NAME.txt; ids without frames/<id>.jpg and audio/<id>.wav are "

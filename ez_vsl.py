@@ -22,6 +22,7 @@ Run:
   python ez_vsl.py --eval --ckpt runs/<run>/best.pt [--data ROOT] [--negatives] [--save-maps m.npz] [--viz 20]
   python ez_vsl.py --eval --ckpt ezvsl_vggss144k/best.pth --data ROOT      # the authors' released checkpoint
   python ez_vsl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python ez_vsl.py --predict --ckpt runs/<run>/best.pt --video clip.mp4 --out clip_heat.mp4
   python ez_vsl.py --benchmark --data ROOT --preset paper --no-pretrained --batch-size 128 --workers 8
 
 Deviations from the paper (P) and the official code (O), one line each (details and measurements: README):
@@ -348,14 +349,20 @@ def run_eval(args, device, log, seconds_train=0.0):
 def predict(args, log=print):
     device = C.resolve_device(args.device)
     model = load_model(args.ckpt, args, device)
+    obj_model = make_obj_model(args, log, device)
+    up = lambda m: C.resize_maps(m.float(), C.GT_SIZE, args.align_corners)  # noqa: E731
+
+    def maps(img, wav):                                # (B, h, w) S^AVL, or (B, 224, 224) with OGL
+        heat = avl_map(*model(img, C.log_spectrogram(wav, SR)))
+        if obj_model is not None:                      # as the official test: both up-sampled to 224, then Eq. 9
+            heat = ogl_blend(up(heat), up(obj_model(img)), args.alpha)
+        return heat
+    if args.video:                                     # the test's window, centred on each frame
+        return C.predict_video(args, maps, ("squash", args.image_size, "bicubic"), (SR, CLIP_SECONDS, "center"),
+                               device, log)
     img = C.image_transform("squash", args.image_size)(C.load_image(args.image))[None].to(device)
     wav, _, _ = C.read_wav_window(args.audio, CLIP_SECONDS, "center", sample_rate=SR)     # the test's window
-    v, a = model(img, C.log_spectrogram(torch.from_numpy(wav)[None].to(device), SR))
-    heat = avl_map(v, a)
-    obj_model = make_obj_model(args, log, device)
-    if obj_model is not None:                          # as the official test: both up-sampled to 224, then Eq. 9
-        up = lambda m: C.resize_maps(m.float(), C.GT_SIZE, args.align_corners)  # noqa: E731
-        heat = ogl_blend(up(heat), up(obj_model(img)), args.alpha)
+    heat = maps(img, torch.from_numpy(wav)[None].to(device))
     C.save_overlay_png(args.out or "heat.png", C.denormalize(img[0]), heat[0].cpu().numpy())
     log(f"heat map written to {args.out or 'heat.png'}")
 

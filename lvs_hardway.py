@@ -25,6 +25,7 @@ Run:
   torchrun --nproc_per_node=4 lvs_hardway.py --train --data ROOT                             # batch 256 on 4 GPUs
   python lvs_hardway.py --eval --ckpt lvs_vggss.pth.tar --data ROOT      # the authors' released checkpoint
   python lvs_hardway.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python lvs_hardway.py --predict --ckpt runs/<run>/best.pt --video clip.mp4 --out clip_heat.mp4
   Table 4 ablations: --no-trimap (models a/b), --no-hard-neg, --epsilon-p 0.6 --epsilon-n 0.45 (models c-f).
 
 Deviations from the paper (P) and the official code (O), one line each (details and measurements: README):
@@ -322,9 +323,13 @@ def run_eval(args, device, log, seconds_train=0.0):
 def predict(args, log=print):
     device = C.resolve_device(args.device)
     model = load_model(args.ckpt, args, device)
+    maps = lambda img, wav: localization_map(*model(img, C.log_spectrogram(wav, SR)))     # noqa: E731 (B, h, w)
+    if args.video:                                     # the test's window, centred on each frame
+        return C.predict_video(args, maps, (args.test_transform, args.image_size, "bicubic"),
+                               (SR, TEST_SECONDS, "start"), device, log)
     img = C.image_transform(args.test_transform, args.image_size)(C.load_image(args.image))[None].to(device)
     wav, _, _ = C.read_wav_window(args.audio, TEST_SECONDS, "start", sample_rate=SR)     # the test's window
-    heat = localization_map(*model(img, C.log_spectrogram(torch.from_numpy(wav)[None].to(device), SR)))
+    heat = maps(img, torch.from_numpy(wav)[None].to(device))
     C.save_overlay_png(args.out or "heat.png", C.denormalize(img[0]), heat[0].cpu().numpy())
     log(f"heat map written to {args.out or 'heat.png'}")
 

@@ -25,6 +25,7 @@ Run:
   torchrun --nproc_per_node=2 sspl.py --train --data ROOT ...                   # 2 x 128 = 256 (the paper)
   python sspl.py --eval --ckpt runs/<run>/best.pt --pcm-cycles 8                # Fig. 6: another test-time T
   python sspl.py --predict --ckpt runs/<run>/best.pt --image frame.jpg --audio clip.wav --out heat.png
+  python sspl.py --predict --ckpt runs/<run>/best.pt --video clip.mp4 --out clip_heat.mp4
   The epoch line's f_av_std: SimSiam's collapse monitor, the mean per-dimension std of the L2-normalised f_av
   (about 1/sqrt(c) when spread out, 0 when collapsed).
 
@@ -460,9 +461,13 @@ def run_eval(args, device, log, seconds_train=0.0):
 def predict(args, log=print):
     device = C.resolve_device(args.device)
     model = load_model(args.ckpt, args, device)
+    maps = lambda img, wav: localization_map(model, img, wav, args.eval_cycles)     # noqa: E731 (B, h, w)
+    if args.video:                                     # the test's window, centred on each frame
+        return C.predict_video(args, maps, (args.test_transform, args.image_size, "bicubic"), (SR, CLIP_SECONDS,
+                               WINDOW), device, log)
     img = C.image_transform(args.test_transform, args.image_size)(C.load_image(args.image))[None].to(device)
     wav, _, _ = C.read_wav_window(args.audio, CLIP_SECONDS, WINDOW, sample_rate=SR)     # the test's window
-    heat = localization_map(model, img, torch.from_numpy(wav)[None].to(device), args.eval_cycles)
+    heat = maps(img, torch.from_numpy(wav)[None].to(device))
     C.save_overlay_png(args.out or "heat.png", C.denormalize(img[0]), heat[0].cpu().numpy())
     log(f"heat map written to {args.out or 'heat.png'}")
 

@@ -3297,147 +3297,136 @@ def test_issue30_ciou_of_the_new_protocols_on_the_issue12_cases(protocol):
             np.testing.assert_array_equal(res["per_sample"][k], ref)
 
 
-# =====================================================================================================================
-# Issue 32: .ci/gpu
-# =====================================================================================================================
-GPU_SCRIPT = HERE / ".ci" / "gpu"
+# ==============================================================================================================
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 31: --predict --video (trained_lvs_run: the LVS learning test's run)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_runs(tiny, tmp_path_factory):
+    """{script: a run folder} of each method after two steps on the tiny dataset (checkpoints to predict with)."""
+    out, runs = tmp_path_factory.mktemp("video_runs"), {}
+    for script, mod in {**METHODS, "csol_classaware.py": csol}.items():
+        mod.main(_quick(tiny, out / script, "--epochs", "1", *(["--stage", "1"] if mod is csol else [])))
+        runs[script] = next((out / script).iterdir())
+    return runs
 
 
-def _gpu_summary(out: Path) -> tuple[dict, dict]:
-    summary = json.loads((out / "summary.json").read_text())
-    return summary, {row["step"]: row for row in summary["steps"]}
-
-
-def test_issue32_a_failed_step_ends_only_what_needs_it_and_a_rerun_reuses_the_data(tmp_path):
-    r = run_py(GPU_SCRIPT, "--device", "cpu", "--only", "bench.*,lvs.trian", check=False)
-    assert r.returncode == 2 and "error: --only / --skip 'lvs.trian' matches no step" in r.stderr
-    work = tmp_path / "w"
-    r = run_py(GPU_SCRIPT, "--device", "cpu", "--tiny", "--out", tmp_path / "o1", "--work", work, "--only",
-               "lvs.*,sspl.train", "--skip", "lvs.torchrun*", "--fail-step", "lvs.train", timeout=600, check=False)
-    summary, rows = _gpu_summary(tmp_path / "o1")
-    assert r.returncode == 1 and not summary["passed"] and summary["failed"] == ["lvs.train"], r.stdout[-3000:]
-    assert rows["lvs.train"]["error"].endswith("unrecognized arguments: --no-such-option")
-    assert rows["lvs.train"]["log_tail"] and "FAILED: lvs.train" in r.stdout
-    for k in ("lvs.resume", "lvs.eval", "lvs.predict", "lvs.video"):         # what needs its run: skipped, said why
-        assert rows[k]["status"] == "skipped" and rows[k]["note"] == "needs lvs.train's run folder (lvs.train: failed)"
-    assert rows["sspl.train"]["status"] == "ok"                               # another chain: untouched
-    assert set(rows) == {"env", "synth", "lvs.train", "lvs.resume", "lvs.eval", "lvs.predict", "lvs.video",
-                         "sspl.train"}                                        # --only / --skip: nothing else
-    r = run_py(GPU_SCRIPT, "--device", "cpu", "--tiny", "--out", tmp_path / "o2", "--work", work, "--only", "nvjpeg",
-               timeout=600)
-    summary, rows = _gpu_summary(tmp_path / "o2")
-    assert summary["passed"] and list(rows) == ["env", "synth", "nvjpeg"]
-    assert rows["synth"]["note"] == f"reused {work / 'data'}" and "command" not in rows["synth"]
-
-
-def test_issue32_the_time_limit_and_a_kill_still_leave_the_summary_of_what_ran(tmp_path):
-    import os
-    import signal
-    import tarfile
-    import time
-    repo = tmp_path / "repo"                            # a copy without .git: the commit comes from --commit
-    (repo / ".ci").mkdir(parents=True)
-    for f in HERE.glob("*.py"):
-        shutil.copy(f, repo / f.name)
-    shutil.copy(GPU_SCRIPT, repo / ".ci" / "gpu")
-    r = run_py(repo / ".ci" / "gpu", "--device", "cpu", "--tiny", "--out", tmp_path / "o1", "--work", tmp_path / "w1",
-               "--only", "bench.lvs,bench.csol", "--time-limit", "20", "--commit", "cafe32", cwd=repo, timeout=600,
-               check=False)
-    summary, rows = _gpu_summary(tmp_path / "o1")
-    assert r.returncode == 1 and not summary["passed"] and summary["git"] == "cafe32", r.stdout[-3000:]
-    assert summary["seconds"] < 20 + 15 and rows["bench.csol"]["status"] in ("skipped", "timed out"), rows
-    # the step running at the limit was stopped; each step before it passed, each after it was skipped, saying why
-    late, order = [k for k, row in rows.items() if row["status"] == "timed out"], list(rows)
-    assert len(late) <= 1 and all(rows[k]["error"] == "stopped at the run's --time-limit (20 s)" for k in late)
-    first = order.index((late or summary["skipped_for_time"])[0])
-    assert all(rows[k]["status"] == "ok" for k in order[:first]), rows
-    assert all(rows[k]["status"] == "skipped" and rows[k]["note"].startswith(("time: ", "needs "))
-               for k in order[first + 1:]), rows
-    # killed outright (as a call's limit does): the files hold every step up to the kill
-    out, work = tmp_path / "o2", tmp_path / "w2"
-    p = subprocess.Popen([sys.executable, repo / ".ci" / "gpu", "--device", "cpu", "--tiny", "--out", out, "--work",
-                          work, "--only", "nvjpeg"], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    running, t0 = None, time.time()
-    try:
-        while running is None and time.time() - t0 < 300 and p.poll() is None:
-            time.sleep(0.2)
-            try:
-                rows = _gpu_summary(out)[1]
-            except (OSError, ValueError):
-                continue
-            running = next((k for k, row in rows.items() if row["status"] == "running" and k != "env"), None)
-    finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-    assert running in ("synth", "nvjpeg"), rows
-    summary, rows = _gpu_summary(out)
-    assert rows[running]["status"] == "running" and summary["running"] == [running] and not summary["passed"]
-    assert rows["env"]["status"] in ("ok", "timed out")                      # timed out: a machine under heavy load
-    with tarfile.open(out / "logs.tar.gz") as tar:
-        assert "logs/env.log" in tar.getnames()
-        if rows["env"]["status"] == "ok":
-            assert summary["env"]["torch"] == torch.__version__ and b"torch" in tar.extractfile("logs/env.log").read()
-    done = work / ("data" / Path("synth.json") if running == "synth" else Path("checks") / "nvjpeg.json")
-    while not done.exists() and time.time() - t0 < 300:     # the orphaned step (its own session) ends by itself
-        time.sleep(0.5)
-
-
-def test_issue32_benchmark_counts_nvjpeg_fallbacks_and_times_batch_to_device(tiny, tmp_path, monkeypatch):
-    to_device = ez_vsl.batch_to_device
-
-    def falling_back(*a):                       # as if every batch's nvJPEG decode had failed
-        C.NVJPEG_FAILED.append(1)
-        return to_device(*a)
-    monkeypatch.setattr(ez_vsl, "batch_to_device", falling_back)
-    monkeypatch.setattr(C, "NVJPEG_FAILED", [1, 1])                          # earlier batches are not counted
-    b = ez_vsl.main(["--benchmark", "--data", str(tiny), "--preset", "cpu", "--batch-size", "4", "--steps", "3",
-                     "--out", str(tmp_path)])
-    assert b["nvjpeg_fallback_batches"] == 2 * (2 + 3)                       # the loader and end-to-end phases
-    assert set(b["loader_ms_per_step"]) == {"next_batch", "batch_to_device"} and "model_ms_per_step" not in b
-    assert set(b["train_ms_per_step"]) == {"next_batch", "batch_to_device", "train_step"}
-    assert all(v > 0 for v in b["train_ms_per_step"].values()) and b["peak_reserved_mb"] is None
-    assert b["train_ms_per_step"]["train_step"] < 1000 * 4 / b["train_samples_per_s"]   # a part of the step's time
-
-
-def test_issue32_float16_and_gloo_can_be_forced_for_the_gpu_proof(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)            # else the GradScaler disables itself
-    assert C.Amp(torch.device("cuda"), True).dtype == torch.bfloat16
-    monkeypatch.setenv("AVSL_AMP_DTYPE", "float16")
-    amp = C.Amp(torch.device("cuda"), True)
-    assert amp.dtype == torch.float16 and amp.scaler.is_enabled() and amp.describe() == "float16"
-    seen = []
-
-    class Stop(Exception):
-        pass
-
-    def init(backend):
-        seen.append(backend)
-        raise Stop
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_device", seen.append)
-    monkeypatch.setattr(C.dist, "init_process_group", init)
-    for var in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
-        monkeypatch.setenv(var, {"WORLD_SIZE": "2"}.get(var, "1"))
-    args = ["--train", "--data", str(tiny), "--preset", "cpu", "--device", "cuda", "--batch-size", "8", "--out",
-            str(tmp_path)]
-    for backend, want in ((None, [1, "nccl"]), ("gloo", [0, "gloo"])):      # gloo: rank 1 shares the one GPU
-        if backend:
-            monkeypatch.setenv("AVSL_DDP_BACKEND", backend)
-        seen.clear()
-        with pytest.raises(Stop):
-            ez_vsl.main(args)
-        assert seen == want
-
-
-def test_issue32_the_video_clip_of_the_gpu_proof(tiny, tmp_path):
+def _video_streams(path) -> dict:
+    """A written heat-map video read back: RGB frames, their times, audio (channels, n), its rate, stream durations."""
     import av
-    r = run_py(GPU_SCRIPT, "--device", "cpu", "--check", "clip", "--data", tiny, "--dest", tmp_path / "clip.mp4",
-               "--seconds", "2", "--json", tmp_path / "clip.json")
-    assert json.loads((tmp_path / "clip.json").read_text())["summary"]["frames"] == 50, r.stdout
-    with av.open(str(tmp_path / "clip.mp4")) as c:
-        assert c.streams.video[0].codec_context.width == 640 and c.streams.audio[0].sample_rate == 16000
-        assert sum(1 for _ in c.decode(video=0)) == 50
-    with av.open(str(tmp_path / "clip.mp4")) as c:
-        assert 1.9 < sum(f.samples for f in c.decode(audio=0)) / 16000 < 2.2
+    with av.open(str(path)) as c:
+        assert [s.type for s in c.streams] == ["video", "audio"] and c.streams.video[0].codec_context.name == "h264"
+        r = dict(durations=[float(s.duration * s.time_base) for s in c.streams], rate=c.streams.audio[0].sample_rate)
+        frames = [(f.to_ndarray(format="rgb24"), f.time) for f in c.decode(video=0)]
+        c.seek(0)
+        audio = np.concatenate([f.to_ndarray() for f in c.decode(audio=0)], 1)
+    return dict(r, frames=[f for f, _ in frames], times=[t for _, t in frames], audio=audio)
+
+
+def test_video_heat_map_follows_the_moving_sounding_object(trained_lvs_run, learn_root, tmp_path):
+    meta = data_prep.moving_clip(tmp_path / "clip.mkv", seed=1, n_classes=4, seconds=3.0, fps=10)
+    lvs.main(["--predict", "--ckpt", str(trained_lvs_run[0]), "--video", str(tmp_path / "clip.mkv"), "--out",
+              str(tmp_path / "heat.mp4"), "--save-maps", str(tmp_path / "maps.npz")])
+    v = _video_streams(tmp_path / "heat.mp4")
+    assert len(v["frames"]) == 30 and v["frames"][0].shape == (128, 3 * 128, 3) and v["durations"] == pytest.approx(
+        [3.0, 3.0], abs=0.1)
+    assert v["times"] == pytest.approx(np.arange(30) / 10)
+    x = meta["audio"]                                         # the clip's own sound, as AAC at its rate
+    assert v["rate"] == 16000 and abs(v["audio"].shape[1] - len(x)) <= 2048
+    assert np.corrcoef(v["audio"][0, :len(x) - 2048], x[:len(x) - 2048])[0, 1] > 0.95
+    z = np.load(tmp_path / "maps.npz")
+    assert z["maps"].shape == (30, 14, 14) and z["times"] == pytest.approx(np.arange(30) / 10)
+    peaks = [np.unravel_index(np.argmax(C.resize_map(m, 128)), (128, 128)) for m in z["maps"]]
+    inside = lambda b, p: b[0] <= p[1] < b[2] and b[1] <= p[0] < b[3]        # noqa: E731
+    on_sound = sum(inside(b[0], p) for b, p in zip(meta["boxes"], peaks))
+    on_silent = sum(inside(b[1], p) for b, p in zip(meta["boxes"], peaks))
+    assert on_sound >= 18 and on_sound >= 3 * on_silent, (on_sound, on_silent)
+
+
+_VFR_MS = [0, 90, 130, 400, 410, 420, 700, 1050, 1100, 1500, 1800, 1900, 2400]      # irregular frame timestamps
+
+
+@pytest.mark.parametrize("script", ["lvs_hardway.py", "ez_vsl.py", "sspl.py", "csol_classaware.py"])
+def test_video_segment_of_a_variable_frame_rate_clip_with_its_sound(script, tiny_runs, tmp_path):
+    _clip23(tmp_path / "vfr.mkv", _VFR_MS, _tone23(0, 3.0, 22050, 882), sr=22050)
+    mod = {**METHODS, "csol_classaware.py": csol}[script]
+    mod.main(["--predict", "--ckpt", str(tiny_runs[script]), "--video", str(tmp_path / "vfr.mkv"), "--start", "0.5",
+              "--duration", "1.5", "--fps", "10", "--norm", "frame", "--out", str(tmp_path / "h.mp4"),
+              "--save-maps", str(tmp_path / "m.npz")])
+    v = _video_streams(tmp_path / "h.mp4")
+    assert len(v["frames"]) == 15 and v["durations"] == pytest.approx([1.5, 1.5], abs=0.1) and v["rate"] == 22050
+    shown = [max(k for k, ms in enumerate(_VFR_MS) if ms <= 500 + 100 * i) for i in range(15)]   # by timestamp
+    from PIL import Image
+    assert [_read_bits(Image.fromarray(f[:, :64])) for f in v["frames"]] == shown
+    x = np.concatenate([c for _, c in _tone23(0, 3.0, 22050, 882)])[round(0.5 * 22050):round(2.0 * 22050)]
+    assert np.corrcoef(v["audio"][0, 2048:len(x) - 2048], x[2048:len(x) - 2048])[0, 1] > 0.95   # the segment's
+    z = np.load(tmp_path / "m.npz")
+    assert z["times"] == pytest.approx(0.5 + np.arange(15) / 10) and len(z["maps"]) == 15 and z["maps"].ndim == 3
+
+
+def test_video_of_a_rotated_clip_is_drawn_upright(tiny_runs, tmp_path):
+    asym = lambda k: np.concatenate([_bits_frame(k), np.full((64, 32, 3), 128, np.uint8)], 1)   # noqa: E731 64x96
+    _clip23(tmp_path / "phone.mov", [100 * k for k in range(20)], _tone23(0, 2.0, 16000, 800), frame=asym,
+            matrix=[0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30])                  # a quarter turn clockwise
+    sspl.main(["--predict", "--ckpt", str(tiny_runs["sspl.py"]), "--video", str(tmp_path / "phone.mov"), "--fps", "5",
+               "--out", str(tmp_path / "h.mp4")])
+    v = _video_streams(tmp_path / "h.mp4")
+    assert len(v["frames"]) == 10 and v["frames"][0].shape == (96, 3 * 64, 3)
+    for k, f in enumerate(v["frames"]):
+        assert np.abs(f[:, :64].astype(float) - np.rot90(asym(2 * k), -1)).mean() < 10, k
+    sspl.main(["--predict", "--ckpt", str(tiny_runs["sspl.py"]), "--video", str(tmp_path / "phone.mov"), "--fps", "5",
+               "--start", "1.2", "--out", str(tmp_path / "h.mp4")])      # a later segment: decoded from a seek
+    v = _video_streams(tmp_path / "h.mp4")
+    assert len(v["frames"]) == 4
+    for k, f in enumerate(v["frames"]):
+        assert np.abs(f[:, :64].astype(float) - np.rot90(asym(12 + 2 * k), -1)).mean() < 10, k
+
+
+def test_video_bad_inputs_are_one_line_each(tiny_runs, tmp_path, capsys):
+    run = tiny_runs["ez_vsl.py"]
+
+    def predict(video, *extra, out="h.mp4"):
+        ez_vsl.main(["--predict", "--ckpt", str(run), "--video", str(video), "--out", str(tmp_path / out), *extra])
+
+    def error(video, *extra, out="h.mp4"):
+        with pytest.raises(C.UserError) as e:
+            predict(video, *extra, out=out)
+        assert not (tmp_path / out).exists() and not (tmp_path / f"{out}.part").exists()
+        return str(e.value)
+    _make_video(tmp_path / "mute.mkv", 25, 1.0, None)
+    assert "mute.mkv: no audio track (give the sound with --audio WAV)" in error(tmp_path / "mute.mkv")
+    _write_audio_file(tmp_path / "sound.flac", sr=44100, seconds=1.0)
+    assert "sound.flac: no video stream" in error(tmp_path / "sound.flac")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    assert "junk.mp4: cannot open" in error(tmp_path / "junk.mp4")
+    _make_video(tmp_path / "ok.mp4", 25, 2.0, 48000, "5.1", acodec="aac")
+    assert "name it *.mp4" in error(tmp_path / "ok.mp4", out="h.avi")
+    assert "--start 5 s is past the end of the video (2.00 s)" in error(tmp_path / "ok.mp4", "--start", "5")
+    data = (tmp_path / "ok.mp4").read_bytes()                # an MP4 cut short loses its index: nothing written
+    (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])
+    assert "cut.mp4: cannot open" in error(tmp_path / "cut.mp4")
+    _make_video(tmp_path / "long.mkv", 25, 4.0, 16000, "mono")   # a cut MKV: what it holds is written and playable
+    data = (tmp_path / "long.mkv").read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[:len(data) // 2])
+    capsys.readouterr()
+    try:
+        predict(tmp_path / "cut.mkv")
+    except C.UserError as e:
+        assert "were written to" in str(e)
+    v = _video_streams(tmp_path / "h.mp4")
+    assert 25 <= len(v["frames"]) < 90 and "truncated?" in capsys.readouterr().out
+    predict(tmp_path / "ok.mp4", "--duration", "0.4")                 # 5.1 AAC at 48 kHz: kept
+    assert len(_video_streams(tmp_path / "h.mp4")["frames"]) == 10
+    predict(tmp_path / "mute.mkv", "--audio", str(tmp_path / "sound.flac"))   # the sound from --audio
+    v = _video_streams(tmp_path / "h.mp4")
+    assert len(v["frames"]) == 25 and v["rate"] == 44100 and v["durations"] == pytest.approx([1.0, 1.0], abs=0.04)
+    work = tmp_path / "copied"                              # a method copied with common.py alone: one line
+    work.mkdir()
+    for f in ("ez_vsl.py", "common.py"):
+        shutil.copy(HERE / f, work / f)
+    r = run_py(work / "ez_vsl.py", "--predict", "--ckpt", run, "--video", tmp_path / "ok.mp4", "--out",
+               tmp_path / "c.mp4", cwd=work, check=False, env_extra={"PYTHONPATH": ""})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and lines == ["error: --video needs data_prep.py beside common.py (No module named "
+                                           "'data_prep')"], r.stderr
