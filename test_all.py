@@ -2749,7 +2749,7 @@ def test_issue33_csol_class_maps_at_the_official_temperature():
 # each method's official test: (protocol, align_corners of the bilinear resize; False = cv2.resize)
 OFFICIAL_TEST = {"lvs_hardway": ("median_strict", False), "ez_vsl": ("median", True), "sspl": ("abs0.5", False),
                  "csol_classaware": ("rel0.1", False)}
-ALL_METHODS = {"lvs_hardway": lvs, "ez_vsl": ez_vsl, "sspl": sspl, "csol_classaware": csol}
+METHOD_MODULES = {"lvs_hardway": lvs, "ez_vsl": ez_vsl, "sspl": sspl, "csol_classaware": csol}
 
 
 def _eval_args(mod, tiny, tmp_path, monkeypatch):
@@ -2761,12 +2761,12 @@ def _eval_args(mod, tiny, tmp_path, monkeypatch):
     return got[0]
 
 
-@pytest.mark.parametrize("name", list(ALL_METHODS))
+@pytest.mark.parametrize("name", list(METHOD_MODULES))
 def test_issue33_each_method_scores_with_its_official_resize_and_threshold(name, tiny, tmp_path, monkeypatch):
     """The method's --eval on given maps: every per-sample cIoU equals the official per-sample rule with the official
     test's resize (issue 12's re-implementation), and the other resize would change some. Caught: LVS with
     align_corners=True."""
-    mod = ALL_METHODS[name]
+    mod = METHOD_MODULES[name]
     args = _eval_args(mod, tiny, tmp_path, monkeypatch)
     protocol, ac = OFFICIAL_TEST[name]
     ids, ann = C.read_split(args.test_split), C.load_annotations(args.annotations)
@@ -2807,14 +2807,14 @@ class _FixedFeatures(torch.nn.Module):
         return self.V.expand(len(image), -1, -1, -1), self.A.expand(len(image), -1)
 
 
-@pytest.mark.parametrize("name", list(ALL_METHODS))
+@pytest.mark.parametrize("name", list(METHOD_MODULES))
 def test_issue33_each_method_map_is_raw_on_its_negative_audio_scale_and_upright(name, tiny, tmp_path, monkeypatch):
     """The map a method's --eval scores and --negatives thresholds, through its test data path, from known features:
     row y, column x of the map is location (y, x) of the feature grid (not transposed), on the raw scale its
     --negatives threshold is set for (NEG_SCALE): the cosine (LVS S_ii, EZ-VSL S^AVL, SSPL S of Eq. 3) or CSOL's
     l = sigmoid(5 cos) of Eq. 1; never min-max normalised. CSOL's class maps: softmax(3 D.f l) (Eq. 7-8, 13).
     Caught: SSPL's map min-maxed (its --negatives pIA 0.2% -> 49%), a transposed LVS map."""
-    mod = ALL_METHODS[name]
+    mod = METHOD_MODULES[name]
     args = _eval_args(mod, tiny, tmp_path, monkeypatch)
     rng = np.random.default_rng(7)
     V, A = rng.normal(size=(3, 3, 3)), rng.normal(size=3)
