@@ -1184,11 +1184,11 @@ def predict_video(args, *a, **kw):
     return data_prep.predict_video(args, *a, **kw)
 
 
-def progress(iterable, desc: str = "", total=None, enabled: bool = True):
+def progress(iterable, desc: str = "", total=None, enabled: bool = True, unit: str = "it"):
     from tqdm import tqdm
     # a live bar on a terminal only: redirected output (a log file, CI) keeps the one epoch line
     return tqdm(iterable, desc=desc, total=total, disable=None if enabled else True, leave=False, dynamic_ncols=True,
-                mininterval=1.0)
+                mininterval=1.0, unit=unit)
 
 
 def overlay(frame: np.ndarray, heat: np.ndarray, boxes=None, scale=None) -> Image.Image:

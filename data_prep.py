@@ -459,39 +459,31 @@ def default_synth_root() -> Path:
     return Path(os.environ.get("AVSL_SYNTH", Path(__file__).resolve().parent / "data" / "synth"))
 
 
-def _class_sound(rng, c: int, n: int, sr: int) -> np.ndarray:
+def _class_sound(rng, c: int, n: int, sr: int, family: str = "tone") -> np.ndarray:
+    """Class c's sound, pulsed at its rate: 'tone' its harmonics of f0; 'chirp' a sweep f0 -> 1.6 f0 once per pulse;
+    'noise' white noise band-passed to [0.8 f0, 1.25 f0] (no pitch, no harmonics)."""
     _, _, _, _, f0, amps, rate = SYNTH_CLASSES[c]
     t = np.arange(n) / sr
     f0 = f0 * (1 + rng.uniform(-0.02, 0.02))
-    tone = sum(a * np.sin(2 * np.pi * (h + 1) * f0 * t + rng.uniform(0, 2 * np.pi)) for h, a in enumerate(amps) if a)
-    env = 0.15 + 0.85 / (1 + np.exp(-8 * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))))
-    return tone * env / sum(amps)
-
-
-def _class_sound_other(rng, c: int, n: int, sr: int, family: str) -> np.ndarray:
-    """The other sound families, each class in its own band around f0 with its own pulse rate: 'chirp' sweeps
-    f0 -> 1.6 f0 once per pulse; 'noise' is white noise band-passed to [0.8 f0, 1.25 f0] (no pitch, no harmonics)."""
-    _, _, _, _, f0, _, rate = SYNTH_CLASSES[c]
-    t = np.arange(n) / sr
-    f0 = f0 * (1 + rng.uniform(-0.02, 0.02))
-    phase = rng.uniform(0, 1)
-    env = 0.15 + 0.85 / (1 + np.exp(-8 * np.sin(2 * np.pi * (rate * t + phase))))
+    if family == "tone":
+        x = sum(a * np.sin(2 * np.pi * (h + 1) * f0 * t + rng.uniform(0, 2 * np.pi)) for h, a in enumerate(amps) if a)
+    phase = rng.uniform(0, 2 * np.pi)
+    env = 0.15 + 0.85 / (1 + np.exp(-8 * np.sin(2 * np.pi * rate * t + phase)))
+    if family == "tone":
+        return x * env / sum(amps)
     if family == "chirp":
-        u = (rate * t + phase) % 1.0                                   # position within the sweep
-        x = np.sin(2 * np.pi * np.cumsum(f0 * (1 + 0.6 * u)) / sr)
-    else:
-        spec = np.fft.rfft(rng.normal(0, 1, n))
-        f = np.fft.rfftfreq(n, 1 / sr)
-        spec[(f < 0.8 * f0) | (f > 1.25 * f0)] = 0
-        x = np.fft.irfft(spec, n)
-        x = x / (np.abs(x).max() + 1e-9)
-    return x * env
+        u = (rate * t + phase / (2 * np.pi)) % 1.0                     # position within the sweep
+        return np.sin(2 * np.pi * np.cumsum(f0 * (1 + 0.6 * u)) / sr) * env
+    spec = np.fft.rfft(rng.normal(0, 1, n))
+    f = np.fft.rfftfreq(n, 1 / sr)
+    spec[(f < 0.8 * f0) | (f > 1.25 * f0)] = 0
+    x = np.fft.irfft(spec, n)
+    return x / (np.abs(x).max() + 1e-9) * env
 
 
 def synth_audio(rng, classes, n: int, sr: int, family: str = "tone") -> np.ndarray:
     """The mixture of the given classes' sounds plus white background noise, peak-normalised to 0.7."""
-    x = sum(_class_sound(rng, c, n, sr) if family == "tone" else _class_sound_other(rng, c, n, sr, family)
-            for c in classes) + rng.normal(0, rng.uniform(0.05, 0.2), n)
+    x = sum(_class_sound(rng, c, n, sr, family) for c in classes) + rng.normal(0, rng.uniform(0.05, 0.2), n)
     return 0.7 * x / np.abs(x).max()
 
 
@@ -857,7 +849,6 @@ def predict_video(args, maps, transform: tuple, window: tuple, device, log=print
     import tempfile
     import torch
     from fractions import Fraction
-    from tqdm import tqdm
     src, out, t_start = Path(args.video), Path(args.out or "heat.mp4"), time.time()
     if out.suffix.lower() != ".mp4":
         raise C.UserError(f"--out {out}: --video writes an MP4 video; name it *.mp4")
@@ -927,9 +918,6 @@ def predict_video(args, maps, transform: tuple, window: tuple, device, log=print
         if err:
             raise err
 
-    def bar(it, desc, total):
-        return tqdm(it, desc=desc, total=total, unit="frame", leave=False, dynamic_ncols=True, mininterval=1.0)
-
     with tempfile.TemporaryDirectory() as tmp:
         store, scale, err = None, None, None
 
@@ -943,7 +931,8 @@ def predict_video(args, maps, transform: tuple, window: tuple, device, log=print
         if args.norm == "video":                    # pass 1: the raw maps (on disk) and their range
             lo, hi = np.inf, -np.inf
             try:
-                for done, (_, _, m) in enumerate(bar(mapped(shown_frames(src, times, t0)), "mapping", K), 1):
+                pass1 = C.progress(mapped(shown_frames(src, times, t0)), "mapping", K, unit="frame")
+                for done, (_, _, m) in enumerate(pass1, 1):
                     keep(done - 1, m)
                     lo, hi = min(lo, float(m.min())), max(hi, float(m.max()))
             except Damaged as e:
@@ -955,7 +944,8 @@ def predict_video(args, maps, transform: tuple, window: tuple, device, log=print
                       for k, (t, im, m) in enumerate(mapped(shown_frames(src, times, t0))))
         part, done = out.with_name(out.name + ".part"), 0
         try:
-            done = K and _write_video(part, bar(frames, "writing", K), fps, scale, transform[0] == "center_crop",
+            frames = C.progress(frames, "writing", K, unit="frame")
+            done = K and _write_video(part, frames, fps, scale, transform[0] == "center_crop",
                                 _audio_out(asrc, None if args.audio else t0, args.start, args.start + K / float(fps),
                                            arate, layout), arate, layout)
         except Damaged as e:
