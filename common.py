@@ -17,6 +17,7 @@ import collections
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import math
 import os
@@ -27,7 +28,6 @@ import sys
 import tempfile
 import time
 import wave
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -345,14 +345,9 @@ class SwapAudio(torch.utils.data.Dataset):
         return (item[0], other[1], *item[2:])
 
 
-class Views:
+def views(tf, n: int, img) -> tuple:
     """n independently augmented views of a frame (SSPL's two views) in the per-sample PIL pipeline."""
-
-    def __init__(self, tf, n: int):
-        self.tf, self.n = tf, n
-
-    def __call__(self, img):
-        return tuple(self.tf(img) for _ in range(self.n))
+    return tuple(tf(img) for _ in range(n))
 
 
 def collate_av(items: list) -> dict:
@@ -517,7 +512,7 @@ def av_dataset(args, split_file, kind: str, seconds: float, where: str, sample_r
     if args.decode == "fast":
         return AVDataset(args.data, ids, seconds, where, sample_rate)
     tf = image_transform(kind, args.image_size, interpolation)
-    return AVDataset(args.data, ids, seconds, where, sample_rate, Views(tf, views) if views > 1 else tf)
+    return AVDataset(args.data, ids, seconds, where, sample_rate, functools.partial(views, tf, views) if views > 1 else tf)
 
 
 # =====================================================================================================================
@@ -555,37 +550,13 @@ def _box(box, where: str) -> list[float]:
     return vals
 
 
-def parse_flickr_xml(path) -> list[list[float]]:
-    """The boxes of one Flickr-SoundNet XML as the official readers take them: every <bbox> grandchild of the root,
-    its first element skipped, the next four read as integers and normalised by the 256-px canvas (exact)."""
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as e:
-        raise UserError(f"{path}: malformed XML ({e})") from None
-    boxes = []
-    for g in (g for child in root for g in child if g.tag == "bbox"):
-        vals = [c.text for c in list(g)[1:5]]
-        try:
-            boxes.append([int(str(v).strip()) / 256.0 for v in vals])
-        except ValueError:
-            raise UserError(f"{path}: a <bbox> needs four integer coordinates after its first element, got {vals}") \
-                from None
-        if len(vals) != 4:
-            raise UserError(f"{path}: a <bbox> with {len(vals)} coordinates")
-    if not boxes:
-        raise UserError(f"{path}: no <bbox> element")
-    return boxes
-
-
 def load_annotations(path) -> dict:
     """{id: entry} from the standard annotations.json (VGG-SS format), the original vggss.json, or a folder of the
-    original Flickr XML files (consensus entries). A malformed entry is an error naming it."""
+    original Flickr XML files (consensus entries, data_prep.flickr_annotations). A malformed entry is an error naming
+    it."""
     path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.xml"))
-        if not files:
-            raise UserError(f"{path}: directory without .xml annotation files")
-        return {f.stem: {"file": f.stem, "class": "", "bbox": parse_flickr_xml(f), "gt": "consensus"} for f in files}
+    if path.is_dir():                                    # the original Flickr XMLs: read by data_prep.py
+        return data_prep_module("a folder of Flickr XML files").flickr_annotations(path)
     if not path.is_file():
         raise UserError(f"annotation file not found: {path}")
     try:
@@ -650,10 +621,6 @@ def resize_maps(t: torch.Tensor, size: int = GT_SIZE, align_corners: bool = Fals
     if t.shape[-2:] == (size, size):
         return t
     return F.interpolate(t[:, None], size=(size, size), mode="bilinear", align_corners=align_corners)[:, 0]
-
-
-def resize_map(m, size: int = GT_SIZE, align_corners: bool = False) -> np.ndarray:
-    return resize_maps(torch.as_tensor(np.asarray(m, np.float32))[None], size, align_corners)[0].numpy()
 
 
 def minmax(m):
@@ -1021,6 +988,17 @@ def run_negatives(compute, ds, ann, threshold: float, scale: str, align_corners:
                "meta": {"threshold": threshold, "scale": scale, "align_corners": align_corners}}
 
 
+def interactive_split(args, evaluate) -> dict | None:
+    """The synthetic benchmark's IS3-style split (each frame twice, once with each of its two objects' sound), scored
+    under protocol is3 when --data has one and the test split is ROOT/splits/test.txt. evaluate(args) -> an
+    evaluate_maps result. The adaptive IIoU leads: the median threshold predicts half the frame, more than an object."""
+    split = Path(args.data) / "splits" / "interactive_test.txt"
+    if not split.is_file() or Path(args.test_split).resolve() != split.with_name("test.txt").resolve():
+        return None
+    t = evaluate(argparse.Namespace(**dict(vars(args), protocol="is3", test_split=str(split))))["test"]
+    return {k: t[k] for k in ("iiou_adap", "iauc_adap", "iiou", "iauc", "ciou_adap", "n_images")}
+
+
 # =====================================================================================================================
 # 5. Run plumbing: the shared command line, preflight, DDP, checkpoints, outputs, --benchmark, --seeds
 # =====================================================================================================================
@@ -1174,14 +1152,21 @@ def write_json(path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1))
 
 
-def predict_video(args, *a, **kw):
-    """--predict --video: data_prep.predict_video, imported only here (frames and WAVs need neither it nor PyAV)."""
+def data_prep_module(what: str):
+    """data_prep.py, imported only by what needs it (--video, Flickr XML folders; frames and WAVs never), else one
+    error line; --video also needs PyAV."""
     try:
-        import av, data_prep  # noqa: E401, F401
+        import data_prep
+        if what == "--video":
+            import av  # noqa: F401
     except ImportError as e:
-        need = "PyAV (pip install av)" if e.name == "av" else "data_prep.py beside common.py"
-        raise UserError(f"--video needs {need} ({e})") from None
-    return data_prep.predict_video(args, *a, **kw)
+        raise UserError(f"{what} needs {'PyAV (pip install av)' if e.name == 'av' else 'data_prep.py beside common.py'}"
+                        f" ({e})") from None
+    return data_prep
+
+
+def predict_video(args, *a, **kw):
+    return data_prep_module("--video").predict_video(args, *a, **kw)
 
 
 def progress(iterable, desc: str = "", total=None, enabled: bool = True, unit: str = "it"):
@@ -1298,7 +1283,6 @@ def add_standard_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--workers", type=int, default=0, help="data-loading worker processes")
     a("--decode", choices=["fast", "pil"], default="fast", help="fast: batched decode and augmentation on the training "
       "device; pil: the official per-sample PIL pipeline, bit for bit")
-    a("--no-cache", action="store_true", help=argparse.SUPPRESS)      # kept for old scripts: frames are not cached
     a("--skip-bad", action="store_true", help="skip unreadable frames / WAVs (counted, listed in the run folder)")
     a("--steps", type=int, help="--benchmark: timed steps (default: a few hundred samples)")
     a("--negatives", action="store_true", help="--eval: also score silence, white noise and off-screen audio (SLAVC "
@@ -1456,7 +1440,7 @@ def resolve_data(args, synthetic, log=print):
 # Options that say what to do, where to write or on what hardware: never taken from a checkpoint. Every other option
 # is a setting a resumed run takes from its checkpoint.
 RESUME_FREE = {"train", "eval", "predict", "ckpt", "image", "audio", "resume", "out", "device", "workers", "amp",
-               "compile", "no_cache", "skip_bad", "benchmark", "steps", "negatives", "save_maps", "viz",
+               "compile", "skip_bad", "benchmark", "steps", "negatives", "save_maps", "viz",
                "given_options", "method"}
 
 
@@ -1758,6 +1742,11 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
             f"{gaps['ciou@0.5'][0]:+.2f} cIoU@0.5 and {gaps['mean_ciou'][0]:+.2f} mean cIoU over the audio-swapped "
             f"control, {gaps['ciou@0.5'][1]:+.2f} and {gaps['mean_ciou'][1]:+.2f} over the centred prior (the bar: "
             f"+10 and +5 over both)")
+    if (extra or {}).get("interactive"):
+        t = {k: 100 * v for k, v in extra["interactive"].items()}
+        log(f"[test] interactive (a frame heard with each of its two objects' sounds; is3): adaptive IIoU "
+            f"{t['iiou_adap']:6.2f}  IAUC {t['iauc_adap']:6.2f} | IIoU {t['iiou']:6.2f}  IAUC {t['iauc']:6.2f}   "
+            f"({extra['interactive']['n_images']} frames)")
     out = eval_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     results = {"method": method, "data": str(args.data), "split": str(args.test_split), "protocol": res["protocol"],
@@ -1813,29 +1802,30 @@ def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt,
     allocated and reserved) and host ms per step in next(loader), batch_to_device (on CUDA it waits for queued GPU
     work before nvJPEG) and train_step; the batches nvJPEG left to the CPU. Writes benchmark.json (no checkpoint)."""
     args, device, log = run.args, run.device, run.log
-    steps, res = args.steps or max(3, math.ceil(256 / args.batch_size)), {}
-    peak, spent, fallbacks = [0, 0], {}, len(NVJPEG_FAILED)
+    steps, res, cuda = args.steps or max(3, math.ceil(256 / args.batch_size)), {}, device.type == "cuda"
+    peak, spent, fallbacks, last = [0, 0], {}, len(NVJPEG_FAILED), {}
 
     def timed(key, fn, *a):
         t0, out = time.perf_counter(), fn(*a)
         spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
         return out
 
-    def rate(step, name: str) -> float:
+    def rate(name: str, what: str, step) -> None:
+        log(f"benchmark: {name}_samples_per_s ({what}), {warmup} + {steps} steps of {args.batch_size}")
         for _ in range(warmup):
             step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         spent.clear()
         t0, n = time.perf_counter(), sum(step() for _ in range(steps))
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
             peak[:] = max(peak[0], torch.cuda.max_memory_allocated(device)), \
                 max(peak[1], torch.cuda.max_memory_reserved(device))
+        res[f"{name}_samples_per_s"] = round(n / (time.perf_counter() - t0), 2)
         if spent:
             res[f"{name}_ms_per_step"] = {k: round(1000 * v / steps, 2) for k, v in spent.items()}
-        return round(n / (time.perf_counter() - t0), 2)
 
     def endless():                                       # the training loader, epoch after epoch
         ds = make_dataset()
@@ -1845,29 +1835,30 @@ def run_benchmark(run: Run, make_dataset, batch_to_device, train_step, net, opt,
     def size(x):
         return len(x) if torch.is_tensor(x) else size(x[0])
 
-    net.train()
-    last, batches = {}, endless()
-    log(f"benchmark: loader_samples_per_s (--decode {args.decode}), {warmup} + {steps} steps of {args.batch_size}")
-
-    def load():
+    def load():                                          # the next batch, on the device
         last["x"] = timed("batch_to_device", batch_to_device, timed("next_batch", next, batches), device, args, True)
         return size(last["x"])
-    res["loader_samples_per_s"] = rate(load, "loader")
-    log(f"benchmark: model_samples_per_s (train_step on one prepared batch), {warmup} + {steps} steps")
-    res["model_samples_per_s"] = rate(lambda: (train_step(net, opt, amp, last["x"], args), size(last["x"]))[1], "model")
-    log(f"benchmark: train_samples_per_s (end to end), {warmup} + {steps} steps")
-    batches = endless()                                  # a fresh loader: its start falls in the warm-up steps
+
+    def model_step():
+        train_step(net, opt, amp, last["x"], args)
+        return size(last["x"])
 
     def train_one():
-        x = timed("batch_to_device", batch_to_device, timed("next_batch", next, batches), device, args, True)
-        timed("train_step", train_step, net, opt, amp, x, args)
-        return size(x)
-    res["train_samples_per_s"] = rate(train_one, "train")
-    res["peak_memory_mb"] = round(peak[0] / 2 ** 20 if device.type == "cuda" else
+        n = load()
+        timed("train_step", train_step, net, opt, amp, last["x"], args)
+        return n
+
+    net.train()
+    batches = endless()
+    rate("loader", f"--decode {args.decode}", load)
+    rate("model", "train_step on one prepared batch", model_step)
+    batches = endless()                                  # a fresh loader: its start falls in the warm-up steps
+    rate("train", "end to end", train_one)
+    res["peak_memory_mb"] = round(peak[0] / 2 ** 20 if cuda else
                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10, 2)
-    res["peak_reserved_mb"] = round(peak[1] / 2 ** 20, 2) if device.type == "cuda" else None
+    res["peak_reserved_mb"] = round(peak[1] / 2 ** 20, 2) if cuda else None
     res["nvjpeg_fallback_batches"] = len(NVJPEG_FAILED) - fallbacks
-    out = {"method": args.method, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    out = {"method": args.method, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
            "batch_size": args.batch_size, "workers": args.workers, "amp": amp.describe(), "compile": args.compile,
            "image_size": args.image_size, "preset": args.preset, "decode": args.decode, "steps": steps,
            "warmup_steps": warmup, "data": str(args.data), "torch": torch.__version__,

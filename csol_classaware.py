@@ -576,6 +576,11 @@ def match_clusters(y, pseudo, n_classes, K):
     return hungarian_assign(L), nmi_score(y, pseudo)
 
 
+def resize_map(m) -> np.ndarray:
+    """One map to 224 x 224, bilinear with cv2's half-pixel rule (the official tools.py)."""
+    return C.resize_maps(torch.as_tensor(np.asarray(m, np.float32))[None])[0].numpy()
+
+
 def class_aware_scores(class_maps: dict, sounding: dict, silent, ciou_frac: float = 0.5, nsa_tau: float = 0.2):
     """One cocktail image, as the official eval.py: class_maps {class: 2-D map}, sounding {class: [boxes]}, silent: the
     classes without a sounding box; maps resized in float32 (cv2-style). -> (ciou_n, nsa_n): the mean over sounding
@@ -583,10 +588,10 @@ def class_aware_scores(class_maps: dict, sounding: dict, silent, ciou_frac: floa
     sounding box (np.mean of nothing); the mean over silent classes of the share of pixels <= nsa_tau (or None)."""
     ious = []
     for c, boxes in sounding.items():
-        m = C.resize_map(class_maps[c])
+        m = resize_map(class_maps[c])
         P = torch.from_numpy(m > np.float32(ciou_frac * float(m.max())))
         ious.append(C.ciou(P, C.ground_truth(torch.from_numpy(C.boxes_to_map(boxes, "union")))).item())
-    nsa = [float(np.mean(C.resize_map(class_maps[c]) <= np.float32(nsa_tau))) for c in silent]
+    nsa = [float(np.mean(resize_map(class_maps[c]) <= np.float32(nsa_tau))) for c in silent]
     return (float(np.mean(ious)) if ious else float("nan")), (float(np.mean(nsa)) if nsa else None)
 
 
@@ -603,7 +608,7 @@ def summarize_class_aware(cious, nsas) -> dict:
 def box_activation(m, box) -> float:
     """Mean of a class map (resized to 224) inside one normalised box."""
     x1, y1, x2, y2 = C.rasterize_box(box)
-    return float(C.resize_map(m)[y1:y2, x1:x2].mean()) if x2 > x1 and y2 > y1 else float("nan")
+    return float(resize_map(m)[y1:y2, x1:x2].mean()) if x2 > x1 and y2 > y1 else float("nan")
 
 
 def class_aware_eval(cls_maps, ann, ids, assign, names, frac=0.5, tau=0.2):
@@ -658,7 +663,8 @@ def run_eval(args, device, log, seconds_train=0.0):
         thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
         res["negatives"], res["negatives_maps"] = C.run_negatives(
             lambda d: compute_outputs(model, d, args, device)[0], ds, ann, thr, NEG_SCALE, args.align_corners)
-    extra = {"stage": ck.get("stage")}
+    extra = {"stage": ck.get("stage"), "interactive": C.interactive_split(args, lambda a: evaluate_single(
+        model, make_dataset(a, a.test_split, False), ann, a, device, baselines=False))}
     names = args.classes
     if ck.get("stage") == 2 and names and ck.get("assignment") and Path(args.cocktail_test_split).is_file():
         assign, nmi = np.array(ck["assignment"]), ck["nmi"]

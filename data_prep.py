@@ -37,6 +37,7 @@ import sys
 import shutil
 import time
 import wave
+import xml.etree.ElementTree as ET
 from collections import deque
 from multiprocessing import Pool
 from pathlib import Path
@@ -446,7 +447,8 @@ SYNTH_CLASSES = [  # name, RGB, shape, texture, f0 (Hz), harmonic amplitudes, pu
     ("purple_square", (120, 50, 170), "square", "dots", 820.0, (1.0, 0.3, 0.6, 0.1), 2.5),
 ]
 SYNTH_DEFAULTS = dict(seed=0, n_classes=6, image_size=128, seconds=3.0, sr=16000,
-                      sizes=dict(train=1200, val=150, test=300, cocktail_train=800, cocktail_val=100, cocktail_test=200))
+                      sizes=dict(train=1200, val=150, test=300, cocktail_train=800, cocktail_val=100, cocktail_test=200,
+                                 interactive_test=150))
 # Styles: independent choices of how a world looks and sounds (the first of each is the default world). A method
 # tuned on the default world is checked on the others: it has to localise the sound, not this generator's habits.
 SYNTH_STYLES = dict(background=("grey", "texture"), objects=("large", "small", "mixed"), sound=("tone", "chirp", "noise"))
@@ -616,14 +618,28 @@ def render_cocktail(rng, n_classes: int, size: int, background: str = "grey"):
     return img, objects
 
 
+def render_pair(rng, n_classes: int, size: int, background: str = "grey", objects: str = "large"):
+    """An IS3-style scene: two objects of distinct classes (sides from the style's range, at most half the frame;
+    overlapping by at most a fifth of the smaller) and no third. -> (PIL image, [(class, box), (class, box)])."""
+    img, classes, boxes = _background(rng, size, background), [int(k) for k in rng.permutation(n_classes)[:2]], []
+    lo, hi = OBJECT_SIDES[objects]
+    while len(boxes) < 2:
+        boxes = _place(rng, size, rng.uniform(lo, min(hi, 0.5), 2))
+    for k, b in zip(classes, boxes):
+        _draw_object(img, rng, k, b)
+    return img, list(zip(classes, boxes))
+
+
 def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 128, seconds: float = 3.0,
                    sr: int = 16000, sizes: dict | None = None, log=print, background: str = "grey",
                    objects: str = "large", sound: str = "tone") -> Path:
     """Write the synthetic benchmark in the standard layout (deterministic by seed; one rng per clip).
 
     Splits: train/val/test (single source: the sounding object plus 1-2 silent ones), cocktail_train/val/test
-    (2x2 grids, two sounding + two silent tiles, audio mixed). annotations.json covers every id (the methods read
-    boxes only for val/test; CSOL's evaluation reads the classes of the clustered items).
+    (2x2 grids, two sounding + two silent tiles, audio mixed), interactive_test (IS3-style: two objects a frame, the
+    frame listed twice, <split>_<i>_<j> with object j's sound alone, "group" <split>_<i>: protocol is3's IIoU).
+    annotations.json covers every id (the methods read boxes only for val/test; CSOL's evaluation reads the classes
+    of the clustered items).
     """
     if not 4 <= n_classes <= len(SYNTH_CLASSES):
         raise C.UserError(f"n_classes must be between 4 and {len(SYNTH_CLASSES)}")
@@ -637,11 +653,22 @@ def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 12
     names = [c[0] for c in SYNTH_CLASSES[:n_classes]]
     n = int(round(seconds * sr))
     ann, t0 = [], time.time()
+    norm = lambda b: [round(v / image_size, 6) for v in b]  # noqa: E731
     for si, (split, count) in enumerate(sizes.items()):
         ids = []
         for i in range(count):
             vid = f"{split}_{i:05d}"
             rng = np.random.default_rng([seed, si, i])
+            if split.startswith("interactive"):
+                img, pair = render_pair(rng, n_classes, image_size, background, objects)
+                for j, (c, b) in enumerate(pair):      # the same frame, once with each object's sound
+                    img.save(root / "frames" / f"{vid}_{j}.jpg.part", format="JPEG", quality=95)
+                    os.replace(root / "frames" / f"{vid}_{j}.jpg.part", root / "frames" / f"{vid}_{j}.jpg")
+                    write_wav(root / "audio" / f"{vid}_{j}.wav", synth_audio(rng, [c], n, sr, sound), sr)
+                    ann.append({"file": f"{vid}_{j}", "class": names[c], "bbox": [norm(b)], "group": vid, "objects": [
+                        {"class": names[k], "bbox": norm(o), "sounding": k == c} for k, o in pair]})
+                    ids.append(f"{vid}_{j}")
+                continue
             if split.startswith("cocktail"):
                 img, objs = render_cocktail(rng, n_classes, image_size, background)
                 snd = [k for k, _, s in objs if s]
@@ -651,7 +678,6 @@ def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 12
                 img, c, objs, _ = render_single(rng, n_classes, image_size, background, objects)
                 audio = synth_audio(rng, [c], n, sr, sound)
                 entry_class = names[c]
-            norm = lambda b: [round(v / image_size, 6) for v in b]  # noqa: E731
             tmp = root / "frames" / f"{vid}.jpg.part"
             img.save(tmp, format="JPEG", quality=95)
             os.replace(tmp, root / "frames" / f"{vid}.jpg")
@@ -660,7 +686,7 @@ def make_synthetic(root, seed: int = 0, n_classes: int = 6, image_size: int = 12
                         "objects": [{"class": names[k], "bbox": norm(b), "sounding": bool(s)} for k, b, s in objs]})
             ids.append(vid)
         (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-        log(f"  synthetic {split}: {count} clips")
+        log(f"  synthetic {split}: {len(ids)} clips")
     C.write_json(root / "annotations.json", ann)
     meta = dict(seed=seed, n_classes=n_classes, image_size=image_size, seconds=seconds, sr=sr, sizes=sizes,
                 classes=names, background=background, objects=objects, sound=sound)
@@ -1076,6 +1102,36 @@ def merge_annotations(out, entries: list):
     old = json.loads(p.read_text()) if p.is_file() else []
     new_ids = {e["file"] for e in entries}
     C.write_json(p, [e for e in old if e["file"] not in new_ids] + entries)
+
+
+def parse_flickr_xml(path) -> list[list[float]]:
+    """The boxes of one Flickr-SoundNet XML as the official readers take them: every <bbox> grandchild of the root,
+    its first element skipped, the next four read as integers and normalised by the 256-px canvas (exact)."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise C.UserError(f"{path}: malformed XML ({e})") from None
+    boxes = []
+    for g in (g for child in root for g in child if g.tag == "bbox"):
+        vals = [c.text for c in list(g)[1:5]]
+        try:
+            boxes.append([int(str(v).strip()) / 256.0 for v in vals])
+        except ValueError:
+            raise C.UserError(f"{path}: a <bbox> needs four integer coordinates after its first element, got {vals}") \
+                from None
+        if len(vals) != 4:
+            raise C.UserError(f"{path}: a <bbox> with {len(vals)} coordinates")
+    if not boxes:
+        raise C.UserError(f"{path}: no <bbox> element")
+    return boxes
+
+
+def flickr_annotations(xml_dir) -> dict:
+    """A folder of the original Flickr-SoundNet XMLs -> {id: consensus entry} (common.load_annotations' format)."""
+    files = sorted(Path(xml_dir).glob("*.xml"))
+    if not files:
+        raise C.UserError(f"{xml_dir}: directory without .xml annotation files")
+    return {f.stem: {"file": f.stem, "class": "", "bbox": parse_flickr_xml(f), "gt": "consensus"} for f in files}
 
 
 def cmd_flickr(a):

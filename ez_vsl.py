@@ -341,8 +341,10 @@ def run_eval(args, device, log, seconds_train=0.0):
             lambda d: compute_maps(model, d, device, args)[0], ds, ann, thr, NEG_SCALE, args.align_corners)
     for name, row in res.get("rows", {}).items():
         log(f"[test] EZ-VSL row {name:<8} {C.fmt_metrics(row)}   ({res['protocol']}, N={res['n']})")
+    inter = C.interactive_split(args, lambda a: evaluate(model, make_dataset(a, a.test_split, False), ann, a, device,
+                                                         obj_model=obj_model, baselines=False, keep_maps=[]))
     return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + seconds_train,
-                          "avl+obj" if "rows" in res else "avl", {"ezvsl_rows": res.get("rows")})
+                          "avl+obj" if "rows" in res else "avl", {"ezvsl_rows": res.get("rows"), "interactive": inter})
 
 
 @torch.no_grad()

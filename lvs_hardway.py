@@ -315,8 +315,10 @@ def run_eval(args, device, log, seconds_train=0.0):
         thr = NEG_THRESHOLD if args.neg_threshold is None else args.neg_threshold
         res["negatives"], res["negatives_maps"] = C.run_negatives(
             lambda d: compute_maps(model, d, device, args), ds, ann, thr, NEG_SCALE, args.align_corners)
+    inter = C.interactive_split(args, lambda a: evaluate(model, make_dataset(a, a.test_split, False), ann, a, device,
+                                                         baselines=False))
     return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + seconds_train, "S_ii",
-                          {"loss": getattr(args, "loss", "official")})
+                          {"loss": getattr(args, "loss", "official"), "interactive": inter})
 
 
 @torch.no_grad()

@@ -453,8 +453,10 @@ def run_eval(args, device, log, seconds_train=0.0):
         res["negatives"], res["negatives_maps"] = C.run_negatives(
             lambda d: compute_maps(model, d, device, args), ds, ann, thr, NEG_SCALE, args.align_corners)
     cycles = args.eval_cycles if args.eval_cycles is not None else (model.pcm.cycles if model.pcm else None)
+    inter = C.interactive_split(args, lambda a: evaluate(model, make_dataset(a, a.test_split, False), ann, a, device,
+                                                         baselines=False))
     return C.save_results(args, METHOD, res, swapped, ann, log, time.time() - t0 + seconds_train, "S (view 1)",
-                          {"pcm": bool(args.pcm), "pcm_cycles_test": cycles})
+                          {"pcm": bool(args.pcm), "pcm_cycles_test": cycles, "interactive": inter})
 
 
 @torch.no_grad()

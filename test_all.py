@@ -289,6 +289,46 @@ def test_synthetic_styles_draw_what_they_say(tmp_path):
     with pytest.raises(C.UserError, match="sound 'beep': choose one of tone, chirp, noise"):
         data_prep.make_synthetic(tmp_path / "x", sizes=sizes, log=lambda *a: None, sound="beep")
 
+def test_synthetic_interactive_split_scores_who_follows_the_sound(tmp_path):
+    """Issue 30 item 6: interactive_test lists each frame twice, once with each of its two objects' sound, grouped as
+    IS3 does; common.interactive_split gives a map that follows the sound an adaptive IIoU of 1 and one that ignores
+    it (the same map for both sounds) 0."""
+    from argparse import Namespace
+    from PIL import Image
+    root = data_prep.make_synthetic(tmp_path / "s", sizes=dict(test=2, interactive_test=6), log=lambda *a: None,
+                                    objects="mixed")
+    ann, ids = C.load_annotations(root / "annotations.json"), C.read_split(root / "splits" / "interactive_test.txt")
+    f0 = {c[0]: c[4] for c in data_prep.SYNTH_CLASSES}
+    colors = {c[0]: np.array(c[1], float) for c in data_prep.SYNTH_CLASSES}
+    assert len(ids) == 12
+    for a, b in zip(ids[::2], ids[1::2]):
+        assert a.endswith("_0") and b.endswith("_1") and ann[a]["group"] == ann[b]["group"] == a[:-2]
+        assert (root / "frames" / f"{a}.jpg").read_bytes() == (root / "frames" / f"{b}.jpg").read_bytes()
+        assert ann[a]["class"] != ann[b]["class"] and ann[a]["bbox"] != ann[b]["bbox"]
+        img = np.asarray(Image.open(root / "frames" / f"{b}.jpg"), float)
+        ys, xs = np.nonzero(np.linalg.norm(img - colors[ann[b]["class"]], axis=-1) < 70)   # drawn last: whole
+        np.testing.assert_allclose([xs.min() / 128, ys.min() / 128, (xs.max() + 1) / 128, (ys.max() + 1) / 128],
+                                   ann[b]["bbox"][0], atol=3 / 128)
+        for v, other in ((a, b), (b, a)):          # each sound has its own object's pitch, not the other's
+            x, sr = C.read_wav(root / "audio" / f"{v}.wav")
+            p, f = np.abs(np.fft.rfft(x)) ** 2, np.fft.rfftfreq(x.size, 1 / sr)
+            band = lambda c: p[np.abs(f - f0[ann[c]["class"]]) < 0.03 * f0[ann[c]["class"]]].mean()  # noqa: E731
+            assert band(v) > 20 * band(other)
+    args = Namespace(data=str(root), test_split=str(root / "splits" / "test.txt"), protocol="median")
+
+    def scored(follows):
+        def evaluate(a):
+            assert a.protocol == "is3" and a.test_split.endswith("interactive_test.txt") and args.protocol == "median"
+            rng = np.random.default_rng(0)              # is3 keeps q > the |gt|-th largest: a flat box is no map
+            box = {i: C.gt_map(ann[i]) * (1 + 0.01 * rng.random((224, 224))) for i in C.read_split(a.test_split)}
+            maps = {i: box[i] if follows else np.maximum(box[i[:-1] + "0"], box[i[:-1] + "1"]) for i in box}
+            return C.evaluate_maps(maps, ann, protocol=a.protocol)
+        return C.interactive_split(args, evaluate)
+    assert scored(True)["iiou_adap"] == 1.0 and scored(True)["n_images"] == 6
+    assert scored(False)["iiou_adap"] == 0.0
+    assert C.interactive_split(Namespace(**dict(vars(args), test_split=str(root / "splits" / "val.txt"))), None) is None
+
+
 def test_checkpoint_round_trip(tmp_path):
     m = torch.nn.Linear(3, 2)
     C.save_checkpoint(tmp_path / "last.pt", {"model": m.state_dict(), "epoch": 4})
@@ -307,6 +347,10 @@ def test_checkpoint_round_trip(tmp_path):
 def _bin(m, protocol):
     """common.binarize on one 224x224 map given as numpy."""
     return C.binarize(torch.as_tensor(np.asarray(m, np.float32))[None], protocol)[0]
+
+
+def _resize(m, size=224, align_corners=False):
+    return C.resize_maps(torch.as_tensor(np.asarray(m, np.float32))[None], size, align_corners)[0].numpy()
 
 
 def _ciou(P, G):
@@ -360,14 +404,14 @@ def test_negative_coordinate_clamp_and_empty_box():
 def test_constant_map_is_defined():
     g = C.boxes_to_map([[0, 0, 0.5, 1]])   # half of the image
     const = np.full((7, 7), 3.0)
-    assert _ciou(_bin(C.resize_map(const), "median"), g) == pytest.approx(0.5)    # whole image predicted
-    assert _ciou(_bin(C.resize_map(const), "abs0.5"), g) == 0.0                   # nothing predicted
+    assert _ciou(_bin(_resize(const), "median"), g) == pytest.approx(0.5)    # whole image predicted
+    assert _ciou(_bin(_resize(const), "abs0.5"), g) == 0.0                   # nothing predicted
 
 
 def test_resize_variants_hand_worked():
     m = np.array([[1.0, 0.0], [1.0, 0.0]])
-    np.testing.assert_allclose(C.resize_map(m, 4, align_corners=False)[0], [1, 0.75, 0.25, 0])
-    np.testing.assert_allclose(C.resize_map(m, 4, align_corners=True)[0], [1, 2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(_resize(m, 4, align_corners=False)[0], [1, 0.75, 0.25, 0])
+    np.testing.assert_allclose(_resize(m, 4, align_corners=True)[0], [1, 2 / 3, 1 / 3, 0])
 
 
 def test_auc_ties_at_thresholds_against_trapezoid():
@@ -3337,7 +3381,7 @@ def test_video_heat_map_follows_the_moving_sounding_object(trained_lvs_run, lear
     assert np.corrcoef(v["audio"][0, :len(x) - 2048], x[:len(x) - 2048])[0, 1] > 0.95
     z = np.load(tmp_path / "maps.npz")
     assert z["maps"].shape == (30, 14, 14) and z["times"] == pytest.approx(np.arange(30) / 10)
-    peaks = [np.unravel_index(np.argmax(C.resize_map(m, 128)), (128, 128)) for m in z["maps"]]
+    peaks = [np.unravel_index(np.argmax(_resize(m, 128)), (128, 128)) for m in z["maps"]]
     inside = lambda b, p: b[0] <= p[1] < b[2] and b[1] <= p[0] < b[3]        # noqa: E731
     on_sound = sum(inside(b[0], p) for b, p in zip(meta["boxes"], peaks))
     on_silent = sum(inside(b[1], p) for b, p in zip(meta["boxes"], peaks))
