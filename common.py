@@ -329,23 +329,29 @@ class AVDataset(torch.utils.data.Dataset):
 
 
 class SwapAudio(torch.utils.data.Dataset):
-    """The audio-swapped control: item i keeps its frame and id, with the audio of clip (i + 1) mod N (or donors[i])."""
+    """Item i keeps its frame and id, with other audio: 'next' (the audio-swapped control) or 'offscreen' clip (i + 1)
+    mod N's (or donors[i]'s), 'silence' zeros, 'noise' white noise N(0, NOISE_STD^2) seeded by i (the same each run)."""
 
-    def __init__(self, ds: AVDataset, donors=None):
-        self.ds, self.ids, self.donors = ds, ds.ids, donors
+    def __init__(self, ds: AVDataset, kind: str = "next", donors=None):
+        self.ds, self.ids, self.kind, self.donors = ds, ds.ids, kind, donors
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        item, other = self.ds[i], self.ds[self.donors[i] if self.donors else (i + 1) % len(self.ds)]
-        for x in (item, other):
-            if isinstance(x, Exception):
-                return x
-        return (item[0], other[1], *item[2:])
+        item = self.ds[i]
+        if self.kind in ("next", "offscreen"):
+            other = self.ds[self.donors[i] if self.donors else (i + 1) % len(self.ds)]
+            bad = [x for x in (item, other) if isinstance(x, Exception)]
+            return bad[0] if bad else (item[0], other[1], *item[2:])
+        if isinstance(item, Exception):
+            return item
+        wav = torch.zeros_like(item[1]) if self.kind == "silence" else (torch.randn(
+            item[1].shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64) * NOISE_STD).float()
+        return (item[0], wav, *item[2:])
 
 
-def views(tf, n: int, img) -> tuple:
+def augmented_views(tf, n: int, img) -> tuple:
     """n independently augmented views of a frame (SSPL's two views) in the per-sample PIL pipeline."""
     return tuple(tf(img) for _ in range(n))
 
@@ -512,7 +518,8 @@ def av_dataset(args, split_file, kind: str, seconds: float, where: str, sample_r
     if args.decode == "fast":
         return AVDataset(args.data, ids, seconds, where, sample_rate)
     tf = image_transform(kind, args.image_size, interpolation)
-    return AVDataset(args.data, ids, seconds, where, sample_rate, functools.partial(views, tf, views) if views > 1 else tf)
+    tf = functools.partial(augmented_views, tf, views) if views > 1 else tf
+    return AVDataset(args.data, ids, seconds, where, sample_rate, tf)
 
 
 # =====================================================================================================================
@@ -750,13 +757,10 @@ def _resized(maps: dict, ids, align_corners: bool, device, where: str = "predict
     for k, vid in enumerate(ids):
         m = check_map(vid, maps[vid], where)
         by_shape.setdefault(m.shape, []).append((k, m))
-    resized = {shape: resize_maps(torch.from_numpy(np.stack([m for _, m in group])).to(device), GT_SIZE, align_corners)
-               for shape, group in by_shape.items()}
-    if len(resized) == 1:                                 # one size (the usual case)
-        return next(iter(resized.values()))
     out = torch.empty(len(ids), GT_SIZE, GT_SIZE, device=device)
-    for shape, group in by_shape.items():
-        out[[k for k, _ in group]] = resized[shape]
+    for group in by_shape.values():
+        out[[k for k, _ in group]] = resize_maps(torch.from_numpy(np.stack([m for _, m in group])).to(device), GT_SIZE,
+                                                 align_corners)
     return out
 
 
@@ -892,24 +896,6 @@ NEGATIVE_KINDS = ("silence", "noise", "offscreen")
 NOISE_STD = 0.1          # white noise N(0, 0.1^2) (-20 dBFS RMS), seeded by the clip's index: the same in every run
 
 
-class NegativeAudio(torch.utils.data.Dataset):
-    """Item i keeps its frame; its audio is silence, white noise, or (offscreen) clip (i + 1) mod N's or donors[i]'s."""
-
-    def __init__(self, ds, kind: str, donors=None):
-        self.ds, self.ids, self.kind = SwapAudio(ds, donors) if kind == "offscreen" else ds, ds.ids, kind
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        item = self.ds[i]
-        if isinstance(item, Exception) or self.kind == "offscreen":
-            return item
-        wav = torch.zeros_like(item[1]) if self.kind == "silence" else (torch.randn(
-            item[1].shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64) * NOISE_STD).float()
-        return (item[0], wav, *item[2:])
-
-
 def detection_ap(conf, correct, n_pos: int) -> tuple[float, float]:
     """SLAVC's AP and max-F1: pairs ranked by confidence (ties enter together); TP = a detected positive pair
     localised correctly, FP = every other detected pair; recall over all positive pairs; AP = sum (R_k - R_k-1) P_k."""
@@ -982,7 +968,7 @@ def run_negatives(compute, ds, ann, threshold: float, scale: str, align_corners:
     raw = compute(ds)
     pos = {v: k for k, v in enumerate(ds.ids)}          # IS3: the clip of another class data_prep.py is3 chose
     donors = [pos.get(ann[v].get("offscreen"), (k + 1) % len(pos)) for k, v in enumerate(ds.ids)]
-    neg = {k: compute(NegativeAudio(ds, k, donors)) for k in NEGATIVE_KINDS}
+    neg = {k: compute(SwapAudio(ds, k, donors)) for k in NEGATIVE_KINDS}
     r = dict(negative_metrics(raw, neg, ann, ds.ids, threshold, align_corners), scale=scale)
     return r, {"raw": raw, "neg": neg, "per_sample": r["per_sample"],
                "meta": {"threshold": threshold, "scale": scale, "align_corners": align_corners}}
@@ -1500,14 +1486,11 @@ def preflight(args, method: str, resume=None, splits=("train_split", "val_split"
             raise UserError(f"--batch-size {b} cannot be split evenly over {world} processes; use a multiple of "
                             f"{world}")
         per, share = b // world, n // world
-        if share < per and world == 1:
-            raise UserError(f"{n} training clips ({path}) are fewer than one batch of {b} (--batch-size): no whole "
-                            f"batch to train on; use --batch-size {n} or less, or more clips")
         if share < per:
-            raise UserError(f"{n} training clips ({path}) over {world} processes give {share} per process, fewer than "
-                            f"one batch of {per} (--batch-size {b} / {world}): no whole batch to train on; use "
-                            f"--batch-size {share * world if share else world} or less, or more clips"
-                            + ("" if share else " (at least one per process)"))
+            over = f" over {world} processes give {share} per process," if world > 1 else " are"
+            raise UserError(f"{n} training clips ({path}){over} fewer than one batch of {per} (--batch-size {b}"
+                            f"{f' / {world}' if world > 1 else ''}): no whole batch to train on; use --batch-size "
+                            f"{share * world if share else world} or less, or more clips")
     if resume:
         check_writable(run_folder(resume), "--resume run folder")
     check_outputs(args)

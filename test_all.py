@@ -1623,6 +1623,24 @@ def test_csol_resize_is_torchvision_default_bilinear(tmp_path):
     assert np.abs(C.image_transform("squash", 40)(img).numpy() - C.image_transform("center_crop", 40)(img).numpy()).max() > 0.1
 
 
+def test_sspl_pil_path_gives_two_independent_views(tmp_path):
+    """--decode pil: SSPL's training item holds two views of the frame, each the crop_flip pipeline's own draw (the
+    fast path's equivalent is checked against it elsewhere); they collate into a pair of batches."""
+    import argparse
+    frame = (np.random.default_rng(5).random((61, 97, 3)) * 255).astype(np.uint8)
+    split = _one_clip_layout(tmp_path, "v0", frame, np.zeros(48000))
+    args = argparse.Namespace(data=tmp_path, limit=None, image_size=40, preset="paper", decode="pil", skip_bad=False)
+    torch.manual_seed(0)
+    views = sspl.make_dataset(args, split, train=True)[0][0]
+    torch.manual_seed(0)
+    tf = C.image_transform("crop_flip", 40)
+    img = C.load_image(tmp_path / "frames" / "v0.jpg")
+    want = [tf(img), tf(img)]
+    assert len(views) == 2 and all(torch.equal(v, w) for v, w in zip(views, want)) and not torch.equal(*views)
+    batch = C.collate_av([sspl.make_dataset(args, split, train=True)[0]] * 2)
+    assert [tuple(x.shape) for x in batch["images"]] == [(2, 3, 40, 40)] * 2
+
+
 def _sspl_official_window(x, n):
     """SSPL dataset/base.py _load_audio: tile int(n / len) + 1 times if shorter, start = int(len / 2) - int(n / 2)."""
     if len(x) < n:
