@@ -24,6 +24,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -1674,16 +1675,19 @@ def run_cli(main_fn) -> None:
     others wait; an error of one rank (a bad file in its share) by that rank; the ranks whose collectives then fail
     exit without a traceback (os._exit, so that none waits on a process group whose peers are gone)."""
     from tqdm import tqdm
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, pid = int(os.environ.get("WORLD_SIZE", "1")), os.getpid()
+
+    def interrupted(*_):     # a handler, not KeyboardInterrupt, which a finaliser it lands in would swallow
+        if os.getpid() == pid:                           # (a DataLoader worker leaves silently)
+            saved = sorted(p.name for p in RUN_DIR.glob("*.pt")) if RUN_DIR else []
+            tqdm.write("interrupted" + (f"; the run's checkpoints ({', '.join(saved)}) are in {RUN_DIR}: continue "
+                                        f"with python {Path(sys.argv[0]).name} --train --resume {RUN_DIR}" if saved
+                                        else f"; no checkpoint was written yet in {RUN_DIR}" if RUN_DIR else ""),
+                       file=sys.stderr)
+        os._exit(130)
+    signal.signal(signal.SIGINT, interrupted)
     try:
         main_fn()
-    except KeyboardInterrupt:
-        saved = sorted(p.name for p in RUN_DIR.glob("*.pt")) if RUN_DIR else []
-        tqdm.write("interrupted" + (f"; the run's checkpoints ({', '.join(saved)}) are in {RUN_DIR}: continue with "
-                                    f"python {Path(sys.argv[0]).name} --train --resume {RUN_DIR}" if saved else
-                                    f"; no checkpoint was written yet in {RUN_DIR}" if RUN_DIR else ""),
-                   file=sys.stderr)
-        os._exit(130)
     except UserError as e:
         if world == 1:
             tqdm.write(f"error: {e}", file=sys.stderr)
