@@ -1868,16 +1868,10 @@ def train_seeds(args, train_fn, log=print) -> list[Path]:
         raise UserError(f"--seeds {args.seeds!r}: give distinct comma-separated integers, e.g. 0,1,2")
     if args.resume:
         raise UserError("--seeds starts new runs; resume each run on its own with --resume RUN/last.pt")
-    parent, paths = Path(args.out or "runs"), []
+    paths = []
     for seed in seeds:
-        before = set(parent.iterdir()) if parent.is_dir() else set()
-        train_fn(copy.deepcopy(argparse.Namespace(**dict(vars(args), seed=seed, seeds=None, out=str(parent)))))
-        if int(os.environ.get("RANK", "0")) == 0:
-            new = [d for d in parent.iterdir() if d not in before and (d / "results.json").is_file()]
-            if len(new) != 1:
-                raise UserError(f"--seeds: expected one new run folder with results.json under {parent} for seed "
-                                f"{seed}, found {len(new)}")
-            paths.append(new[0] / "results.json")
+        train_fn(copy.deepcopy(argparse.Namespace(**dict(vars(args), seed=seed, seeds=None))))
+        paths += [RUN_DIR / "results.json"] if RUN_DIR else []     # the folder its run wrote (the main process)
     if int(os.environ.get("RANK", "0")) == 0:
         log(f"{len(paths)} runs; their mean ± std: python eval_cioU.py --table " + " ".join(str(p) for p in paths))
     return paths
