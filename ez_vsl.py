@@ -32,7 +32,7 @@ Deviations from the paper (P) and the official code (O), one line each (details 
   4. (O) seeds are honoured; the test resize is bilinear align_corners=True as official (--no-align-corners: False).
   5. (O) an unreadable sample stops the run (official: replaced by a random one; --skip-bad: skipped and listed).
   6. (O) the map is the cosine S^AVL (official: cos / tau, the same after min-max up to float32 rounding).
-  7. cpu preset (synthetic data): small CNNs, 112 px, dim 128, batch 16, lr 2e-3, tau 0.1, 12 epochs; OGL needs weights.
+  7. cpu preset (synthetic data): small CNNs, 112 px -> 14x14 map, dim 128, batch 16, lr 2e-3, tau 0.1, 12 epochs.
   8. (O) 16-bit PCM / 32768 (official: / 32767): the log spectrogram differs by at most 5.1e-6.
   9. (O) --decode fast: batched decode and augmentation on the device, <= 2 grey levels from --decode pil (exact).
   10. (O) audio shorter than a quarter of the window is an error (official: tiled silently); shorter ones are tiled.
@@ -58,7 +58,8 @@ METHOD = "ez_vsl"
 PRESETS = {
     # official: Adam 1e-4, batch 128, 20 epochs (100 on 10k sets), 224 px, ResNet-18 trunks, dim 512
     "paper": dict(epochs=20, batch_size=128, lr=1e-4, image_size=224, dim=512, encoder="resnet18", tau=0.03),
-    "cpu": dict(epochs=12, batch_size=16, lr=2e-3, image_size=112, dim=128, encoder="small", tau=0.1),
+    # small8: a 14x14 map (stride 8; "small", 7x7, is what cpu checkpoints before 2026-12-07 hold)
+    "cpu": dict(epochs=12, batch_size=16, lr=2e-3, image_size=112, dim=128, encoder="small8", tau=0.1),
 }
 SR, CLIP_SECONDS = 16000, 3.0
 NEG_THRESHOLD, NEG_SCALE = 0.5, "S^AVL cosine in [-1, 1]"      # --negatives: OGL is audio-free, so it is left out
@@ -108,7 +109,7 @@ class EZVSL(nn.Module):
             self.imgnet = C.ResNet18Trunk(3, stride=32)         # 224 px -> 512 x 7 x 7
             self.audnet = C.ResNet18Trunk(1, stride=32)         # 1 x 257 x 200 -> 512 x 9 x 7
         else:
-            self.imgnet = C.SmallCNN(3, strides=(2, 1, 2, 2))   # 112 px -> 128 x 7 x 7
+            self.imgnet = C.SmallCNN(3, strides=(2, 1, 2, 1 if encoder == "small8" else 2))  # 112 px -> 14 x 14 (7 x 7)
             self.audnet = C.SmallCNN(1, strides=(2, 2, 2, 2))   # 1 x 257 x 200 -> 128 x 8 x 7
         c = 512 if encoder == "resnet18" else self.imgnet.out_channels
         self.img_proj = nn.Conv2d(c, dim, kernel_size=1)
