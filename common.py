@@ -607,20 +607,9 @@ def boxes_to_map(boxes, kind: str = "union", size: int = GT_SIZE) -> np.ndarray:
 
 
 def gt_map(entry: dict, size: int = GT_SIZE) -> np.ndarray:
-    return read_mask(entry["mask"]) if "mask" in entry else boxes_to_map(entry["bbox"], entry.get("gt", "union"), size)
-
-
-def read_mask(path) -> np.ndarray:
-    """An AVSBench mask PNG as ACL-SSL reads it (ToTensor of Image.open(p).convert('1')): 0/1 float32, 224 x 224."""
-    try:
-        with Image.open(path) as im:
-            g = np.asarray(im.convert("1"), np.float32)
-    except Exception as e:
-        raise UserError(f"{path}: " + ("mask file not found" if isinstance(e, FileNotFoundError) else
-                                       f"cannot read the mask image ({e})")) from None
-    if g.shape != (GT_SIZE, GT_SIZE):
-        raise UserError(f"{path}: a {g.shape[1]}x{g.shape[0]} mask; AVSBench masks are {GT_SIZE}x{GT_SIZE}")
-    return g
+    if "mask" in entry:                                  # an AVSBench mask: read by data_prep.py
+        return data_prep_module("an AVSBench mask").read_mask(entry["mask"])
+    return boxes_to_map(entry["bbox"], entry.get("gt", "union"), size)
 
 
 def resize_maps(t: torch.Tensor, size: int = GT_SIZE, align_corners: bool = False) -> torch.Tensor:
@@ -1140,8 +1129,8 @@ def write_json(path, obj) -> None:
 
 
 def data_prep_module(what: str):
-    """data_prep.py, imported only by what needs it (--video, Flickr XML folders; frames and WAVs never), else one
-    error line; --video also needs PyAV."""
+    """data_prep.py, imported only by what needs it (--video, Flickr XML folders, AVSBench masks; frames and WAVs
+    never), else one error line; --video also needs PyAV."""
     try:
         import data_prep
         if what == "--video":

@@ -1264,6 +1264,19 @@ def cmd_is3(a):
 AVS_DIRS = {"s4": ("Single-source", "s4_data"), "ms3": ("Multi-sources", "ms3_data")}
 
 
+def read_mask(path) -> np.ndarray:
+    """An AVSBench mask PNG as ACL-SSL reads it (ToTensor of Image.open(p).convert('1')): 0/1 float32, 224 x 224."""
+    try:
+        with Image.open(path) as im:
+            g = np.asarray(im.convert("1"), np.float32)
+    except Exception as e:
+        raise C.UserError(f"{path}: " + ("mask file not found" if isinstance(e, FileNotFoundError) else
+                                         f"cannot read the mask image ({e})")) from None
+    if g.shape != (C.GT_SIZE, C.GT_SIZE):
+        raise C.UserError(f"{path}: a {g.shape[1]}x{g.shape[0]} mask; AVSBench masks are {C.GT_SIZE}x{C.GT_SIZE}")
+    return g
+
+
 def cmd_avsbench(a):
     """AVSBench-object v1 (S4 / MS3) test split: one id <vid>_<k> per annotated frame, its frame (k = 1..5, the
     clip's second k - 1 + 15/16), its mask (ROOT/masks/<id>.png, a "mask" entry in annotations.json) and a WAV: the
@@ -1302,7 +1315,7 @@ def cmd_avsbench(a):
                                              Path(vid) / f"{vid}.mp4_{k}.png")
             mask = data / "gt_masks" / sub / vid / f"{vid}_{k}.png"
             try:
-                frame, _ = load_frame(img, upright=False)[0], C.read_mask(mask)
+                frame, _ = load_frame(img, upright=False)[0], read_mask(mask)
             except (ClipError, C.UserError) as e:
                 missing.append(f"{vid_k}\t{img}: {e}")
                 continue
@@ -1316,7 +1329,7 @@ def cmd_avsbench(a):
     merge_annotations(out, ann)
     (out / "splits" / "test.txt").write_text("".join(e["file"] + "\n" for e in ann))
     (out / "splits" / "test.missing.txt").write_text("".join(m + "\n" for m in missing))
-    empty = sum(C.read_mask(out / e["mask"]).sum() == 0 for e in ann)
+    empty = sum(read_mask(out / e["mask"]).sum() == 0 for e in ann)
     print(f"AVSBench {a.subset}: {len(ann)} test frames of {len(test)} videos -> splits/test.txt ({empty} with an "
           f"empty mask; {len(missing)} missing, listed in splits/test.missing.txt); audio: "
           + ("the whole clip for every frame" if a.whole_clip else "centred on each frame's time"))
