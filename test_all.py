@@ -852,8 +852,11 @@ def learn_root(tmp_path_factory):
 # measured from the untrained model: the same run for one step at lr 1e-12.
 LEARN = {
     # tau 0.1: from scratch with tau 0.03 (official) the AVL map starts on the background and leaves it at an epoch that
-    # depends on the seed and the kernel path (the failure on AVX-512)
-    "ez_vsl.py": ["--epochs", "4", "--batch-size", "16", "--lr", "2e-3", "--tau", "0.1"],
+    # depends on the seed and the kernel path (the failure on AVX-512). lr 5e-3 and 6 epochs: the loss leaves chance
+    # (2 log 16) after a number of steps that depends on the draw; with the preset's lr 2e-3 it stayed there for all of
+    # 4 epochs on one draw (seed 3, default path, two threads), with lr 5e-3 and 4 epochs another draw (seed 4) beat
+    # the centred prior by only 0.125; batch 8 did worse (3 of 14 draws below the prior's margin)
+    "ez_vsl.py": ["--epochs", "6", "--batch-size", "16", "--lr", "5e-3", "--tau", "0.1"],
     "lvs_hardway.py": ["--epochs", "4", "--batch-size", "32", "--lr", "1e-3"],
     "sspl.py": ["--epochs", "5", "--batch-size", "32"],
 }
