@@ -863,7 +863,8 @@ LEARN = {
 
 
 # EZ-VSL's draws above were measured with its 7x7 small encoder; the cpu preset's 14x14 one learns the styled worlds
-# (README) but beat the centred prior by only 0.125 (< 0.15) on one draw of this 4-epoch run (seed 0, avx2)
+# in 12 epochs (README), but in 4 it beat the centred prior by 0.125 (seed 0, avx2) and 0.0 (seed 3, default, two
+# threads; lr 2e-3), and at lr 5e-3 it stayed near chance on that draw
 LEARN_PRESET = {"ez_vsl.py": {"encoder": "small"}}
 
 
