@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GT_SIZE = 224                                   # every benchmark is scored on 224x224 maps
@@ -154,8 +154,8 @@ def log_spectrogram(wav: torch.Tensor, sr: int, nperseg: int = 512, noverlap: in
 # 3. Data: WAV files, the dataset reader, the image pipelines (per sample with PIL, or batched on the device)
 # =====================================================================================================================
 def _wav_open(path, vid=None):
-    """Parse a PCM WAV header -> (byte offset of the samples, channels, sample width, rate, frames in the file).
-    A streaming header (data size 0 or 0xFFFFFFFF, as FFmpeg writes to a pipe) runs to the end of the file."""
+    """Parse a 16-bit PCM WAV header -> (byte offset of the samples, channels, rate, frames in the file). A streaming
+    header (data size 0 or 0xFFFFFFFF, as FFmpeg writes to a pipe) runs to the end of the file."""
     path = Path(path)
     if not path.is_file():
         raise BadMedia(path, vid, "missing audio file")
@@ -166,56 +166,47 @@ def _wav_open(path, vid=None):
     except (wave.Error, EOFError) as e:
         raise BadMedia(path, vid, f"not a PCM WAV file the reader understands ({str(e) or 'its header is cut short'}); "
                                   f"make it again with data_prep.py (mono 16-bit PCM)") from None
-    if width not in (2, 3, 4):
-        raise BadMedia(path, vid, f"{8 * width}-bit WAV is not supported (PCM 16/24/32-bit only); convert it with "
-                                  f"data_prep.py")
-    in_file = max(0, path.stat().st_size - offset) // (width * ch)
+    if width != 2:
+        raise BadMedia(path, vid, f"{8 * width}-bit WAV is not supported (16-bit PCM only, as data_prep.py writes); "
+                                  f"make it again with data_prep.py")
+    in_file = max(0, path.stat().st_size - offset) // (2 * ch)
     n = in_file if declared in (0, 0xFFFFFFFF) else n
     if n == 0:
         raise BadMedia(path, vid, "the WAV file holds no samples")
     if in_file < n:
         raise BadMedia(path, vid, f"truncated WAV (header says {n} frames, file holds {in_file})")
-    return offset, ch, width, sr, n
+    return offset, ch, sr, n
 
 
-def _read_pcm(path, offset: int, ch: int, width: int, start: int, count: int) -> np.ndarray:
-    """Frames [start, start + count) of little-endian PCM -> float32 mono in [-1, 1] (channels averaged)."""
+def _read_pcm(path, offset: int, ch: int, start: int, count: int) -> np.ndarray:
+    """Frames [start, start + count) of little-endian 16-bit PCM -> float32 mono x / 2^15 (channels averaged)."""
     with open(path, "rb") as fh:
-        fh.seek(offset + start * width * ch)
-        raw = fh.read(count * width * ch)
-    if width == 2 and ch == 1:                                           # the common case, exact: x / 2^15
-        return np.frombuffer(raw, "<i2").astype(np.float32) / np.float32(32768)
-    if width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        x = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        x = np.where(x >= 1 << 23, x - (1 << 24), x).astype(np.float64) / (1 << 23)
-    else:
-        dt = {2: np.int16, 4: np.int32}[width]
-        x = np.frombuffer(raw, dt).astype(np.float64) / float(-np.iinfo(dt).min)
-    return x.reshape(-1, ch).mean(1).astype(np.float32)
+        fh.seek(offset + start * 2 * ch)
+        x = np.frombuffer(fh.read(count * 2 * ch), "<i2")
+    return (x if ch == 1 else x.reshape(-1, ch).mean(1)).astype(np.float32) / np.float32(32768)
 
 
 def read_wav(path) -> tuple[np.ndarray, int]:
-    """A whole PCM WAV (16/24/32-bit, any channel count) -> (float32 mono in [-1, 1], rate); BadMedia otherwise."""
-    offset, ch, width, sr, n = _wav_open(path)
-    return _read_pcm(path, offset, ch, width, 0, n), sr
+    """A whole 16-bit PCM WAV (any channel count) -> (float32 mono in [-1, 1], rate); BadMedia otherwise."""
+    offset, ch, sr, n = _wav_open(path)
+    return _read_pcm(path, offset, ch, 0, n), sr
 
 
 def read_wav_window(path, seconds: float, where: str = "center", vid=None, sample_rate: int | None = None):
     """Only the window a method uses (one seek + read) -> (float32 mono of round(sr * seconds) samples, sr, tiled);
     equal to clip_window(read_wav(path)[0], ...). Another rate than sample_rate is an error (never resampled); a clip
     shorter than a quarter of the window is BadMedia (`audio too short`), a shorter one is tiled (tiled=True)."""
-    offset, ch, width, sr, total = _wav_open(path, vid)
+    offset, ch, sr, total = _wav_open(path, vid)
     if sample_rate is not None and sr != sample_rate:
         raise UserError(f"{path}: sample rate {sr} Hz, this method expects {sample_rate} Hz; re-run data_prep.py "
                         f"with --sr {sample_rate}")
     n = int(round(sr * seconds))
     if total >= n:
         start = 0 if where == "start" else total // 2 - n // 2 if where == "center_tiled" else (total - n) // 2
-        return _read_pcm(path, offset, ch, width, start, n), sr, False
+        return _read_pcm(path, offset, ch, start, n), sr, False
     if 4 * total < n:
         raise BadMedia(path, vid, f"audio too short: {total / sr:.3f} s, the method needs {seconds:g} s")
-    return clip_window(_read_pcm(path, offset, ch, width, 0, total), sr, seconds, where), sr, True
+    return clip_window(_read_pcm(path, offset, ch, 0, total), sr, seconds, where), sr, True
 
 
 def clip_window(x: np.ndarray, sr: int, seconds: float, where: str = "center") -> np.ndarray:
@@ -1129,8 +1120,8 @@ def write_json(path, obj) -> None:
 
 
 def data_prep_module(what: str):
-    """data_prep.py, imported only by what needs it (--video, Flickr XML folders, AVSBench masks; frames and WAVs
-    never), else one error line; --video also needs PyAV."""
+    """data_prep.py, imported only by what needs it (--video, overlay PNGs, Flickr XML folders, AVSBench masks; frames
+    and WAVs never), else one error line; --video also needs PyAV."""
     try:
         import data_prep
         if what == "--video":
@@ -1152,30 +1143,9 @@ def progress(iterable, desc: str = "", total=None, enabled: bool = True, unit: s
                 mininterval=1.0, unit=unit)
 
 
-def overlay(frame: np.ndarray, heat: np.ndarray, boxes=None, scale=None) -> Image.Image:
-    """Three panels side by side: the frame (H, W, 3 uint8) with the normalised boxes in green, the heat map in the
-    jet colours (min-max normalised, or mapped from scale = (lo, hi) to [0, 1]), and their blend."""
-    h, w = frame.shape[:2]
-    hm = F.interpolate(torch.as_tensor(np.asarray(heat, np.float64))[None, None], size=(h, w), mode="bilinear")[0, 0]
-    hm = (minmax(hm) if scale is None else ((hm - scale[0]) / max(scale[1] - scale[0], 1e-12)).clamp(0, 1))
-    hm = hm.numpy()[..., None]
-    jet = (np.clip(np.concatenate([1.5 - np.abs(4 * hm - 3), 1.5 - np.abs(4 * hm - 2), 1.5 - np.abs(4 * hm - 1)], -1),
-                   0, 1) * 255).astype(np.uint8)
-    panels = [Image.fromarray(a.astype(np.uint8)) for a in (frame, jet, frame * 0.5 + jet * 0.5)]
-    for img in (panels[0], panels[2]):
-        d = ImageDraw.Draw(img)
-        for b in boxes or []:
-            x1, y1, x2, y2 = (max(v, 0.0) for v in b)
-            d.rectangle([x1 * w, y1 * h, x2 * w - 1, y2 * h - 1], outline=(0, 255, 0), width=2)
-    out = Image.new("RGB", (3 * w, h))
-    for k, img in enumerate(panels):
-        out.paste(img, (k * w, 0))
-    return out
-
-
 def save_overlay_png(path, frame: np.ndarray, heat: np.ndarray, boxes=None) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    overlay(frame, heat, boxes).save(path)
+    """--predict's and --viz's PNG: frame + boxes | heat map | blend, drawn by data_prep.overlay."""
+    data_prep_module("the overlay PNG (--predict, --viz)").save_overlay_png(path, frame, heat, boxes)
 
 
 def save_maps(path, maps: dict, negatives: dict | None = None, meta: dict | None = None) -> None:
@@ -1363,6 +1333,8 @@ def setup(args, presets: dict, synthetic, protocol: str, align_corners: bool, lo
     check_numbers(args)
     resolve_device(args.device)
     check_outputs(args)
+    if args.predict or args.viz:                          # the PNG / MP4 is drawn by data_prep.py
+        data_prep_module("--video" if args.video else "--predict" if args.predict else "--viz")
     if not args.predict:
         resolve_data(args, synthetic, log)
     args.preset = args.preset or "paper"
@@ -1739,7 +1711,6 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
     tmp, ids = out / "viz.part", list(res["per_sample"])[: args.viz]
     if ids:                                              # rendered into a temporary folder first (the slow part)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
             for vid in ids:
                 img = np.asarray(load_image(Path(args.data) / "frames" / f"{vid}.jpg"))
@@ -1752,10 +1723,8 @@ def save_results(args, method: str, res: dict, swapped, ann: dict, log, seconds:
                   {"protocol": res["protocol"], "align_corners": res["resize"].endswith("True"), "map": map_name})
         log(f"maps written to {args.save_maps}")
     if ids:
-        (out / "viz").mkdir(exist_ok=True)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / "viz" / f.name)
-        tmp.rmdir()
+        shutil.rmtree(out / "viz", ignore_errors=True)   # an earlier evaluation's overlays
+        os.replace(tmp, out / "viz")
         log(f"{len(ids)} overlays written to {out / 'viz'}")
     if res["missing"]:
         write_text_atomic(out / "missing_ids.txt", "\n".join(res["missing"]) + "\n")

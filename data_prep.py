@@ -996,8 +996,36 @@ def predict_video(args, maps, transform: tuple, window: tuple, device, log=print
         + (f"; maps in {args.save_maps}" if args.save_maps else "") + f" ({took:.1f} s, {done / took:.1f} frames/s)")
 
 
+def overlay(frame: np.ndarray, heat: np.ndarray, boxes=None, scale=None) -> Image.Image:
+    """Three panels side by side: the frame (H, W, 3 uint8) with the normalised boxes in green, the heat map in the
+    jet colours (min-max normalised, or mapped from scale = (lo, hi) to [0, 1]), and their blend."""
+    import torch
+    import torch.nn.functional as F
+    h, w = frame.shape[:2]
+    hm = F.interpolate(torch.as_tensor(np.asarray(heat, np.float64))[None, None], size=(h, w), mode="bilinear")[0, 0]
+    hm = (C.minmax(hm) if scale is None else ((hm - scale[0]) / max(scale[1] - scale[0], 1e-12)).clamp(0, 1))
+    hm = hm.numpy()[..., None]
+    jet = (np.clip(np.concatenate([1.5 - np.abs(4 * hm - 3), 1.5 - np.abs(4 * hm - 2), 1.5 - np.abs(4 * hm - 1)], -1),
+                   0, 1) * 255).astype(np.uint8)
+    panels = [Image.fromarray(a.astype(np.uint8)) for a in (frame, jet, frame * 0.5 + jet * 0.5)]
+    for img in (panels[0], panels[2]):
+        d = ImageDraw.Draw(img)
+        for b in boxes or []:
+            x1, y1, x2, y2 = (max(v, 0.0) for v in b)
+            d.rectangle([x1 * w, y1 * h, x2 * w - 1, y2 * h - 1], outline=(0, 255, 0), width=2)
+    out = Image.new("RGB", (3 * w, h))
+    for k, img in enumerate(panels):
+        out.paste(img, (k * w, 0))
+    return out
+
+
+def save_overlay_png(path, frame: np.ndarray, heat: np.ndarray, boxes=None) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    overlay(frame, heat, boxes).save(path)
+
+
 def _write_video(path, frames, fps, scale, crop: bool, audio, arate: int, layout: str) -> int:
-    """Encode (t, frame, map) items as H.264 frames drawn by common.overlay (panels of the upright frame, centre-
+    """Encode (t, frame, map) items as H.264 frames drawn by overlay (panels of the upright frame, centre-
     cropped to a square for the `center_crop` test transform, at most PANEL px) with the audio pieces interleaved as
     AAC -> the number of frames written. A Damaged error from `frames` closes the file (playable) and is raised
     again with that number."""
@@ -1038,7 +1066,7 @@ def _write_video(path, frames, fps, scale, crop: bool, audio, arate: int, layout
                         o.mux(p)
         try:
             for _, im, m in itertools.chain([first], it):
-                fr = av.VideoFrame.from_ndarray(np.asarray(C.overlay(panel(im), m, scale=scale)), format="rgb24")
+                fr = av.VideoFrame.from_ndarray(np.asarray(overlay(panel(im), m, scale=scale)), format="rgb24")
                 fr.pts, fr.time_base = done, 1 / fps
                 for p in vs.encode(fr):
                     o.mux(p)
