@@ -1077,8 +1077,8 @@ def save_checkpoint(path, obj: dict) -> None:
 
 
 def load_checkpoint(path, method: str | None = None) -> dict:
-    """A checkpoint (a run folder means its last.pt) as a dict; one that records another method is refused. The
-    authors' releases record none: each method's load_model checks their content."""
+    """A checkpoint (a run folder means its last.pt, as --resume reads it; --ckpt's best.pt is each load_model's) as a
+    dict; one that records another method is refused. The authors' releases record none: load_model checks them."""
     path = Path(path) / "last.pt" if Path(path).is_dir() else Path(path)
     ck = safe_load(path)
     if not isinstance(ck, dict):
