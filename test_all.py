@@ -1233,6 +1233,14 @@ def test_copied_method_trains_on_given_data_and_needs_data_prep_only_for_the_syn
            env_extra=env)
     run = next((tmp_path / "runs").iterdir())
     assert {"last.pt", "best.pt", "results.json"} <= {p.name for p in run.iterdir()}
+    vid = C.read_split(tiny / "splits" / "test.txt")[0]   # the pictures are drawn by data_prep.py: said before any work
+    for what, cmd in (("--viz", ["--eval", "--ckpt", run, "--data", tiny, "--viz", "2", "--out", tmp_path / "ev"]),
+                      ("--predict", ["--predict", "--ckpt", run, "--image", tiny / "frames" / f"{vid}.jpg", "--audio",
+                                     tiny / "audio" / f"{vid}.wav", "--out", tmp_path / "heat.png"])):
+        r = run_py(work / "ez_vsl.py", *cmd, cwd=work, check=False, env_extra=env)
+        assert r.returncode == 2 and [ln for ln in r.stderr.splitlines() if ln.strip()] == [
+            f"error: {what} needs data_prep.py beside common.py (No module named 'data_prep')"], r.stderr
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "heat.png").exists()
 
 
 # ===== issue 13: reliability =====
