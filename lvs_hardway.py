@@ -36,7 +36,7 @@ Deviations from the paper (P) and the official code (O), one line each (details 
   5. (O) the official test rule exactly (median_strict, float32, cv2-style bilinear); --protocol median: EZ-VSL's.
   6. (O) runs on CPU too (the official forward builds its mask with .cuda()).
   7. (O) checkpoint selection on a validation split (the paper does not say how it selected).
-  8. cpu preset (synthetic data): small CNNs (visual stride 8: 112 px -> 14x14), batch 64, lr 5e-4, 12 epochs.
+  8. cpu preset (synthetic data): small CNNs (visual stride 8: 112 px -> 14x14), batch 64, lr 2e-3, 12 epochs.
   9. (O) --decode fast: batched decode and augmentation on the device, <= 2 grey levels from --decode pil (exact).
   10. (O) audio shorter than a quarter of the window is an error (official: tiled silently); shorter ones are tiled.
   11. --negatives (beyond the paper): raw S_ii >= eps_p = 0.65 (--neg-threshold); SLAVC AP / max-F1 and pIA.
@@ -60,7 +60,7 @@ METHOD = "lvs_hardway"
 PRESETS = {
     # paper: Adam lr 1e-4, batch 256, ResNet-18 both streams, layer4 stride 1 (14x14); epochs are not stated
     "paper": dict(epochs=20, batch_size=256, lr=1e-4, image_size=224, encoder="resnet18"),
-    "cpu": dict(epochs=12, batch_size=64, lr=5e-4, image_size=112, encoder="small"),
+    "cpu": dict(epochs=12, batch_size=64, lr=2e-3, image_size=112, encoder="small"),
 }
 SR, TRAIN_SECONDS, TEST_SECONDS = 16000, 3.0, 10.0
 NEG_THRESHOLD, NEG_SCALE = 0.65, "S_ii cosine in [-1, 1]"     # --negatives: eps_p, the positive-mask threshold
