@@ -201,7 +201,9 @@ def upright(frame):
     c, d (FFmpeg's frame.rotation reads a mirror as a turn: a horizontal one as 180 degrees, a vertical one as 0)."""
     import av
     img = frame.to_ndarray(format="rgb24")
-    dm = [sd for sd in frame.side_data if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX]
+    sds = frame.side_data          # iterating it gives the SideData, or (seen once in a full test run) their Type keys
+    sds = [sd if hasattr(sd, "type") else sds[sd] for sd in sds]
+    dm = [sd for sd in sds if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX]
     a, b, _, c, d = np.sign(np.frombuffer(bytes(dm[0]), np.int32)[:5]).tolist() if dm else (1, 0, 0, 0, 1)
     if (a, b, c, d) == (1, 0, 0, 1):
         return Image.fromarray(img), ""
