@@ -1033,8 +1033,8 @@ def gpu_habits(args, device: torch.device, image_trunk: nn.Module, compiled=()) 
 
 def keep_freed_memory() -> None:
     """CPU runs: glibc gives large freed blocks back to the OS (own mappings, heap trimming), so each step faults the
-    pages of its activations in again: 15-40% of a cpu-preset step (--benchmark). Keep freed memory in the process for
-    reuse (Linux glibc; elsewhere nothing). The numbers computed are unchanged."""
+    pages of its activations in again (the cpu presets' --train took 22-75% longer: README). Keep freed memory in the
+    process for reuse (Linux glibc; elsewhere nothing). The numbers computed are unchanged."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
